@@ -4,8 +4,10 @@
 //! snapshots processes; `symbolize` names frames; `profile` builds pprof; `record` is the
 //! one-shot command.
 
+pub mod backoff;
 pub mod bpf;
 pub mod cache;
+pub mod config;
 pub mod discovery;
 pub mod process;
 pub mod profile;

@@ -27,9 +27,9 @@
 //! warning once per cause until it recovers.
 
 use super::sanitize_label_name;
+use crate::backoff::Backoff;
 use std::{
     collections::{BTreeMap, HashMap},
-    hash::{BuildHasher as _, RandomState},
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
@@ -43,7 +43,7 @@ use bollard::{
     query_parameters::{EventsOptions, ListContainersOptions},
 };
 use futures_util::StreamExt as _;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 /// One target: label name to value.
@@ -70,14 +70,14 @@ const EVENTS_HEADER_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 const HEALTHY_AFTER: Duration = Duration::from_secs(10);
 
 /// `discovery.docker`-like configuration.
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct DockerConfig {
     /// Daemon address: `unix:///path/to/docker.sock`, or `tcp://host:port` / `http://...`
     /// (plain HTTP; TLS is not supported).
     pub host: String,
     /// How often the container list is read even without events (humantime, e.g. `60s`).
-    #[serde(with = "humantime_duration")]
+    #[serde(with = "crate::config::duration::positive")]
     pub refresh_interval: Duration,
 }
 
@@ -103,23 +103,6 @@ impl DockerConfig {
         } else {
             Err(DockerDiscoveryError::InvalidHost(self.host.clone()))
         }
-    }
-}
-
-mod humantime_duration {
-    use std::time::Duration;
-
-    use serde::{Deserialize as _, Deserializer};
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        let s = String::deserialize(d)?;
-        let v = humantime::parse_duration(&s).map_err(serde::de::Error::custom)?;
-        if v.is_zero() {
-            return Err(serde::de::Error::custom(
-                "refresh_interval must be positive",
-            ));
-        }
-        Ok(v)
     }
 }
 
@@ -211,41 +194,6 @@ pub fn is_relevant(event: &EventMessage) -> bool {
     // Some actions carry details after a colon ("exec_start: sh", "health_status: healthy").
     let action = action.split(':').next().unwrap_or_default().trim();
     RELEVANT_ACTIONS.contains(&action)
-}
-
-/// Jittered exponential backoff between `min` and `max`.
-#[derive(Clone, Debug)]
-pub struct Backoff {
-    min: Duration,
-    max: Duration,
-    attempt: u32,
-    seed: RandomState,
-}
-
-impl Backoff {
-    pub fn new(min: Duration, max: Duration) -> Self {
-        let min = min.max(Duration::from_millis(1));
-        Self {
-            min,
-            max: max.max(min),
-            attempt: 0,
-            seed: RandomState::new(),
-        }
-    }
-
-    /// The next delay: `min * 2^attempt` capped at `max`, then scaled by a random factor in
-    /// [0.5, 1.0] (never below `min`).
-    pub fn next_delay(&mut self) -> Duration {
-        let factor = 2u32.saturating_pow(self.attempt.min(30));
-        let base = self.min.saturating_mul(factor).min(self.max);
-        self.attempt = self.attempt.saturating_add(1);
-        let r = self.seed.hash_one(self.attempt) as f64 / u64::MAX as f64;
-        base.mul_f64(0.5 + 0.5 * r).max(self.min)
-    }
-
-    pub fn reset(&mut self) {
-        self.attempt = 0;
-    }
 }
 
 /// The Docker discovery provider. See the module documentation.

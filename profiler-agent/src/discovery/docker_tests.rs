@@ -209,26 +209,6 @@ fn hosts_are_validated() {
 }
 
 #[test]
-fn backoff_grows_with_jitter_within_bounds_and_resets() {
-    let (min, max) = (Duration::from_millis(500), Duration::from_secs(30));
-    let mut b = Backoff::new(min, max);
-    let delays: Vec<Duration> = (0..12).map(|_| b.next_delay()).collect();
-    for (i, d) in delays.iter().enumerate() {
-        let base = min.saturating_mul(1 << i.min(20)).min(max);
-        assert!(
-            *d >= (base / 2).max(min) && *d <= base,
-            "attempt {i}: {d:?} vs {base:?}"
-        );
-    }
-    assert!(
-        delays[11] >= Duration::from_secs(15),
-        "capped near the max: {delays:?}"
-    );
-    b.reset();
-    assert!(b.next_delay() <= min);
-}
-
-#[test]
 fn error_causes_ignore_details() {
     let a = DockerDiscoveryError::Connect {
         host: "unix:///a".into(),

@@ -22,13 +22,13 @@
 //! are not attached.
 
 use super::sanitize_label_name;
+use crate::backoff::Backoff;
 use std::collections::{BTreeMap, HashSet};
-use std::hash::{BuildHasher, RandomState};
 use std::path::PathBuf;
 use std::pin::pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::{ContainerStatus, Pod};
@@ -209,7 +209,8 @@ impl PodDiscovery {
         let watch_config = watcher::Config::default()
             .fields(&format!("spec.nodeName={}", self.node_name))
             .page_size(self.options.page_size);
-        let mut backoff = Backoff::new(&self.options);
+        let mut backoff = Backoff::new(self.options.backoff_min, self.options.backoff_max)
+            .with_reset_after(self.options.backoff_reset);
         let mut causes = CauseLog::default();
         let mut state = PodTargets::default();
         loop {
@@ -417,53 +418,6 @@ fn container_id<'a>(statuses: Option<&'a [ContainerStatus]>, name: &str) -> Opti
         .iter()
         .find(|s| s.name == name)?;
     status.container_id.as_deref()
-}
-
-/// Jittered exponential backoff: `min * 2^n` capped at `max`, each delay drawn from its
-/// upper half; a failure `reset` after the previous one starts again from `min`.
-struct Backoff {
-    min: Duration,
-    max: Duration,
-    reset: Duration,
-    attempt: u32,
-    last_failure: Option<Instant>,
-    rng: u64,
-}
-
-impl Backoff {
-    fn new(options: &RetryOptions) -> Self {
-        Self {
-            min: options.backoff_min,
-            max: options.backoff_max.max(options.backoff_min),
-            reset: options.backoff_reset,
-            attempt: 0,
-            last_failure: None,
-            rng: RandomState::new().hash_one(Instant::now()) | 1,
-        }
-    }
-
-    fn next_delay(&mut self) -> Duration {
-        let now = Instant::now();
-        if self
-            .last_failure
-            .is_some_and(|last| now.duration_since(last) >= self.reset)
-        {
-            self.attempt = 0;
-        }
-        self.last_failure = Some(now);
-        let base = self
-            .min
-            .saturating_mul(1 << self.attempt.min(20))
-            .min(self.max);
-        self.attempt = self.attempt.saturating_add(1);
-        // xorshift64*: plenty for spreading retries of many agents.
-        self.rng ^= self.rng >> 12;
-        self.rng ^= self.rng << 25;
-        self.rng ^= self.rng >> 27;
-        let unit =
-            (self.rng.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 11) as f64 / (1u64 << 53) as f64;
-        base.mul_f64(0.5 + 0.5 * unit)
-    }
 }
 
 /// Logs each distinct failure cause once until discovery recovers.

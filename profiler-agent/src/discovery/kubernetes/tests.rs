@@ -241,31 +241,6 @@ async fn missing_kubeconfig_is_an_error_naming_the_file() {
 }
 
 #[test]
-fn backoff_is_jittered_exponential_capped_and_resets() {
-    let options = RetryOptions {
-        backoff_min: Duration::from_millis(100),
-        backoff_max: Duration::from_secs(1),
-        backoff_reset: Duration::from_secs(3600),
-        page_size: 1,
-    };
-    let mut b = Backoff::new(&options);
-    for want_ms in [100, 200, 400, 800, 1000, 1000, 1000] {
-        let d = b.next_delay().as_millis();
-        assert!(
-            d >= want_ms / 2 && d <= want_ms,
-            "{d} ms for a {want_ms} ms step"
-        );
-    }
-    let mut b = Backoff::new(&RetryOptions {
-        backoff_reset: Duration::ZERO,
-        ..options
-    });
-    for _ in 0..5 {
-        assert!(b.next_delay() <= Duration::from_millis(100));
-    }
-}
-
-#[test]
 fn failure_causes_ignore_resource_versions() {
     let status = |message: &str| kube::core::Status::failure(message, "Expired").with_code(410);
     let a = watcher::Error::WatchError(Box::new(status("too old resource version: 5 (9)")));
