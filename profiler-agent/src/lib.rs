@@ -15,3 +15,4 @@ pub mod record;
 pub mod sampler;
 pub mod symbolize;
 pub mod targets;
+pub mod write;
