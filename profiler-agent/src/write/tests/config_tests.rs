@@ -174,3 +174,29 @@ fn secrets_never_print() {
     let err = WriteConfigError::new("write.endpoint[0].url", "bad");
     assert_eq!(err.to_string(), "write.endpoint[0].url: bad");
 }
+
+#[test]
+fn metrics_use_pyroscope_write_names() {
+    let mut registry = prometheus_client::registry::Registry::default();
+    let metrics = WriteMetrics::register(&mut registry);
+    metrics.sent("ep", 2, 100);
+    metrics.dropped("ep", crate::write::DropReason::QueueFull, 1, 50);
+    metrics.retried("ep");
+    metrics.observe_latency("ep", "200", 0.1);
+    metrics.observe_fanout(0.2);
+    metrics.set_queue_depth("ep", 3);
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+    for want in [
+        r#"pyroscope_write_sent_bytes_total{endpoint="ep"} 100"#,
+        r#"pyroscope_write_sent_profiles_total{endpoint="ep"} 2"#,
+        r#"pyroscope_write_dropped_bytes_total{endpoint="ep",reason="queue_full"} 50"#,
+        r#"pyroscope_write_dropped_profiles_total{endpoint="ep",reason="queue_full"} 1"#,
+        r#"pyroscope_write_retries_total{endpoint="ep"} 1"#,
+        r#"pyroscope_write_latency_count{endpoint="ep",status="200"} 1"#,
+        "pyroscope_fanout_latency_count 1",
+        r#"profiler_write_queue_depth{endpoint="ep"} 3"#,
+    ] {
+        assert!(text.contains(want), "{want} in\n{text}");
+    }
+}
