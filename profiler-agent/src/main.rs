@@ -1,7 +1,11 @@
-use std::process::ExitCode;
+use std::{path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand};
-use profiler_agent::record::{self, RecordArgs};
+use profiler_agent::{
+    config::AgentConfig,
+    daemon::{self, ConfigSource},
+    record::{self, RecordArgs},
+};
 
 /// Host-wide eBPF CPU profiler.
 #[derive(Debug, Parser)]
@@ -13,9 +17,25 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Profile continuously and write per-target profiles every collect_interval.
+    Run {
+        /// Configuration file (TOML); without it, the embedded default: every process on
+        /// the host, profiles in ./profiles, the flame graph page on 127.0.0.1:4100.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Validate a configuration file and print the effective configuration, secrets
+    /// redacted.
+    CheckConfig {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
     /// Record CPU samples of some or all processes into a pprof file.
     Record(RecordArgs),
 }
+
+/// Exit status of a refused configuration, as for a bad command line.
+const CONFIG_ERROR: u8 = 2;
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
@@ -27,14 +47,33 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    let result = match &cli.command {
-        Command::Record(args) => record::run(args).map_err(anyhow::Error::from),
-    };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(error) => {
-            eprintln!("error: {error}");
-            ExitCode::FAILURE
+    match cli.command {
+        Command::Run { config } => {
+            let source = config.map_or(ConfigSource::EmbeddedDefault, ConfigSource::File);
+            match daemon::run(source) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(error) => {
+                    eprintln!("error: {error}");
+                    ExitCode::from(error.exit_code())
+                }
+            }
         }
+        Command::CheckConfig { config } => match AgentConfig::load(&config) {
+            Ok(config) => {
+                print!("{}", config.to_toml());
+                ExitCode::SUCCESS
+            }
+            Err(error) => {
+                eprintln!("error: {error}");
+                ExitCode::from(CONFIG_ERROR)
+            }
+        },
+        Command::Record(args) => match record::run(&args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => {
+                eprintln!("error: {error}");
+                ExitCode::FAILURE
+            }
+        },
     }
 }

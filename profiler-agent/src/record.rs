@@ -141,7 +141,11 @@ pub fn run(args: &RecordArgs) -> Result<(), RecordError> {
             .ok()
     };
     let mut symbolizer = NativeSymbolizer::new(args.demangle, kernel_symbols);
-    let built = profile::build(&recording, &mut symbolizer, args.sample_rate);
+    let built = profile::build(
+        &recording,
+        &mut symbolizer,
+        &profile::BuildOptions::record(args.sample_rate),
+    );
     let bytes = built.encode_gzip().map_err(output_error)?;
     output.write_all(&bytes).map_err(output_error)?;
 

@@ -176,6 +176,28 @@ impl<S: StackSource, P: ProcessSource> Sampler<S, P> {
         Ok(())
     }
 
+    /// Ends the current interval and starts the next: drains, and returns what the interval
+    /// gathered with the source's cumulative counters. Processes are snapshotted afresh in
+    /// the next interval, so a reused pid never inherits an old snapshot for long.
+    pub fn take_interval(&mut self) -> Result<Recording, S::Error> {
+        self.drain()?;
+        let now = Instant::now();
+        let next = Recording {
+            start: Some(SystemTime::now()),
+            ..Recording::default()
+        };
+        let mut done = std::mem::replace(&mut self.recording, next);
+        done.duration = now.duration_since(self.started);
+        done.counters = self.source.counters()?;
+        self.started = now;
+        Ok(done)
+    }
+
+    /// The process source, for its statistics.
+    pub fn processes(&self) -> &P {
+        &self.processes
+    }
+
     /// Ends the window: stops the source, drains what is left, and returns the recording with
     /// the source's counters. Stopping first makes the counters and the drained samples
     /// describe exactly the same samples.

@@ -5,6 +5,7 @@
 
 pub mod docker;
 pub mod kubernetes;
+pub mod manager;
 pub mod process;
 pub mod relabel;
 

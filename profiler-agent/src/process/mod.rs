@@ -108,9 +108,13 @@ pub trait ProcessSource {
 pub struct ProcfsProcesses {
     root: PathBuf,
     open_files: HashMap<FileId, Weak<File>>,
+    container_ids: cgroup::ContainerIdCache,
     pub unreadable_processes: u64,
     pub unopenable_files: u64,
 }
+
+/// pyroscope.ebpf's default `container_id_cache_size`.
+pub const DEFAULT_CONTAINER_ID_CACHE_SIZE: usize = 1024;
 
 impl Default for ProcfsProcesses {
     fn default() -> Self {
@@ -120,12 +124,24 @@ impl Default for ProcfsProcesses {
 
 impl ProcfsProcesses {
     pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self::with_container_id_cache(root, DEFAULT_CONTAINER_ID_CACHE_SIZE)
+    }
+
+    /// `container_id_cache_size` entries of pid -> container id, checked by start time.
+    pub fn with_container_id_cache(root: impl Into<PathBuf>, size: usize) -> Self {
+        let root = root.into();
         Self {
-            root: root.into(),
+            container_ids: cgroup::ContainerIdCache::new(&root, size),
+            root,
             open_files: HashMap::new(),
             unreadable_processes: 0,
             unopenable_files: 0,
         }
+    }
+
+    /// Hits, misses and evictions of the pid -> container id cache.
+    pub fn container_id_stats(&self) -> crate::cache::CacheStats {
+        self.container_ids.stats()
     }
 
     fn open_mapped_file(
@@ -211,9 +227,7 @@ impl ProcessSource for ProcfsProcesses {
             pid,
             comm: comm.to_owned(),
             exe: std::fs::read_link(dir.join("exe")).ok(),
-            container_id: std::fs::read_to_string(dir.join("cgroup"))
-                .ok()
-                .and_then(|text| cgroup::container_id(&text)),
+            container_id: self.container_ids.lookup(pid),
             mappings,
             vanished: false,
         }

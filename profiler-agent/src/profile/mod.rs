@@ -8,14 +8,18 @@
 
 pub mod pprof;
 
-use std::{collections::HashMap, io::Write as _, time::UNIX_EPOCH};
+use std::{
+    collections::HashMap,
+    io::Write as _,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
 
 use flate2::{Compression, write::GzEncoder};
 use prost::Message as _;
 
 use crate::{
     process::{Mapping, ProcessInfo},
-    sampler::{Recording, Stack},
+    sampler::{RawSample, Recording, Stack},
     symbolize::{Frame, Symbolizer, UNKNOWN},
 };
 
@@ -42,36 +46,96 @@ impl BuiltProfile {
     }
 }
 
+/// How a sample's thread name appears: pyroscope.ebpf's `comm` argument.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CommMode {
+    None,
+    #[default]
+    Label,
+    /// The root frame of every stack.
+    Stackframe,
+    Both,
+}
+
+/// What goes into a profile besides the stacks.
+#[derive(Clone, Copy, Debug)]
+pub struct BuildOptions {
+    pub sample_rate: u64,
+    pub comm: CommMode,
+    /// A numeric `pid` label on every sample.
+    pub pid_label: bool,
+    /// A `container_id` label on samples of processes in containers.
+    pub container_label: bool,
+}
+
+impl BuildOptions {
+    /// What `record` writes: every label, comm as a label.
+    pub fn record(sample_rate: u64) -> Self {
+        Self {
+            sample_rate,
+            comm: CommMode::Label,
+            pid_label: true,
+            container_label: true,
+        }
+    }
+}
+
+/// One profile of a whole recording (`record`).
 pub fn build(
     recording: &Recording,
     symbolizer: &mut dyn Symbolizer,
-    sample_rate: u64,
+    options: &BuildOptions,
+) -> BuiltProfile {
+    prepare_kernel(symbolizer, &recording.samples);
+    build_samples(
+        &recording.samples.iter().collect::<Vec<_>>(),
+        &recording.processes,
+        recording.start,
+        recording.duration,
+        symbolizer,
+        options,
+    )
+}
+
+/// Streams the kernel symbols these samples need into the symbolizer: call once before
+/// building any number of profiles of them.
+pub fn prepare_kernel(symbolizer: &mut dyn Symbolizer, samples: &[RawSample]) {
+    symbolizer.prepare_kernel(&kernel_lookup_addresses(samples));
+}
+
+/// One profile of some samples (one target's, in the daemon). Kernel frames are named from
+/// what [`prepare_kernel`] loaded.
+pub fn build_samples(
+    samples: &[&RawSample],
+    processes: &HashMap<u32, ProcessInfo>,
+    start: Option<SystemTime>,
+    duration: Duration,
+    symbolizer: &mut dyn Symbolizer,
+    options: &BuildOptions,
 ) -> BuiltProfile {
     let mut b = Builder::default();
-    let period = 1_000_000_000 / sample_rate.max(1) as i64;
+    let period = 1_000_000_000 / options.sample_rate.max(1) as i64;
     let samples_type = b.value_type("samples", "count");
     let cpu_type = b.value_type("cpu", "nanoseconds");
     b.profile.sample_type = vec![samples_type, cpu_type];
     b.profile.period_type = Some(cpu_type);
     b.profile.period = period;
     b.profile.default_sample_type = 1;
-    b.profile.time_nanos = recording
-        .start
+    b.profile.time_nanos = start
         .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
         .map_or(0, |d| d.as_nanos() as i64);
-    b.profile.duration_nanos = recording.duration.as_nanos() as i64;
+    b.profile.duration_nanos = duration.as_nanos() as i64;
     let pid_key = b.string("pid");
     let comm_key = b.string("comm");
+    let comm_label = matches!(options.comm, CommMode::Label | CommMode::Both);
+    let comm_frame = matches!(options.comm, CommMode::Stackframe | CommMode::Both);
 
-    symbolizer.prepare_kernel(&kernel_lookup_addresses(recording));
     let unknown_process = ProcessInfo::default();
     let mut top: HashMap<String, u64> = HashMap::new();
     let mut total = 0;
-    for sample in &recording.samples {
-        let process = recording
-            .processes
-            .get(&sample.pid)
-            .unwrap_or(&unknown_process);
+    for sample in samples {
+        let process = processes.get(&sample.pid).unwrap_or(&unknown_process);
         let mut location_id = Vec::new();
         match &sample.kernel {
             Stack::Frames(frames) => {
@@ -100,21 +164,28 @@ pub fn build(
         if let Some(leaf) = location_id.first() {
             *top.entry(b.location_names[leaf].clone()).or_default() += sample.count;
         }
+        if comm_frame {
+            location_id.push(b.synthetic_location(&sample.comm));
+        }
         total += sample.count;
-        let comm = b.string(&sample.comm);
-        let mut label = vec![
-            pprof::Label {
+        let mut label = Vec::new();
+        if options.pid_label {
+            label.push(pprof::Label {
                 key: pid_key,
                 num: sample.pid as i64,
                 ..Default::default()
-            },
-            pprof::Label {
+            });
+        }
+        if comm_label {
+            label.push(pprof::Label {
                 key: comm_key,
-                str: comm,
+                str: b.string(&sample.comm),
                 ..Default::default()
-            },
-        ];
-        if let Some(id) = &process.container_id {
+            });
+        }
+        if options.container_label
+            && let Some(id) = &process.container_id
+        {
             label.push(pprof::Label {
                 key: b.string("container_id"),
                 str: b.string(id),
@@ -134,6 +205,41 @@ pub fn build(
         top_self,
         total_samples: total,
     }
+}
+
+/// The profile as folded stacks (root first, `;`-separated, inline callers before their
+/// callees) with their sample counts, heaviest first: the input of a flame graph.
+pub fn folded(profile: &pprof::Profile) -> Vec<(String, u64)> {
+    let name = |i: i64| {
+        profile
+            .string_table
+            .get(i as usize)
+            .map_or("", String::as_str)
+    };
+    let functions: HashMap<u64, &str> = profile
+        .function
+        .iter()
+        .map(|f| (f.id, name(f.name)))
+        .collect();
+    let locations: HashMap<u64, &pprof::Location> =
+        profile.location.iter().map(|l| (l.id, l)).collect();
+    let mut stacks: HashMap<String, u64> = HashMap::new();
+    for sample in &profile.sample {
+        let mut frames: Vec<&str> = Vec::new();
+        for id in sample.location_id.iter().rev() {
+            let Some(location) = locations.get(id) else {
+                continue;
+            };
+            for line in location.line.iter().rev() {
+                frames.push(functions.get(&line.function_id).copied().unwrap_or(UNKNOWN));
+            }
+        }
+        let count = sample.value.first().copied().unwrap_or(0).max(0) as u64;
+        *stacks.entry(frames.join(";")).or_default() += count;
+    }
+    let mut out: Vec<(String, u64)> = stacks.into_iter().collect();
+    out.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    out
 }
 
 /// What a stack address is, which decides the instruction it names.
@@ -158,9 +264,8 @@ fn lookup_address(address: u64, leaf: bool) -> u64 {
     }
 }
 
-fn kernel_lookup_addresses(recording: &Recording) -> Vec<u64> {
-    let mut out: Vec<u64> = recording
-        .samples
+fn kernel_lookup_addresses(samples: &[RawSample]) -> Vec<u64> {
+    let mut out: Vec<u64> = samples
         .iter()
         .flat_map(|s| {
             s.kernel
@@ -182,7 +287,7 @@ struct Builder {
     functions: HashMap<(String, String, Option<String>), u64>,
     mappings: HashMap<(String, u64, u64, u64), u64>,
     locations: HashMap<(u64, u64), u64>,
-    synthetic: HashMap<&'static str, u64>,
+    synthetic: HashMap<String, u64>,
     location_names: HashMap<u64, String>,
     kernel_mapping: Option<u64>,
 }
@@ -348,7 +453,7 @@ impl Builder {
         self.push_location(mapping_id, lookup, std::slice::from_ref(&frame))
     }
 
-    fn synthetic_location(&mut self, name: &'static str) -> u64 {
+    fn synthetic_location(&mut self, name: &str) -> u64 {
         if let Some(&id) = self.synthetic.get(name) {
             return id;
         }
@@ -363,7 +468,7 @@ impl Builder {
             }],
             ..Default::default()
         });
-        self.synthetic.insert(name, id);
+        self.synthetic.insert(name.to_owned(), id);
         self.location_names.insert(id, name.to_owned());
         id
     }

@@ -101,7 +101,7 @@ fn symbolizer() -> TableSymbolizer {
 #[test]
 fn user_pc_under_kernel_frames_is_a_return_address_only_after_a_syscall() {
     // Interrupted: the saved pc is the instruction itself.
-    let built = build(&recording(), &mut symbolizer(), 100);
+    let built = build(&recording(), &mut symbolizer(), &BuildOptions::record(100));
     let p = &built.profile;
     let second: Vec<&str> = p.sample[1]
         .location_id
@@ -112,7 +112,7 @@ fn user_pc_under_kernel_frames_is_a_return_address_only_after_a_syscall() {
     // After a syscall: the instruction before it.
     let mut s = symbolizer();
     s.1.push(0x1500);
-    let built = build(&recording(), &mut s, 100);
+    let built = build(&recording(), &mut s, &BuildOptions::record(100));
     let p = &built.profile;
     let second: Vec<&str> = p.sample[1]
         .location_id
@@ -139,7 +139,7 @@ fn names_of(p: &pprof::Profile, location_id: u64) -> Vec<&str> {
 
 #[test]
 fn values_periods_and_types() {
-    let built = build(&recording(), &mut symbolizer(), 100);
+    let built = build(&recording(), &mut symbolizer(), &BuildOptions::record(100));
     let p = &built.profile;
     assert_eq!(p.period, 10_000_000);
     let st: Vec<(&str, &str)> = p
@@ -162,7 +162,7 @@ fn values_periods_and_types() {
 
 #[test]
 fn stacks_are_leaf_first_kernel_before_user() {
-    let built = build(&recording(), &mut symbolizer(), 100);
+    let built = build(&recording(), &mut symbolizer(), &BuildOptions::record(100));
     let p = &built.profile;
     let names = |i: usize| -> Vec<&str> {
         p.sample[i]
@@ -181,7 +181,7 @@ fn stacks_are_leaf_first_kernel_before_user() {
 
 #[test]
 fn one_location_per_address_and_real_mappings() {
-    let built = build(&recording(), &mut symbolizer(), 100);
+    let built = build(&recording(), &mut symbolizer(), &BuildOptions::record(100));
     let p = &built.profile;
     // 0x1500, 0x2001, the kernel address, the lost-stack marker.
     assert_eq!(p.location.len(), 4);
@@ -206,7 +206,7 @@ fn one_location_per_address_and_real_mappings() {
 
 #[test]
 fn labels_and_top() {
-    let built = build(&recording(), &mut symbolizer(), 100);
+    let built = build(&recording(), &mut symbolizer(), &BuildOptions::record(100));
     let p = &built.profile;
     let label = |s: &pprof::Sample, key: &str| {
         s.label
@@ -231,7 +231,7 @@ fn labels_and_top() {
 #[test]
 fn gzip_round_trip() {
     use std::io::Read as _;
-    let built = build(&recording(), &mut symbolizer(), 97);
+    let built = build(&recording(), &mut symbolizer(), &BuildOptions::record(97));
     let gz = built.encode_gzip().unwrap();
     let mut raw = Vec::new();
     flate2::read::GzDecoder::new(&gz[..])

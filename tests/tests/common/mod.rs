@@ -2,6 +2,8 @@
 //! building the agent and the C fixtures, running `record`, and reading its pprof output.
 #![allow(dead_code)]
 
+pub mod receiver;
+
 use std::{
     collections::HashMap,
     io::Read as _,

@@ -1,0 +1,188 @@
+use super::*;
+
+fn parse(text: &str) -> Result<AgentConfig, ConfigError> {
+    AgentConfig::parse(text, "test.toml", &|name| match name {
+        "NODE" => Some("node-a".to_owned()),
+        "TOKEN" => Some("s3cret".to_owned()),
+        _ => None,
+    })
+}
+
+fn field_of(text: &str) -> String {
+    match parse(text) {
+        Err(e) => e.field().unwrap_or("<none>").to_owned(),
+        Ok(_) => panic!("accepted: {text}"),
+    }
+}
+
+#[test]
+fn empty_file_gives_pyroscope_ebpf_defaults() {
+    let c = parse("").unwrap();
+    assert_eq!(c.collect_interval, Duration::from_secs(15));
+    assert_eq!(c.sample_rate, 97);
+    assert_eq!(
+        (
+            c.pid_cache_size,
+            c.build_id_cache_size,
+            c.same_file_cache_size
+        ),
+        (32, 64, 8)
+    );
+    assert_eq!((c.container_id_cache_size, c.cache_rounds), (1024, 3));
+    assert!(c.targets_only && c.collect_user_profile && c.collect_kernel_profile);
+    assert_eq!(c.comm, CommMode::Label);
+    assert_eq!(c.server.listen_address.to_string(), "127.0.0.1:4100");
+    assert_eq!(
+        c.write.directory.as_deref(),
+        Some(Path::new(DEFAULT_DIRECTORY))
+    );
+}
+
+#[test]
+fn the_documented_example_and_the_embedded_default_parse() {
+    // The example's secret files, made real in a scratch directory.
+    let dir = tempfile::tempdir().unwrap();
+    for file in ["token", "password"] {
+        std::fs::write(dir.path().join(file), "x\n").unwrap();
+    }
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    std::fs::write(dir.path().join("ca.pem"), cert.cert.pem()).unwrap();
+    std::fs::write(dir.path().join("client.pem"), cert.cert.pem()).unwrap();
+    let key = cert.signing_key.serialize_pem();
+    std::fs::write(dir.path().join("client-key.pem"), key).unwrap();
+    let example = include_str!("../../../config/agent.toml")
+        .replace("/etc/profiler/", &format!("{}/", dir.path().display()));
+    let c = AgentConfig::parse(&example, "agent.toml", &|name| Some(format!("<{name}>")))
+        .unwrap_or_else(|e| panic!("config/agent.toml: {e}"));
+    assert_eq!(c.write.endpoint.len(), 3);
+    let shown = c.to_toml();
+    assert!(
+        !shown.contains("<TENANT>") && !shown.contains("<DATAKIT_TOKEN>"),
+        "{shown}"
+    );
+    assert_eq!(c.sample_rate, 97);
+    assert!(c.discovery.docker.is_some() && c.discovery.process.is_some());
+    let d = AgentConfig::embedded_default();
+    assert!(!d.targets_only);
+    assert_eq!(d.write.directory.as_deref(), Some(Path::new("./profiles")));
+}
+
+#[test]
+fn unknown_keys_name_their_field() {
+    assert_eq!(field_of("sample_rat = 5"), "sample_rat");
+    assert_eq!(field_of("[server]\nlisten = \"x\""), "server.listen");
+    assert_eq!(
+        field_of("[discovery.docker]\nhots = \"unix:///x\""),
+        "discovery.docker.hots"
+    );
+    assert_eq!(
+        field_of("[[relabel]]\nactoin = \"keep\""),
+        "relabel[0].actoin"
+    );
+}
+
+#[test]
+fn bad_values_name_their_field() {
+    assert_eq!(
+        field_of("collect_interval = \"15 parsecs\""),
+        "collect_interval"
+    );
+    assert_eq!(field_of("collect_interval = \"0s\""), "collect_interval");
+    assert_eq!(field_of("sample_rate = 0"), "sample_rate");
+    assert_eq!(field_of("sample_rate = \"fast\""), "sample_rate");
+    assert_eq!(field_of("demangle = \"pretty\""), "demangle");
+    assert_eq!(field_of("comm = \"sometimes\""), "comm");
+    assert_eq!(field_of("pid_cache_size = 0"), "pid_cache_size");
+    assert_eq!(
+        field_of("[server]\nlisten_address = \"nowhere\""),
+        "server.listen_address"
+    );
+    assert_eq!(
+        field_of("[discovery.docker]\nhost = \"ftp://x\""),
+        "discovery.docker.host"
+    );
+    assert_eq!(
+        field_of("[[relabel]]\naction = \"replace\"\nregex = \"(\""),
+        "relabel[0]"
+    );
+    assert_eq!(
+        field_of("[[targets]]\n\"bad-name\" = \"x\""),
+        "targets[0].bad-name"
+    );
+    assert_eq!(
+        field_of("collect_user_profile = false\ncollect_kernel_profile = false"),
+        "collect_user_profile"
+    );
+}
+
+#[test]
+fn write_errors_name_their_field() {
+    assert_eq!(
+        field_of("[[write.endpoint]]\nurl = \"not a url\""),
+        "write.endpoint[0].url"
+    );
+    assert_eq!(
+        field_of(
+            "[[write.endpoint]]\nurl = \"http://x\"\nbearer_token_file = \"/nonexistent/token\""
+        ),
+        "write.endpoint[0].bearer_token_file"
+    );
+    assert_eq!(
+        field_of("[[write.endpoint]]\nurl = \"http://x\"\nremote_timeout = \"soon\""),
+        "write.endpoint[0].remote_timeout"
+    );
+    assert_eq!(
+        field_of("[[write.endpoint]]\nurl = \"http://x\"\nprotocol = \"smtp\""),
+        "write.endpoint[0].protocol"
+    );
+}
+
+#[test]
+fn secrets_are_redacted_in_the_effective_config() {
+    let c = parse("[[write.endpoint]]\nurl = \"http://x\"\nbearer_token = \"${TOKEN}\"").unwrap();
+    let shown = c.to_toml();
+    assert!(!shown.contains("s3cret"), "{shown}");
+    assert!(shown.contains("redacted"), "{shown}");
+}
+
+#[test]
+fn syntax_errors_say_where() {
+    let e = parse("sample_rate = = 3").unwrap_err();
+    assert!(matches!(e, ConfigError::Syntax { .. }), "{e}");
+    assert!(e.to_string().contains("line 1"), "{e}");
+}
+
+#[test]
+fn environment_variables_expand_in_strings() {
+    let c = parse(
+        "[discovery.kubernetes]\nnode_name = \"${NODE}\"\n\
+         [default_target]\nservice_name = \"svc-${UNSET:-fallback}-$$1\"",
+    )
+    .unwrap();
+    let k8s = c.discovery.kubernetes.unwrap();
+    assert_eq!(k8s.node_name.as_deref(), Some("node-a"));
+    assert_eq!(c.default_target["service_name"], "svc-fallback-$1");
+    assert_eq!(
+        field_of("[discovery.kubernetes]\nnode_name = \"${MISSING}\""),
+        "discovery.kubernetes.node_name"
+    );
+    let e = parse("[[targets]]\nservice_name = \"${MISSING}\"").unwrap_err();
+    assert!(e.to_string().contains("MISSING is not set"), "{e}");
+}
+
+#[test]
+fn relabel_templates_are_not_environment_variables() {
+    let c = parse(
+        "[[relabel]]\nsource_labels = [\"a\"]\ntarget_label = \"b\"\nreplacement = \"${1}-x\"",
+    )
+    .unwrap();
+    assert_eq!(c.relabel[0].spec().replacement, "${1}-x");
+}
+
+#[test]
+fn check_config_output_parses_back() {
+    let c = parse("sample_rate = 49\n[default_target]\nservice_name = \"x\"").unwrap();
+    let again = parse(&c.to_toml()).unwrap_or_else(|e| panic!("{e}\n{}", c.to_toml()));
+    assert_eq!(again.sample_rate, 49);
+    assert_eq!(again.collect_interval, c.collect_interval);
+}

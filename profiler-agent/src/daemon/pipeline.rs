@@ -1,0 +1,396 @@
+//! The sampling thread of the daemon: drains the kernel maps every second, and every
+//! `collect_interval` symbolizes the interval's samples, resolves each process to its target
+//! and hands one gzipped pprof per target to the writer. It owns everything that is not
+//! `Send` (the symbolizer's caches) and never waits on the network: the writer's `submit`
+//! only enqueues.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        mpsc,
+    },
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use tokio::sync::watch;
+
+use crate::{
+    bpf::{BpfError, KernelSampler, SamplerOptions},
+    metrics::{AgentMetrics, Cumulative, ServiceLabel},
+    process::ProcfsProcesses,
+    profile::{self, BuildOptions},
+    sampler::{RawSample, Recording, Sampler, Stack},
+    symbolize::{
+        CacheConfig, Demangle, NativeSymbolizer, Symbolizer as _, kallsyms::KernelSymbols,
+    },
+    targets::{Labels, Target, TargetSet},
+    write::ProfileSeries,
+};
+
+/// Kernel maps are drained this often (or every interval, if shorter), so they stay small
+/// and a short-lived process is snapshotted while it still exists.
+pub const DRAIN_INTERVAL: Duration = Duration::from_secs(1);
+
+/// What the pipeline needs from the configuration; fixed for the life of the BPF program.
+#[derive(Clone, Debug)]
+pub struct PipelineSettings {
+    pub collect_interval: Duration,
+    pub sample_rate: u64,
+    pub collect_user: bool,
+    pub collect_kernel: bool,
+    pub demangle: Demangle,
+    pub caches: CacheConfig,
+    pub container_id_cache_size: usize,
+    pub build: BuildOptions,
+}
+
+/// Where built profiles go: the daemon's current writer.
+pub type Submit = Arc<dyn Fn(Vec<ProfileSeries>) + Send + Sync>;
+
+/// The latest interval's stacks of each service, for the flame graph page.
+pub type LatestProfiles = Arc<Mutex<BTreeMap<String, ServiceProfile>>>;
+
+/// One service's stacks from its latest interval, root first, `;`-separated.
+#[derive(Clone, Debug, Default)]
+pub struct ServiceProfile {
+    pub collected_at: u64,
+    pub folded: Vec<(String, u64)>,
+    pub samples: u64,
+}
+
+/// Handle on the running pipeline thread. Its heartbeat (unix seconds of the last loop
+/// turn) is what /healthz reads.
+pub struct Pipeline {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Pipeline {
+    /// Loads and attaches the BPF program on a new thread and starts the loop. Returns once
+    /// the program is attached, or with the reason it could not be.
+    pub fn start(
+        settings: PipelineSettings,
+        targets: watch::Receiver<Arc<TargetSet>>,
+        submit: Submit,
+        metrics: Arc<AgentMetrics>,
+        latest: LatestProfiles,
+        heartbeat: Arc<AtomicU64>,
+    ) -> Result<Self, BpfError> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (started_tx, started_rx) = mpsc::channel();
+        let thread = {
+            let stop = stop.clone();
+            let heartbeat = heartbeat.clone();
+            std::thread::Builder::new()
+                .name("pipeline".into())
+                .spawn(move || {
+                    let options = SamplerOptions {
+                        sample_rate: settings.sample_rate,
+                        collect_interval: settings.collect_interval.min(DRAIN_INTERVAL),
+                        collect_user: settings.collect_user,
+                        collect_kernel: settings.collect_kernel,
+                        pids: None,
+                    };
+                    metrics.profiling_sessions.inc();
+                    let sampler = KernelSampler::start(&options).and_then(|kernel| {
+                        metrics
+                            .kernel_map_memory
+                            .set(kernel.kernel_memory_bytes() as i64);
+                        let processes = ProcfsProcesses::with_container_id_cache(
+                            "/proc",
+                            settings.container_id_cache_size,
+                        );
+                        Sampler::new(kernel, processes)
+                    });
+                    let sampler = match sampler {
+                        Ok(s) => {
+                            let _ = started_tx.send(Ok(()));
+                            s
+                        }
+                        Err(e) => {
+                            metrics.profiling_sessions_failing.inc();
+                            let _ = started_tx.send(Err(e));
+                            return;
+                        }
+                    };
+                    let kernel_symbols = if settings.collect_kernel {
+                        KernelSymbols::load()
+                            .inspect_err(
+                                |e| tracing::warn!(error = %e, "kernel frames will be [unknown]"),
+                            )
+                            .ok()
+                    } else {
+                        None
+                    };
+                    let worker = Worker {
+                        symbolizer: NativeSymbolizer::with_caches(
+                            settings.demangle,
+                            kernel_symbols,
+                            settings.caches,
+                        ),
+                        settings,
+                        targets,
+                        submit,
+                        metrics,
+                        latest,
+                        cumulative: Cumulative::default(),
+                    };
+                    worker.run(sampler, &stop, &heartbeat);
+                })
+                .expect("spawning a thread")
+        };
+        match started_rx.recv() {
+            Ok(Ok(())) => Ok(Self {
+                stop,
+                thread: Some(thread),
+            }),
+            Ok(Err(e)) => {
+                let _ = thread.join();
+                Err(e)
+            }
+            // The thread ended without answering: it panicked; let the panic through.
+            Err(_) => match thread.join() {
+                Err(panic) => std::panic::resume_unwind(panic),
+                Ok(()) => unreachable!("the pipeline thread answers before it returns"),
+            },
+        }
+    }
+
+    /// Stops sampling, builds and submits the partial interval, and waits for the thread.
+    pub fn stop(mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for Pipeline {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+struct Worker {
+    settings: PipelineSettings,
+    symbolizer: NativeSymbolizer,
+    targets: watch::Receiver<Arc<TargetSet>>,
+    submit: Submit,
+    metrics: Arc<AgentMetrics>,
+    latest: LatestProfiles,
+    cumulative: Cumulative,
+}
+
+impl Worker {
+    fn run(
+        mut self,
+        mut sampler: Sampler<KernelSampler, ProcfsProcesses>,
+        stop: &AtomicBool,
+        heartbeat: &AtomicU64,
+    ) {
+        let drain_every = self.settings.collect_interval.min(DRAIN_INTERVAL);
+        let mut next_drain = Instant::now() + drain_every;
+        let mut next_collect = Instant::now() + self.settings.collect_interval;
+        while !stop.load(Ordering::SeqCst) {
+            heartbeat.store(unix_now(), Ordering::Relaxed);
+            let now = Instant::now();
+            if now < next_drain {
+                std::thread::sleep((next_drain - now).min(Duration::from_millis(100)));
+                continue;
+            }
+            next_drain += drain_every;
+            if now >= next_collect {
+                next_collect += self.settings.collect_interval;
+                match sampler.take_interval() {
+                    Ok(recording) => self.collect(recording, sampler.processes()),
+                    Err(e) => self.drain_failed(&e),
+                }
+            } else if let Err(e) = sampler.drain() {
+                self.drain_failed(&e);
+            }
+            // A machine that slept (or a very slow interval) must not cause a burst.
+            let now = Instant::now();
+            if next_drain < now {
+                next_drain = now + drain_every;
+            }
+            if next_collect < now {
+                next_collect = now + self.settings.collect_interval;
+            }
+        }
+        // The partial interval: stopping first makes the counters match the samples.
+        let unreadable = sampler.processes().unreadable_processes;
+        let container_ids = sampler.processes().container_id_stats();
+        match sampler.finish() {
+            Ok(recording) => {
+                self.collect_recording(recording);
+                self.cumulative
+                    .unreadable_processes(&self.metrics, unreadable);
+                self.cumulative.container_ids(&self.metrics, &container_ids);
+            }
+            Err(e) => self.drain_failed(&e),
+        }
+    }
+
+    fn drain_failed(&self, error: &BpfError) {
+        self.metrics.profiling_sessions_failing.inc();
+        tracing::warn!(%error, "draining the kernel maps failed");
+    }
+
+    fn collect(&mut self, recording: Recording, processes: &ProcfsProcesses) {
+        self.collect_recording(recording);
+        self.cumulative
+            .unreadable_processes(&self.metrics, processes.unreadable_processes);
+        self.cumulative
+            .container_ids(&self.metrics, &processes.container_id_stats());
+    }
+
+    fn collect_recording(&mut self, recording: Recording) {
+        let started = Instant::now();
+        self.cumulative.kernel(&self.metrics, &recording.counters);
+        let samples = merge(recording.samples);
+        let targets = self.targets.borrow().clone();
+        let mut groups: BTreeMap<&Labels, (&Arc<Target>, Vec<&RawSample>)> = BTreeMap::new();
+        let resolved: Vec<(Option<Arc<Target>>, &RawSample)> = samples
+            .iter()
+            .map(|s| {
+                let container = recording
+                    .processes
+                    .get(&s.pid)
+                    .and_then(|p| p.container_id.as_deref());
+                (targets.resolve(s.pid, container), s)
+            })
+            .collect();
+        let mut untargeted = 0;
+        for (target, sample) in &resolved {
+            match target {
+                Some(t) => groups
+                    .entry(&t.labels)
+                    .or_insert((t, Vec::new()))
+                    .1
+                    .push(sample),
+                None => untargeted += sample.count,
+            }
+        }
+        self.metrics.samples_untargeted.inc_by(untargeted);
+        if groups.is_empty() {
+            self.symbolizer.next_round();
+            return;
+        }
+        profile::prepare_kernel(&mut self.symbolizer, &samples);
+        let start = recording.start.unwrap_or_else(SystemTime::now);
+        let mut batch = Vec::with_capacity(groups.len());
+        let mut latest = Vec::with_capacity(groups.len());
+        for (labels, (target, group)) in groups {
+            let built = profile::build_samples(
+                &group,
+                &recording.processes,
+                Some(start),
+                recording.duration,
+                &mut self.symbolizer,
+                &self.settings.build,
+            );
+            let service = ServiceLabel {
+                service_name: target.service_name().to_owned(),
+            };
+            let bytes = match built.encode_gzip() {
+                Ok(b) => b,
+                Err(error) => {
+                    self.metrics.pprofs_dropped.inc();
+                    tracing::warn!(%error, service = %service.service_name, "encoding failed");
+                    continue;
+                }
+            };
+            self.metrics.pprofs.get_or_create(&service).inc();
+            self.metrics
+                .pprof_bytes
+                .get_or_create(&service)
+                .inc_by(bytes.len() as u64);
+            self.metrics
+                .pprof_samples
+                .get_or_create(&service)
+                .inc_by(built.total_samples);
+            latest.push((
+                service.service_name,
+                ServiceProfile {
+                    collected_at: unix_now(),
+                    folded: profile::folded(&built.profile),
+                    samples: built.total_samples,
+                },
+            ));
+            batch.push(ProfileSeries {
+                labels: labels.clone(),
+                pprof_gzip: bytes.into(),
+                start,
+                end: start + recording.duration,
+                sample_rate: self.settings.sample_rate as u32,
+                samples: built.total_samples,
+            });
+        }
+        self.symbolizer.next_round();
+        self.cumulative
+            .symbolize(&self.metrics, &self.symbolizer.stats());
+        if let Ok(mut page) = self.latest.lock() {
+            page.extend(latest);
+        }
+        self.metrics
+            .interval_build_seconds
+            .observe(started.elapsed().as_secs_f64());
+        tracing::debug!(profiles = batch.len(), "interval built");
+        (self.submit)(batch);
+    }
+}
+
+/// One sample per (pid, comm, stacks) over the interval's drains.
+fn merge(samples: Vec<RawSample>) -> Vec<RawSample> {
+    let mut counts: HashMap<(u32, String, Stack, Stack), u64> = HashMap::new();
+    for s in samples {
+        *counts.entry((s.pid, s.comm, s.user, s.kernel)).or_default() += s.count;
+    }
+    counts
+        .into_iter()
+        .map(|((pid, comm, user, kernel), count)| RawSample {
+            pid,
+            comm,
+            user,
+            kernel,
+            count,
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn merge_sums_equal_stacks_across_drains() {
+        let sample = |pid, frames: Vec<u64>, count| RawSample {
+            pid,
+            comm: "c".into(),
+            user: Stack::Frames(frames),
+            kernel: Stack::NotCollected,
+            count,
+        };
+        let merged = merge(vec![
+            sample(1, vec![1, 2], 3),
+            sample(2, vec![1, 2], 1),
+            sample(1, vec![1, 2], 4),
+            sample(1, vec![9], 1),
+        ]);
+        assert_eq!(merged.len(), 3);
+        let pid1_stack12 = merged
+            .iter()
+            .find(|s| s.pid == 1 && s.user.frames() == [1, 2])
+            .expect("merged sample");
+        assert_eq!(pid1_stack12.count, 7);
+        assert_eq!(merged.iter().map(|s| s.count).sum::<u64>(), 9);
+    }
+}

@@ -1,0 +1,353 @@
+//! The agent's own Prometheus metrics: pyroscope.ebpf's names where it has one, `profiler_`
+//! names for what it does not measure (kernel counters, symbolization, caches, discovery),
+//! and the process's own CPU and memory. Write-path metrics live with the writer
+//! (`crate::write::WriteMetrics`) and are registered in the same [`Registry`].
+//!
+//! Kernel counters and cache statistics are cumulative values read from their owners;
+//! [`Cumulative`] turns them into counter increments so the exported counters never go
+//! backwards, even when an owner is rebuilt.
+
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    registry::{Registry, Unit},
+};
+
+use crate::{cache::CacheStats, sampler::CounterSnapshot, symbolize::SymbolizeStats};
+use profiler_common::Counter as KernelCounter;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ServiceLabel {
+    pub service_name: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct NameLabel {
+    pub name: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CacheLabel {
+    pub cache: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProviderLabel {
+    pub provider: String,
+}
+
+type FloatGauge = Gauge<f64, AtomicU64>;
+
+/// Every agent metric outside the write path.
+pub struct AgentMetrics {
+    pub active_targets: Gauge,
+    pub profiling_sessions: Counter,
+    pub profiling_sessions_failing: Counter,
+    pub pprofs: Family<ServiceLabel, Counter>,
+    pub pprof_bytes: Family<ServiceLabel, Counter>,
+    pub pprof_samples: Family<ServiceLabel, Counter>,
+    pub pprofs_dropped: Counter,
+    /// Kernel outcomes that are not failures (recorded, skipped idle/kernel thread/...).
+    pub bpf_samples: Family<NameLabel, Counter>,
+    /// Kernel failure branches (stack map full, collision, counts map full, ...).
+    pub bpf_errors: Family<NameLabel, Counter>,
+    /// Samples of processes that matched no target (dropped when `targets_only`).
+    pub samples_untargeted: Counter,
+    pub frames_known: Counter,
+    pub frames_unknown: Counter,
+    pub elf_errors: Counter,
+    pub cache_hits: Family<CacheLabel, Counter>,
+    pub cache_misses: Family<CacheLabel, Counter>,
+    pub cache_evictions: Family<CacheLabel, Counter>,
+    pub cache_entries: Family<CacheLabel, Gauge>,
+    pub unreadable_processes: Counter,
+    pub discovery_errors: Family<ProviderLabel, Counter>,
+    pub targets_rejected: Counter,
+    pub kernel_map_memory: Gauge,
+    pub interval_build_seconds: Histogram,
+    pub resident_memory: Gauge,
+    pub cpu_seconds: FloatGauge,
+}
+
+impl AgentMetrics {
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = Self {
+            active_targets: Gauge::default(),
+            profiling_sessions: Counter::default(),
+            profiling_sessions_failing: Counter::default(),
+            pprofs: Family::default(),
+            pprof_bytes: Family::default(),
+            pprof_samples: Family::default(),
+            pprofs_dropped: Counter::default(),
+            bpf_samples: Family::default(),
+            bpf_errors: Family::default(),
+            samples_untargeted: Counter::default(),
+            frames_known: Counter::default(),
+            frames_unknown: Counter::default(),
+            elf_errors: Counter::default(),
+            cache_hits: Family::default(),
+            cache_misses: Family::default(),
+            cache_evictions: Family::default(),
+            cache_entries: Family::default(),
+            unreadable_processes: Counter::default(),
+            discovery_errors: Family::default(),
+            targets_rejected: Counter::default(),
+            kernel_map_memory: Gauge::default(),
+            interval_build_seconds: Histogram::new([0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0]),
+            resident_memory: Gauge::default(),
+            cpu_seconds: FloatGauge::default(),
+        };
+        let r = registry;
+        r.register(
+            "pyroscope_ebpf_active_targets",
+            "Targets that can match a process",
+            m.active_targets.clone(),
+        );
+        r.register(
+            "pyroscope_ebpf_profiling_sessions",
+            "Kernel sampling sessions started",
+            m.profiling_sessions.clone(),
+        );
+        r.register(
+            "pyroscope_ebpf_profiling_sessions_failing",
+            "Kernel sampling sessions that failed to start or to drain",
+            m.profiling_sessions_failing.clone(),
+        );
+        r.register(
+            "pyroscope_ebpf_pprofs",
+            "pprof profiles built",
+            m.pprofs.clone(),
+        );
+        r.register(
+            "pyroscope_ebpf_pprof_bytes",
+            "Gzipped bytes of the pprof profiles built",
+            m.pprof_bytes.clone(),
+        );
+        r.register(
+            "pyroscope_ebpf_pprof_samples",
+            "Samples in the pprof profiles built",
+            m.pprof_samples.clone(),
+        );
+        r.register(
+            "pyroscope_ebpf_pprofs_dropped",
+            "Profiles built but not handed to the writer (encoding failed)",
+            m.pprofs_dropped.clone(),
+        );
+        r.register(
+            "profiler_bpf_samples",
+            "Kernel sampling outcomes by name",
+            m.bpf_samples.clone(),
+        );
+        r.register(
+            "profiler_bpf_errors",
+            "Kernel failure branches by name; each lost or degraded sample counts once",
+            m.bpf_errors.clone(),
+        );
+        r.register(
+            "profiler_samples_untargeted",
+            "Samples of processes that matched no target",
+            m.samples_untargeted.clone(),
+        );
+        r.register(
+            "profiler_symbolize_frames_known",
+            "Frames named",
+            m.frames_known.clone(),
+        );
+        r.register(
+            "profiler_symbolize_frames_unknown",
+            "Frames left unnamed",
+            m.frames_unknown.clone(),
+        );
+        r.register(
+            "profiler_symbolize_elf_errors",
+            "Mapped files that could not be read as ELF",
+            m.elf_errors.clone(),
+        );
+        r.register("profiler_cache_hits", "Cache hits", m.cache_hits.clone());
+        r.register(
+            "profiler_cache_misses",
+            "Cache misses",
+            m.cache_misses.clone(),
+        );
+        r.register(
+            "profiler_cache_evictions",
+            "Cache evictions",
+            m.cache_evictions.clone(),
+        );
+        r.register(
+            "profiler_cache_entries",
+            "Entries in each cache",
+            m.cache_entries.clone(),
+        );
+        r.register(
+            "profiler_processes_unreadable",
+            "Sampled processes whose /proc entry could not be read (already exited)",
+            m.unreadable_processes.clone(),
+        );
+        r.register(
+            "profiler_discovery_errors",
+            "Failed discovery attempts by provider",
+            m.discovery_errors.clone(),
+        );
+        r.register(
+            "profiler_targets_rejected",
+            "Discovered label sets refused (invalid label name or value, bad pid)",
+            m.targets_rejected.clone(),
+        );
+        r.register_with_unit(
+            "profiler_kernel_map_memory",
+            "Kernel memory pinned by the BPF maps",
+            Unit::Bytes,
+            m.kernel_map_memory.clone(),
+        );
+        r.register_with_unit(
+            "profiler_interval_build",
+            "Time to symbolize and encode one interval's profiles",
+            Unit::Seconds,
+            m.interval_build_seconds.clone(),
+        );
+        r.register_with_unit(
+            "process_resident_memory",
+            "Resident memory of the agent",
+            Unit::Bytes,
+            m.resident_memory.clone(),
+        );
+        r.register_with_unit(
+            "process_cpu",
+            "CPU time of the agent (user + system), cumulative",
+            Unit::Seconds,
+            m.cpu_seconds.clone(),
+        );
+        m
+    }
+
+    /// Reads the agent's own CPU time and RSS from /proc/self (on scrape).
+    pub fn update_process(&self) {
+        if let Some((cpu, rss)) = own_usage() {
+            self.cpu_seconds.set(cpu);
+            self.resident_memory.set(rss as i64);
+        }
+    }
+}
+
+/// Turns cumulative readings into counter increments.
+#[derive(Default)]
+pub struct Cumulative {
+    kernel: CounterSnapshot,
+    symbolize: SymbolizeStats,
+    container_ids: CacheStats,
+    unreadable: u64,
+}
+
+impl Cumulative {
+    pub fn kernel(&mut self, m: &AgentMetrics, now: &CounterSnapshot) {
+        let delta = now.since(&self.kernel);
+        for counter in KernelCounter::ALL {
+            let family = if counter.is_error() {
+                &m.bpf_errors
+            } else {
+                &m.bpf_samples
+            };
+            family
+                .get_or_create(&NameLabel {
+                    name: counter.name().to_owned(),
+                })
+                .inc_by(delta.get(counter));
+        }
+        self.kernel = *now;
+    }
+
+    pub fn symbolize(&mut self, m: &AgentMetrics, now: &SymbolizeStats) {
+        let was = &self.symbolize;
+        m.frames_known
+            .inc_by(now.known_frames.saturating_sub(was.known_frames));
+        m.frames_unknown
+            .inc_by(now.unknown_frames.saturating_sub(was.unknown_frames));
+        m.elf_errors
+            .inc_by(now.elf_errors.saturating_sub(was.elf_errors));
+        cache(m, "same_file", &was.same_file_cache, &now.same_file_cache);
+        cache(m, "build_id", &was.build_id_cache, &now.build_id_cache);
+        cache(m, "pid", &was.pid_cache, &now.pid_cache);
+        self.symbolize = *now;
+    }
+
+    pub fn container_ids(&mut self, m: &AgentMetrics, now: &CacheStats) {
+        cache(m, "container_id", &self.container_ids, now);
+        self.container_ids = *now;
+    }
+
+    pub fn unreadable_processes(&mut self, m: &AgentMetrics, now: u64) {
+        m.unreadable_processes
+            .inc_by(now.saturating_sub(self.unreadable));
+        self.unreadable = now;
+    }
+}
+
+fn cache(m: &AgentMetrics, name: &str, was: &CacheStats, now: &CacheStats) {
+    let label = CacheLabel {
+        cache: name.to_owned(),
+    };
+    m.cache_hits
+        .get_or_create(&label)
+        .inc_by(now.hits.saturating_sub(was.hits));
+    m.cache_misses
+        .get_or_create(&label)
+        .inc_by(now.misses.saturating_sub(was.misses));
+    m.cache_evictions
+        .get_or_create(&label)
+        .inc_by(now.evictions.saturating_sub(was.evictions));
+    m.cache_entries.get_or_create(&label).set(now.len as i64);
+}
+
+/// (CPU seconds, resident bytes) of this process.
+fn own_usage() -> Option<(f64, u64)> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    let fields: Vec<&str> = stat[stat.rfind(')')? + 2..].split_whitespace().collect();
+    // Fields 14 and 15 (utime, stime) and 24 (rss in pages), counted from 1 with comm as 2.
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    let rss_pages: u64 = fields.get(21)?.parse().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let (hz, page) = unsafe {
+        (
+            libc::sysconf(libc::_SC_CLK_TCK),
+            libc::sysconf(libc::_SC_PAGESIZE),
+        )
+    };
+    Some((
+        ticks as f64 / hz.max(1) as f64,
+        rss_pages * page.max(1) as u64,
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn own_usage_reads_this_process() {
+        let (cpu, rss) = own_usage().expect("/proc/self/stat");
+        assert!(cpu >= 0.0);
+        assert!(rss > 1 << 20, "{rss} bytes resident");
+    }
+
+    #[test]
+    fn cumulative_readings_become_increments() {
+        let mut registry = Registry::default();
+        let m = AgentMetrics::register(&mut registry);
+        let mut c = Cumulative::default();
+        let mut snap = CounterSnapshot::default();
+        snap.values[KernelCounter::Recorded as usize] = 5;
+        c.kernel(&m, &snap);
+        snap.values[KernelCounter::Recorded as usize] = 8;
+        c.kernel(&m, &snap);
+        let recorded = m
+            .bpf_samples
+            .get_or_create(&NameLabel {
+                name: KernelCounter::Recorded.name().to_owned(),
+            })
+            .get();
+        assert_eq!(recorded, 8);
+    }
+}

@@ -1,0 +1,306 @@
+//! The daemon end to end: `profiler-agent run` with a config file, real eBPF sampling, real
+//! Docker discovery and a real write endpoint (the test's receiver), one process.
+//!
+//! Checked, in order: `/ready` is 503 until BPF is attached and discovery answered, then 200;
+//! `pyroscope_ebpf_active_targets` equals the containers Docker runs; each container's
+//! profile is pushed with `service_name=<container name>`, `__name__=process_cpu` and the
+//! external labels, and holds the container's functions; the directory sink has the same
+//! services; `/metrics` passes `promtool check metrics`; a stopped container leaves the
+//! active targets; SIGTERM flushes the partial interval (one more push) and exits 0.
+//!
+//! Root is needed (BPF, dockerd); under `CI=true` a missing prerequisite fails the test.
+
+mod common;
+
+use std::{
+    collections::BTreeSet,
+    io::{Read as _, Write as _},
+    net::TcpStream,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use common::{receiver::*, *};
+
+const SHOW_UP: Duration = Duration::from_secs(30);
+
+/// `GET path` on the agent's server: (status, body).
+fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .ok()?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).ok()?;
+    let status = answer.split_whitespace().nth(1)?.parse().ok()?;
+    let body = answer
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    Some((status, body))
+}
+
+/// The value of an unlabelled sample in the text format.
+fn metric(body: &str, name: &str) -> Option<f64> {
+    body.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+}
+
+fn wait_until<T>(within: Duration, what: &str, mut probe: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(v) = probe() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "{what}: not within {within:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Agent(Child);
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn running_containers() -> usize {
+    docker_ok(&["ps", "-q"]).lines().count()
+}
+
+#[test]
+fn daemon_profiles_docker_containers_to_push_and_directory_sinks() {
+    const TEST: &str = "daemon_profiles_docker_containers_to_push_and_directory_sinks";
+    if !require_root(TEST) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let spin = dir.path().join("spin");
+    run_ok(
+        Command::new("gcc")
+            .args(["-static", "-O1", "-g", "-fno-omit-frame-pointer", "-o"])
+            .arg(&spin)
+            .arg(fixture("spin.c")),
+    );
+    let tarball = busybox_rootfs_tarball(dir.path(), &spin, "/spin");
+    let Some(_daemon) = DockerDaemon::get(&dir.path().join("dockerd.log")) else {
+        return;
+    };
+    let nonce = nonce();
+    let names = ["a", "b"].map(|n| format!("profiler-daemon-{n}-{nonce}"));
+    let image = format!("profiler-daemon-test:{nonce}");
+    let _guards: Vec<ContainerGuard> = names
+        .iter()
+        .map(|n| ContainerGuard {
+            container: n.clone(),
+            image: image.clone(),
+        })
+        .collect();
+    docker_ok(&["import", tarball.to_str().unwrap(), &image]);
+    for name in &names {
+        docker_ok(&[
+            "run",
+            "-d",
+            "--network",
+            "none",
+            "--name",
+            name,
+            &image,
+            "/spin",
+            "3600",
+        ]);
+    }
+
+    let receiver = Receiver::start();
+    let port = free_port();
+    let profiles = dir.path().join("profiles");
+    let config = dir.path().join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+collect_interval = "3s"
+[discovery.docker]
+refresh_interval = "1h"
+[write]
+directory = "{profiles}"
+[write.external_labels]
+cluster = "e2e"
+[[write.endpoint]]
+url = "{url}"
+[server]
+listen_address = "127.0.0.1:{port}"
+"#,
+            profiles = profiles.display(),
+            url = receiver.url(),
+        ),
+    )
+    .unwrap();
+    let check = Command::new(agent())
+        .args(["check-config", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(check.status.success(), "{:?}", check);
+
+    let mut agent = Agent(
+        Command::new(agent())
+            .args(["run", "--config"])
+            .arg(&config)
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start the agent"),
+    );
+    // /ready answers 503 first (the server is up before BPF is attached), then 200.
+    let first = wait_until(SHOW_UP, "server up", || http_get(port, "/ready"));
+    eprintln!("first /ready: {first:?}");
+    wait_until(SHOW_UP, "/ready 200", || {
+        (http_get(port, "/ready")?.0 == 200).then_some(())
+    });
+    assert_eq!(http_get(port, "/healthz").map(|r| r.0), Some(200));
+
+    let expected = running_containers();
+    wait_until(SHOW_UP, "active targets = running containers", || {
+        let (_, body) = http_get(port, "/metrics")?;
+        (metric(&body, "pyroscope_ebpf_active_targets")? == expected as f64).then_some(())
+    });
+
+    // Each container's profile, with its name as service_name and its own functions.
+    let services: BTreeSet<String> = names.iter().cloned().collect();
+    receiver.wait_for(SHOW_UP, "a push per container", |r| {
+        let seen: BTreeSet<String> = pushed_series(r)
+            .iter()
+            .filter_map(|s| s.labels.get("service_name").cloned())
+            .collect();
+        services.is_subset(&seen)
+    });
+    for series in pushed_series(&receiver.requests()) {
+        let Some(service) = series.labels.get("service_name") else {
+            panic!("series without service_name: {:?}", series.labels);
+        };
+        if !services.contains(service) {
+            continue;
+        }
+        assert_eq!(series.labels["__name__"], "process_cpu");
+        assert_eq!(series.labels["cluster"], "e2e");
+        assert!(
+            !series
+                .labels
+                .keys()
+                .any(|k| k.starts_with("__") && k != "__name__"),
+            "{:?}",
+            series.labels
+        );
+        for p in &series.profiles {
+            let names = function_names(p);
+            assert!(
+                names.contains(&"spin_inner") && names.contains(&"main"),
+                "{service}: {names:?}"
+            );
+            let period = p.period;
+            assert_eq!(period, 1_000_000_000 / 97);
+        }
+    }
+    for name in &names {
+        let files = std::fs::read_dir(profiles.join(name))
+            .unwrap_or_else(|e| panic!("{}: {e}", profiles.join(name).display()))
+            .count();
+        assert!(files >= 1, "{name}: no profile file");
+    }
+
+    let (_, body) = http_get(port, "/metrics").unwrap();
+    check_with_promtool(&body);
+
+    // A stopped container leaves the active targets.
+    docker_ok(&["stop", "-t", "1", &names[1]]);
+    wait_until(
+        SHOW_UP,
+        "stopped container leaves the active targets",
+        || {
+            let (_, body) = http_get(port, "/metrics")?;
+            (metric(&body, "pyroscope_ebpf_active_targets")? == (expected - 1) as f64).then_some(())
+        },
+    );
+
+    // SIGTERM flushes the partial interval: one more push of the running container.
+    let count_a = |r: &[Request]| {
+        pushed_series(r)
+            .iter()
+            .filter(|s| s.labels.get("service_name") == Some(&names[0]))
+            .count()
+    };
+    // Just after an interval's push, so that the next push can only be the flush.
+    let before = count_a(&receiver.requests());
+    receiver.wait_for(SHOW_UP, "the next interval", |r| count_a(r) > before);
+    let before = count_a(&receiver.requests());
+    // Halfway into the next interval, which only the flush can then deliver.
+    std::thread::sleep(Duration::from_millis(1500));
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(agent.0.id() as i32, libc::SIGTERM) };
+    let status = wait_until(SHOW_UP, "agent exits after SIGTERM", || {
+        agent.0.try_wait().unwrap()
+    });
+    let mut stderr = String::new();
+    agent
+        .0
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    assert!(status.success(), "exit {status:?}; stderr:\n{stderr}");
+    let flushed: Vec<i64> = pushed_series(&receiver.requests())
+        .into_iter()
+        .filter(|s| s.labels.get("service_name") == Some(&names[0]))
+        .skip(before)
+        .flat_map(|s| s.profiles)
+        .map(|p| p.duration_nanos)
+        .collect();
+    assert!(
+        flushed.iter().any(|&d| d > 0 && d < 2_900_000_000),
+        "no partial interval flushed on SIGTERM (durations {flushed:?}); stderr:\n{stderr}"
+    );
+}
+
+/// `promtool check metrics` on an exposition; under CI promtool must exist.
+fn check_with_promtool(body: &str) {
+    let Ok(mut child) = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+    else {
+        assert!(!in_ci(), "promtool not installed");
+        eprintln!("SKIPPED promtool check: promtool not installed");
+        return;
+    };
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(body.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool: {}{}\n{body}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
