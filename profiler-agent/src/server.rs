@@ -305,6 +305,40 @@ mod tests {
         );
     }
 
+    #[tokio::test]
+    async fn ready_only_once_bpf_is_attached_and_discovery_answered() {
+        let mut registry = Registry::default();
+        let metrics = Arc::new(AgentMetrics::register(&mut registry));
+        let (discovery_tx, discovery_ready) = watch::channel(false);
+        let state = ServerState {
+            registry: Arc::new(registry),
+            metrics,
+            bpf_attached: Arc::new(AtomicBool::new(false)),
+            discovery_ready,
+            heartbeat: Arc::new(AtomicU64::new(0)),
+            latest: Default::default(),
+            collect_interval: Duration::from_secs(15),
+        };
+        let status = |state: &ServerState| {
+            let state = state.clone();
+            async move { ready(State(state)).await.0 }
+        };
+        discovery_tx.send_replace(true);
+        assert_eq!(status(&state).await, StatusCode::SERVICE_UNAVAILABLE);
+        state.bpf_attached.store(true, Ordering::SeqCst);
+        discovery_tx.send_replace(false);
+        assert_eq!(status(&state).await, StatusCode::SERVICE_UNAVAILABLE);
+        discovery_tx.send_replace(true);
+        assert_eq!(status(&state).await, StatusCode::OK);
+        // A stalled pipeline fails /healthz.
+        assert_eq!(healthz(State(state.clone())).await.0, StatusCode::OK);
+        state.heartbeat.store(unix_now() - 120, Ordering::Relaxed);
+        assert_eq!(
+            healthz(State(state.clone())).await.0,
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+    }
+
     #[test]
     fn escaping_and_query_encoding() {
         assert_eq!(

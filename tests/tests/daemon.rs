@@ -21,6 +21,7 @@ use std::{
 };
 
 use common::{receiver::*, *};
+use prost::Message as _;
 
 const SHOW_UP: Duration = Duration::from_secs(30);
 
@@ -127,6 +128,7 @@ fn daemon_profiles_docker_containers_to_push_and_directory_sinks() {
     }
 
     let receiver = Receiver::start();
+    let ingest = Receiver::start();
     let port = free_port();
     let profiles = dir.path().join("profiles");
     let config = dir.path().join("agent.toml");
@@ -143,11 +145,15 @@ directory = "{profiles}"
 cluster = "e2e"
 [[write.endpoint]]
 url = "{url}"
+[[write.endpoint]]
+url = "{ingest_url}"
+protocol = "ingest"
 [server]
 listen_address = "127.0.0.1:{port}"
 "#,
             profiles = profiles.display(),
             url = receiver.url(),
+            ingest_url = ingest.url(),
         ),
     )
     .unwrap();
@@ -223,6 +229,70 @@ listen_address = "127.0.0.1:{port}"
         assert!(files >= 1, "{name}: no profile file");
     }
 
+    // Three intervals: each endpoint has one profile per container per interval.
+    receiver.wait_for(SHOW_UP, "three intervals pushed per container", |r| {
+        let series = pushed_series(r);
+        names.iter().all(|n| {
+            series
+                .iter()
+                .filter(|s| s.labels.get("service_name") == Some(n))
+                .count()
+                >= 3
+        })
+    });
+    ingest.wait_for(SHOW_UP, "three intervals ingested per container", |r| {
+        let got = ingested(r);
+        names
+            .iter()
+            .all(|n| got.iter().filter(|i| ingest_service(i) == n).count() >= 3)
+    });
+    for name in &names {
+        let pushed: Vec<i64> = pushed_series(&receiver.requests())
+            .into_iter()
+            .filter(|s| s.labels.get("service_name") == Some(name))
+            .flat_map(|s| s.profiles)
+            .map(|p| p.time_nanos)
+            .collect();
+        assert_distinct(&pushed, &format!("push intervals of {name}"));
+        let ingested_from: Vec<String> = ingested(&ingest.requests())
+            .into_iter()
+            .filter(|i| ingest_service(i) == name)
+            .map(|i| {
+                assert_eq!(i.query["format"], "pprof");
+                assert_eq!(i.query["sampleRate"], "97");
+                assert!(i.query["name"].contains("cluster=e2e"), "{:?}", i.query);
+                i.query["from"].clone()
+            })
+            .collect();
+        assert_distinct(&ingested_from, &format!("ingest intervals of {name}"));
+    }
+
+    // The independent reader agrees: go tool pprof reads every profile, values are
+    // count x period, and every location has a mapping.
+    let requests = receiver.requests();
+    let push_bodies = requests
+        .iter()
+        .filter(|r| r.path.ends_with("/Push"))
+        .flat_map(|r| PushRequest::decode(r.body.as_slice()).unwrap().series)
+        .filter(|s| {
+            s.labels
+                .iter()
+                .any(|l| l.name == "service_name" && names.contains(&l.value))
+        })
+        .flat_map(|s| s.samples)
+        .map(|s| s.raw_profile)
+        .take(2);
+    let ingest_bodies = ingested(&ingest.requests())
+        .into_iter()
+        .filter(|i| names.contains(&ingest_service(i).to_owned()))
+        .map(|i| i.raw_gzip)
+        .take(2);
+    for (i, gz) in push_bodies.chain(ingest_bodies).enumerate() {
+        let path = dir.path().join(format!("check-{i}.pb.gz"));
+        std::fs::write(&path, &gz).unwrap();
+        check_with_go_pprof(&path, &decode_gzip_pprof(&gz));
+    }
+
     let (_, body) = http_get(port, "/metrics").unwrap();
     check_with_promtool(&body);
 
@@ -275,6 +345,57 @@ listen_address = "127.0.0.1:{port}"
         flushed.iter().any(|&d| d > 0 && d < 2_900_000_000),
         "no partial interval flushed on SIGTERM (durations {flushed:?}); stderr:\n{stderr}"
     );
+}
+
+fn ingest_service(i: &Ingested) -> &str {
+    let name = &i.query["name"];
+    name.split_once('{')
+        .map_or(name.as_str(), |(service, _)| service)
+}
+
+fn assert_distinct<T: Ord + std::fmt::Debug>(values: &[T], what: &str) {
+    let distinct: BTreeSet<&T> = values.iter().collect();
+    assert_eq!(
+        distinct.len(),
+        values.len(),
+        "{what}: duplicates in {values:?}"
+    );
+}
+
+/// `go tool pprof -raw` reads the profile; sample values and mappings are consistent.
+fn check_with_go_pprof(path: &std::path::Path, p: &profiler_agent::profile::pprof::Profile) {
+    let raw = go_pprof_raw(path);
+    let (_, samples) = raw.split_once("Samples:").expect("Samples: section");
+    let (samples, locations) = samples.split_once("Locations").expect("Locations section");
+    let mut total = 0;
+    for line in samples.lines().skip(2) {
+        let Some((values, _)) = line.split_once(':') else {
+            continue;
+        };
+        let v: Vec<i64> = values
+            .split_whitespace()
+            .filter_map(|x| x.parse().ok())
+            .collect();
+        if v.len() == 2 {
+            assert_eq!(v[1], v[0] * p.period, "value = count x period: {line}");
+            total += v[0];
+        }
+    }
+    let ours: i64 = p.sample.iter().map(|s| s.value[0]).sum();
+    assert_eq!(total, ours, "go tool pprof sample total:\n{raw}");
+    let (locations, _) = locations.split_once("Mappings").expect("Mappings section");
+    for line in locations.lines().filter(|l| {
+        l.trim_start()
+            .split(':')
+            .next()
+            .is_some_and(|n| n.parse::<u64>().is_ok())
+    }) {
+        assert!(
+            line.split_whitespace()
+                .any(|w| w.strip_prefix("M=").is_some_and(|m| m != "0")),
+            "location without a mapping: {line}"
+        );
+    }
 }
 
 /// `promtool check metrics` on an exposition; under CI promtool must exist.

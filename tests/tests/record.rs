@@ -283,14 +283,12 @@ fn kernel_stacks_and_stack_modes() {
 fn is_lost_kernel_stack(p: &Profile, location_id: u64) -> bool {
     let location = p.location.iter().find(|l| l.id == location_id);
     location.is_some_and(|l| {
-        l.mapping_id == 0
-            && l.line.iter().any(|line| {
-                p.function.iter().any(|f| {
-                    f.id == line.function_id
-                        && p.string_table[f.name as usize]
-                            == profiler_agent::profile::LOST_KERNEL_STACK
-                })
+        l.line.iter().any(|line| {
+            p.function.iter().any(|f| {
+                f.id == line.function_id
+                    && p.string_table[f.name as usize] == profiler_agent::profile::LOST_KERNEL_STACK
             })
+        })
     })
 }
 

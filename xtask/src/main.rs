@@ -29,8 +29,9 @@ enum Cmd {
     Setup,
     /// Set up, then build the release agent (whose build.rs builds the eBPF object).
     BuildEbpf,
-    /// Set up, build, and record every process on the host for 10 s into profile.pb.gz.
-    /// Extra arguments after `--` are passed to `profiler-agent record`.
+    /// Set up, build, and start the agent with the embedded default configuration (every
+    /// process, ./profiles, http://127.0.0.1:4100/). Arguments after `--` go to
+    /// `profiler-agent run`, or name another subcommand (`-- record --pid 1 -o p.pb.gz`).
     Run {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,

@@ -1,8 +1,9 @@
-//! `cargo xtask run [-- ARGS]`: the one command that shows the agent working. Records every
-//! process on the host for 10 s into `profile.pb.gz` in the workspace root; the agent prints
-//! the top functions itself. Extra arguments go to `profiler-agent record`; they can add
-//! `--pid` filters or replace the default `--duration` and `--output` (the agent rejects a
-//! repeated flag, so a default is only passed when the user did not give that flag).
+//! `cargo xtask run [-- ARGS]`: the one command that shows the agent working. Builds the
+//! agent and starts the daemon with the embedded default configuration (every process on
+//! the host, profiles in `./profiles` of the workspace root, the flame graph page on
+//! http://127.0.0.1:4100/, whose URL the agent prints). Extra arguments go to
+//! `profiler-agent run` (`-- --config agent.toml`), or name another subcommand
+//! (`-- record --pid 1234 --output p.pb.gz`).
 use anyhow::Result;
 
 use crate::{
@@ -10,19 +11,13 @@ use crate::{
     util::{ExitCode, agent_binary, build_agent, exit_code, status, workspace_root},
 };
 
-const DEFAULTS: [(&str, &str); 2] = [("--duration", "10s"), ("--output", "profile.pb.gz")];
+const SUBCOMMANDS: [&str; 4] = ["run", "record", "check-config", "help"];
 
 pub fn run(extra: &[String]) -> Result<()> {
     setup()?;
     build_agent()?;
     let mut cmd = std::process::Command::new(agent_binary());
-    cmd.current_dir(workspace_root()).arg("record");
-    for (flag, value) in DEFAULTS {
-        if !has_flag(extra, flag) {
-            cmd.args([flag, value]);
-        }
-    }
-    cmd.args(extra);
+    cmd.current_dir(workspace_root()).args(agent_args(extra));
     let status = status(&mut cmd)?;
     if status.success() {
         Ok(())
@@ -31,28 +26,31 @@ pub fn run(extra: &[String]) -> Result<()> {
     }
 }
 
-/// Whether `args` set the long flag `flag`, as `--flag VALUE` or `--flag=VALUE`.
-fn has_flag(args: &[String], flag: &str) -> bool {
-    args.iter().any(|a| {
-        a == flag
-            || a.strip_prefix(flag)
-                .is_some_and(|rest| rest.starts_with('='))
-    })
+/// The agent's command line: `run` unless the arguments name a subcommand.
+fn agent_args(extra: &[String]) -> Vec<String> {
+    match extra.first() {
+        Some(first) if SUBCOMMANDS.contains(&first.as_str()) => extra.to_vec(),
+        _ => std::iter::once("run".to_owned())
+            .chain(extra.iter().cloned())
+            .collect(),
+    }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::has_flag;
+    use super::agent_args;
 
     #[test]
-    fn finds_long_flags_in_both_forms() {
+    fn runs_the_daemon_unless_a_subcommand_is_named() {
         let args = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-        assert!(has_flag(
-            &args(&["--pid", "1", "--duration", "2s"]),
-            "--duration"
-        ));
-        assert!(has_flag(&args(&["--duration=2s"]), "--duration"));
-        assert!(!has_flag(&args(&["--durations"]), "--duration"));
-        assert!(!has_flag(&args(&["--pid", "1"]), "--output"));
+        assert_eq!(agent_args(&[]), args(&["run"]));
+        assert_eq!(
+            agent_args(&args(&["--config", "a.toml"])),
+            args(&["run", "--config", "a.toml"])
+        );
+        assert_eq!(
+            agent_args(&args(&["record", "--pid", "1"])),
+            args(&["record", "--pid", "1"])
+        );
     }
 }

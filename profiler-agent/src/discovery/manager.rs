@@ -262,3 +262,60 @@ impl Combiner {
         set
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prometheus_client::registry::Registry;
+
+    #[tokio::test]
+    async fn static_targets_are_relabeled_published_and_counted() {
+        let config = AgentConfig::parse(
+            r#"
+            [[targets]]
+            __process_pid__ = "4242"
+            app = "db"
+            [[targets]]
+            __container_id__ = "abc"
+            service_name = "web"
+            [[targets]]
+            __process_pid__ = "7"
+            env = "drop-me"
+            [[relabel]]
+            source_labels = ["app"]
+            regex = "(.+)"
+            target_label = "service_name"
+            replacement = "svc-$1"
+            [[relabel]]
+            source_labels = ["env"]
+            regex = "drop-me"
+            action = "drop"
+            "#,
+            "test",
+            &|_| None,
+        )
+        .unwrap();
+        let mut registry = Registry::default();
+        let metrics = Arc::new(AgentMetrics::register(&mut registry));
+        let (targets_tx, mut targets_rx) = watch::channel(Arc::new(TargetSet::default()));
+        let (ready_tx, mut ready_rx) = watch::channel(false);
+        let _discovery = Discovery::start(
+            &config,
+            Arc::new(targets_tx),
+            Arc::new(ready_tx),
+            metrics.clone(),
+        )
+        .await
+        .unwrap();
+        tokio::time::timeout(Duration::from_secs(5), ready_rx.wait_for(|r| *r))
+            .await
+            .expect("ready with only static targets")
+            .unwrap();
+        let set = targets_rx.borrow_and_update().clone();
+        assert_eq!(set.active(), 2, "the dropped target is not active");
+        assert_eq!(metrics.active_targets.get(), 2);
+        assert_eq!(set.resolve(4242, None).unwrap().service_name(), "svc-db");
+        assert_eq!(set.resolve(1, Some("abc")).unwrap().service_name(), "web");
+        assert!(set.resolve(7, None).is_none());
+    }
+}

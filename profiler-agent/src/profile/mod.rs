@@ -25,6 +25,8 @@ use crate::{
 
 /// Name of the mapping kernel frames belong to, as perf names it.
 pub const KERNEL_MAPPING: &str = "[kernel.kallsyms]";
+/// Name of the mapping of unmapped addresses and synthetic frames.
+pub const UNKNOWN_MAPPING: &str = "[unknown]";
 /// Frame standing in for a user stack the kernel could not record.
 pub const LOST_USER_STACK: &str = "[lost user stack]";
 /// Frame standing in for a kernel stack the kernel could not record.
@@ -290,6 +292,7 @@ struct Builder {
     synthetic: HashMap<String, u64>,
     location_names: HashMap<u64, String>,
     kernel_mapping: Option<u64>,
+    unknown_mapping: Option<u64>,
 }
 
 impl Builder {
@@ -365,6 +368,23 @@ impl Builder {
         id
     }
 
+    /// The mapping of addresses outside every known mapping and of synthetic frames, so
+    /// that every location has one (pprof readers expect it).
+    fn unknown_mapping(&mut self) -> u64 {
+        if let Some(id) = self.unknown_mapping {
+            return id;
+        }
+        let id = self.profile.mapping.len() as u64 + 1;
+        let mapping = pprof::Mapping {
+            id,
+            filename: self.string(UNKNOWN_MAPPING),
+            ..Default::default()
+        };
+        self.profile.mapping.push(mapping);
+        self.unknown_mapping = Some(id);
+        id
+    }
+
     fn kernel_mapping(&mut self) -> u64 {
         if let Some(id) = self.kernel_mapping {
             return id;
@@ -422,9 +442,10 @@ impl Builder {
         address: u64,
         role: Role,
     ) -> u64 {
-        let mapping_id = process
-            .mapping_for(address)
-            .map_or(0, |m| self.mapping(symbolizer, process, m));
+        let mapping_id = match process.mapping_for(address) {
+            Some(m) => self.mapping(symbolizer, process, m),
+            None => self.unknown_mapping(),
+        };
         let after_call = match role {
             Role::Leaf => false,
             Role::Caller => true,
@@ -459,9 +480,11 @@ impl Builder {
         }
         let frame = Frame::named(name);
         let function_id = self.function(&frame);
+        let mapping_id = self.unknown_mapping();
         let id = self.profile.location.len() as u64 + 1;
         self.profile.location.push(pprof::Location {
             id,
+            mapping_id,
             line: vec![pprof::Line {
                 function_id,
                 line: 0,

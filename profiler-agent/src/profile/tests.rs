@@ -240,3 +240,45 @@ fn gzip_round_trip() {
     let decoded = pprof::Profile::decode(&raw[..]).unwrap();
     assert_eq!(decoded, built.profile);
 }
+
+#[test]
+fn every_location_has_a_mapping_and_comm_can_be_the_root_frame() {
+    let mut rec = recording();
+    // An address outside every mapping of the process.
+    rec.samples[0].user = Stack::Frames(vec![0x9999_0000, 0x2001]);
+    let options = BuildOptions {
+        comm: CommMode::Both,
+        pid_label: false,
+        ..BuildOptions::record(100)
+    };
+    let built = build(&rec, &mut symbolizer(), &options);
+    let p = &built.profile;
+    let mapping_ids: Vec<u64> = p.mapping.iter().map(|m| m.id).collect();
+    for location in &p.location {
+        assert!(
+            mapping_ids.contains(&location.mapping_id),
+            "location {} has mapping {}",
+            location.id,
+            location.mapping_id
+        );
+    }
+    for sample in &p.sample {
+        let root = *sample.location_id.last().unwrap();
+        let comm = p.sample[0]
+            .label
+            .iter()
+            .find(|l| p.string_table[l.key as usize] == "comm");
+        assert!(comm.is_some(), "comm label kept with `both`");
+        assert!(
+            ["app", "worker"].contains(&names_of(p, root)[0]),
+            "root frame is the comm"
+        );
+        assert!(
+            !sample
+                .label
+                .iter()
+                .any(|l| p.string_table[l.key as usize] == "pid"),
+            "no pid label unless asked"
+        );
+    }
+}

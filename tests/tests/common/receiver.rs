@@ -192,3 +192,112 @@ pub fn function_names(p: &Profile) -> Vec<&str> {
         .map(|f| p.string_table[f.name as usize].as_str())
         .collect()
 }
+
+/// Percent-decoding of a query component (`+` is a space).
+pub fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' if i + 2 < bytes.len() => {
+                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap_or("");
+                match u8::from_str_radix(hex, 16) {
+                    Ok(b) => {
+                        out.push(b);
+                        i += 3;
+                        continue;
+                    }
+                    Err(_) => out.push(b'%'),
+                }
+            }
+            b'+' => out.push(b' '),
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The query parameters of a request path.
+pub fn query(path: &str) -> BTreeMap<String, String> {
+    path.split_once('?')
+        .map(|(_, q)| q)
+        .unwrap_or("")
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (percent_decode(k), percent_decode(v)))
+        .collect()
+}
+
+/// The parts of a `multipart/form-data` body: (field name, content).
+pub fn multipart_parts(request: &Request) -> Vec<(String, Vec<u8>)> {
+    let content_type = request
+        .headers
+        .get("content-type")
+        .cloned()
+        .unwrap_or_default();
+    let boundary = content_type
+        .split(';')
+        .find_map(|p| p.trim().strip_prefix("boundary="))
+        .map(|b| b.trim_matches('"').to_owned())
+        .expect("multipart boundary");
+    let delimiter = format!("--{boundary}").into_bytes();
+    let body = &request.body;
+    let mut starts = Vec::new();
+    let mut i = 0;
+    while i + delimiter.len() <= body.len() {
+        if body[i..].starts_with(&delimiter) {
+            starts.push(i);
+            i += delimiter.len();
+        } else {
+            i += 1;
+        }
+    }
+    starts
+        .windows(2)
+        .filter_map(|w| {
+            let part = &body[w[0] + delimiter.len()..w[1]];
+            let part = part.strip_prefix(b"\r\n")?;
+            let split = part.windows(4).position(|x| x == b"\r\n\r\n")?;
+            let head = String::from_utf8_lossy(&part[..split]).into_owned();
+            let content = part[split + 4..].strip_suffix(b"\r\n")?.to_vec();
+            let name = head
+                .split(';')
+                .find_map(|p| p.trim().strip_prefix("name="))
+                .map(|n| {
+                    n.split(['\r', '\n'])
+                        .next()
+                        .unwrap_or(n)
+                        .trim_matches('"')
+                        .to_owned()
+                })?;
+            Some((name, content))
+        })
+        .collect()
+}
+
+/// A legacy `/ingest` request: its query and its profile.
+pub struct Ingested {
+    pub query: BTreeMap<String, String>,
+    pub profile: Profile,
+    pub raw_gzip: Vec<u8>,
+}
+
+pub fn ingested(requests: &[Request]) -> Vec<Ingested> {
+    requests
+        .iter()
+        .filter(|r| r.path.starts_with("/ingest?"))
+        .map(|r| {
+            let (_, bytes) = multipart_parts(r)
+                .into_iter()
+                .find(|(name, _)| name == "profile")
+                .expect("profile part");
+            Ingested {
+                query: query(&r.path),
+                profile: decode_gzip_pprof(&bytes),
+                raw_gzip: bytes,
+            }
+        })
+        .collect()
+}
