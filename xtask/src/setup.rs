@@ -16,7 +16,8 @@ const BPF_LINKER_VERSION: &str = "0.10.0";
 /// golang-go (`go tool pprof` to validate output, Go test workloads), prometheus (promtool to
 /// lint /metrics), linux-perf and bpftrace (benchmark baselines), bpftool (checks that no
 /// programs are left behind, BPF run-time stats), binutils and gcc (build C fixtures),
-/// time (GNU `/usr/bin/time -v`).
+/// time (GNU `/usr/bin/time -v`), systemd (`systemd-analyze verify` checks the unit in
+/// config/).
 const DEBIAN_PACKAGES: &[&str] = &[
     "docker.io",
     "busybox-static",
@@ -28,6 +29,7 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "binutils",
     "gcc",
     "time",
+    "systemd",
 ];
 
 pub fn setup() -> Result<()> {
