@@ -425,3 +425,142 @@ fn check_with_promtool(body: &str) {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Sample counts of the service's pushed profiles, with each profile's start and duration.
+fn pushed_intervals(r: &[Request], service: &str) -> Vec<(i64, i64, i64)> {
+    pushed_series(r)
+        .into_iter()
+        .filter(|s| s.labels.get("service_name").map(String::as_str) == Some(service))
+        .flat_map(|s| s.profiles)
+        .map(|p| {
+            let samples = p.sample.iter().map(|s| s.value[0]).sum();
+            (p.time_nanos, p.duration_nanos, samples)
+        })
+        .collect()
+}
+
+/// A hanging endpoint and a refusing one do not disturb sampling or the healthy endpoint;
+/// SIGHUP moves delivery to a new endpoint without losing an interval.
+#[test]
+fn dead_endpoints_do_not_disturb_sampling_and_sighup_switches_endpoints() {
+    const TEST: &str = "dead_endpoints_do_not_disturb_sampling_and_sighup_switches_endpoints";
+    if !require_root(TEST) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let spin = compile_c("spin", dir.path());
+    let workload = Workload::start(&spin, &["3600"]);
+    let healthy = Receiver::start();
+    let replacement = Receiver::start();
+    let hanging = Receiver::start_hanging();
+    let refused = free_port();
+    let port = free_port();
+    let config = dir.path().join("agent.toml");
+    let write_config = |endpoint: &str| {
+        std::fs::write(
+            &config,
+            format!(
+                r#"
+collect_interval = "3s"
+[[targets]]
+__process_pid__ = "{pid}"
+service_name = "spin"
+[[write.endpoint]]
+url = "{endpoint}"
+[[write.endpoint]]
+name = "hanging"
+url = "{hanging}"
+remote_timeout = "1s"
+min_backoff_period = "100ms"
+max_backoff_period = "500ms"
+max_backoff_retries = 2
+[[write.endpoint]]
+name = "refused"
+url = "http://127.0.0.1:{refused}"
+min_backoff_period = "100ms"
+max_backoff_period = "500ms"
+max_backoff_retries = 2
+[server]
+listen_address = "127.0.0.1:{port}"
+"#,
+                pid = workload.pid(),
+                hanging = hanging.url(),
+            ),
+        )
+        .unwrap();
+    };
+    write_config(&healthy.url());
+    let log = std::fs::File::create(dir.path().join("agent.log")).unwrap();
+    let mut agent = Agent(
+        Command::new(agent())
+            .args(["run", "--config"])
+            .arg(&config)
+            .stderr(log)
+            .spawn()
+            .expect("start the agent"),
+    );
+    eprintln!("agent log: {}", dir.path().join("agent.log").display());
+    healthy.wait_for(SHOW_UP, "four intervals despite dead endpoints", |r| {
+        pushed_intervals(r, "spin").len() >= 4
+    });
+    // The busy loop keeps one CPU: about 97 samples per second of each interval, whatever
+    // the other endpoints do. The first interval starts before the target is known.
+    for (start, duration, samples) in pushed_intervals(&healthy.requests(), "spin")
+        .into_iter()
+        .skip(1)
+    {
+        let expected = 97.0 * duration as f64 / 1e9;
+        assert!(
+            (samples as f64 - expected).abs() <= expected * 0.15,
+            "interval at {start}: {samples} samples, expected about {expected:.0}"
+        );
+    }
+    let (_, metrics) = http_get(port, "/metrics").unwrap();
+    let dropped = |endpoint: &str| {
+        metrics
+            .lines()
+            .filter(|l| {
+                l.starts_with("pyroscope_write_dropped_profiles_total")
+                    && l.contains(&format!("endpoint=\"{endpoint}\""))
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>()
+    };
+    assert!(
+        dropped("hanging") > 0.0,
+        "hanging endpoint drops counted:\n{metrics}"
+    );
+    assert!(
+        dropped("refused") > 0.0,
+        "refused endpoint drops counted:\n{metrics}"
+    );
+
+    // SIGHUP: the healthy endpoint is replaced; no interval is lost in between.
+    write_config(&replacement.url());
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(agent.0.id() as i32, libc::SIGHUP) };
+    replacement.wait_for(SHOW_UP, "two intervals at the new endpoint", |r| {
+        pushed_intervals(r, "spin").len() >= 2
+    });
+    let old = pushed_intervals(&healthy.requests(), "spin");
+    let new = pushed_intervals(&replacement.requests(), "spin");
+    let mut all: Vec<(i64, i64, i64)> = old.iter().chain(&new).copied().collect();
+    all.sort();
+    all.dedup_by_key(|i| i.0);
+    assert_eq!(
+        all.len(),
+        old.len() + new.len(),
+        "an interval went to both endpoints"
+    );
+    for pair in all.windows(2) {
+        let ((start, duration, _), (next, _, _)) = (pair[0], pair[1]);
+        assert!(
+            (next - (start + duration)).abs() < 100_000_000,
+            "gap between intervals: {start}+{duration} then {next}\nold {old:?}\nnew {new:?}"
+        );
+    }
+    // SAFETY: as above.
+    unsafe { libc::kill(agent.0.id() as i32, libc::SIGTERM) };
+    let status = wait_until(SHOW_UP, "agent exits", || agent.0.try_wait().unwrap());
+    assert!(status.success(), "{status:?}");
+}

@@ -43,6 +43,22 @@ impl Receiver {
         Self { port, requests }
     }
 
+    /// An endpoint that accepts connections and reads requests but never answers.
+    pub fn start_hanging() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind receiver");
+        let port = listener.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            let mut held = Vec::new();
+            for stream in listener.incoming().flatten() {
+                held.push(stream);
+            }
+        });
+        Self {
+            port,
+            requests: Arc::default(),
+        }
+    }
+
     pub fn url(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
     }
