@@ -91,13 +91,7 @@ fn daemon_profiles_docker_containers_to_push_and_directory_sinks() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let spin = dir.path().join("spin");
-    run_ok(
-        Command::new("gcc")
-            .args(["-static", "-O1", "-g", "-fno-omit-frame-pointer", "-o"])
-            .arg(&spin)
-            .arg(fixture("spin.c")),
-    );
+    let spin = static_spin(dir.path());
     let tarball = busybox_rootfs_tarball(dir.path(), &spin, "/spin");
     let Some(_daemon) = DockerDaemon::get(&dir.path().join("dockerd.log")) else {
         return;

@@ -17,7 +17,6 @@ mod common;
 use std::{
     collections::BTreeMap,
     path::Path,
-    process::Command,
     sync::atomic::Ordering,
     time::{Duration, Instant},
 };
@@ -65,14 +64,7 @@ fn find<'a>(set: &'a Targets, id: &str) -> Option<&'a BTreeMap<String, String>> 
 
 /// A tarball of a rootfs with /bin/busybox, /bin/sh and /spin (static).
 fn rootfs_tarball(dir: &Path) -> std::path::PathBuf {
-    let spin = dir.join("spin");
-    run_ok(
-        Command::new("gcc")
-            .args(["-static", "-O1", "-o"])
-            .arg(&spin)
-            .arg(fixture("spin.c")),
-    );
-    busybox_rootfs_tarball(dir, &spin, "/spin")
+    busybox_rootfs_tarball(dir, &static_spin(dir), "/spin")
 }
 
 /// Removes the test's containers, then its image, on drop.

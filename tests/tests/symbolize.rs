@@ -1172,12 +1172,7 @@ fn binary_only_inside_a_container_root_is_named() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let spin = gcc(
-        dir.path(),
-        "spin",
-        "spin.c",
-        &["-static", "-O1", "-g", "-fno-omit-frame-pointer"],
-    );
+    let spin = static_spin(dir.path());
     let nonce = nonce();
     // A path that exists only in the container's root.
     let inside = format!("/opt/profiler-only-in-container-{nonce}/spin");

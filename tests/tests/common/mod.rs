@@ -538,6 +538,19 @@ impl Drop for ContainerGuard {
     }
 }
 
+/// tests/fixtures/spin.c built static (it runs as pid 1 of a busybox container), with
+/// frame pointers and debug info so its frames can be named.
+pub fn static_spin(dir: &Path) -> PathBuf {
+    let spin = dir.join("spin");
+    run_ok(
+        Command::new("gcc")
+            .args(["-static", "-O1", "-g", "-fno-omit-frame-pointer", "-o"])
+            .arg(&spin)
+            .arg(fixture("spin.c")),
+    );
+    spin
+}
+
 /// A `docker import`-able tarball of a minimal rootfs: /bin/busybox (busybox-static), /bin/sh,
 /// and `binary` at `inside` (an absolute path within the image). Written under `dir`.
 pub fn busybox_rootfs_tarball(dir: &Path, binary: &Path, inside: &str) -> PathBuf {
