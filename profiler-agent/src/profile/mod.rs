@@ -475,4 +475,6 @@ impl Builder {
 }
 
 #[cfg(test)]
+mod roundtrip_tests;
+#[cfg(test)]
 mod tests;
