@@ -38,9 +38,13 @@ pub struct BuiltProfile {
     pub total_samples: u64,
 }
 
+/// gzip level of the profiles the agent sends: on a profile of 10 000 stacks x 30 frames
+/// (benches/pprof.rs), level 3 is 4% larger than the default 6 in about half the time.
+const GZIP_LEVEL: u32 = 3;
+
 impl BuiltProfile {
     pub fn encode_gzip(&self) -> std::io::Result<Vec<u8>> {
-        let mut encoder = GzEncoder::new(Vec::new(), Compression::default());
+        let mut encoder = GzEncoder::new(Vec::new(), Compression::new(GZIP_LEVEL));
         encoder.write_all(&self.profile.encode_to_vec())?;
         encoder.finish()
     }
