@@ -76,7 +76,7 @@ fn section(criterion_output: &str, figures: &str) -> Result<String> {
          2000 functions with file and line, every fourth with an inlined callee: {} locations, \
          {} functions, {} strings. Built by `profile::build_samples` (pid, comm and \
          container labels) with a symbolizer double answering from a table (frames cloned, as \
-         from the real one's warm caches), then `BuiltProfile::encode_gzip` (gzip level 6). \
+         from the real one's warm caches), then `BuiltProfile::encode_gzip` (gzip level 3). \
          Times are criterion's median estimates per profile; allocations are allocator calls \
          (alloc and realloc) per profile, counted by a global allocator in the bench; peak is \
          the most memory live at once above what was live before.\n",
@@ -140,10 +140,10 @@ fn section(criterion_output: &str, figures: &str) -> Result<String> {
     } else {
         writeln!(
             s,
-            "\n- NOT met: {total:.2} ms per profile. Build takes {build:.2} ms ({:.0}%), \
-             encode + gzip {encode_gzip:.2} ms, of which protobuf encoding {encode:.2} ms and \
-             gzip the rest.",
-            build * 100.0 / total
+            "\n- NOT met: {total:.2} ms per profile. Measured apart, build takes {build:.2} ms \
+             ({:.0}% of build plus encode), encode + gzip {encode_gzip:.2} ms, of which \
+             protobuf encoding {encode:.2} ms and gzip the rest.",
+            build * 100.0 / (build + encode_gzip)
         )?;
     }
     Ok(s)
