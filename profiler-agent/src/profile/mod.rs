@@ -40,9 +40,13 @@ pub struct BuiltProfile {
     pub total_samples: u64,
 }
 
+/// gzip level of the profiles the agent sends: on a profile of 10 000 stacks x 30 frames
+/// (benches/pprof.rs), level 3 is 4% larger than the default 6 in about half the time.
+const GZIP_LEVEL: u32 = 3;
+
 impl BuiltProfile {
     pub fn encode_gzip(&self) -> std::io::Result<Vec<u8>> {
-        let mut encoder = GzEncoder::new(Vec::new(), Compression::default());
+        let mut encoder = GzEncoder::new(Vec::new(), Compression::new(GZIP_LEVEL));
         encoder.write_all(&self.profile.encode_to_vec())?;
         encoder.finish()
     }
@@ -134,11 +138,14 @@ pub fn build_samples(
     let comm_frame = matches!(options.comm, CommMode::Stackframe | CommMode::Both);
 
     let unknown_process = ProcessInfo::default();
-    let mut top: HashMap<String, u64> = HashMap::new();
+    // Self counts by leaf location; named once at the end, not once per sample.
+    let mut top: HashMap<u64, u64> = HashMap::new();
     let mut total = 0;
     for sample in samples {
         let process = processes.get(&sample.pid).unwrap_or(&unknown_process);
-        let mut location_id = Vec::new();
+        let mut location_id = Vec::with_capacity(
+            sample.kernel.frames().len().max(1) + sample.user.frames().len().max(1) + 1,
+        );
         match &sample.kernel {
             Stack::Frames(frames) => {
                 for (depth, &address) in frames.iter().enumerate() {
@@ -163,14 +170,14 @@ pub fn build_samples(
             Stack::Lost => location_id.push(b.synthetic_location(LOST_USER_STACK)),
             Stack::NotCollected => {}
         }
-        if let Some(leaf) = location_id.first() {
-            *top.entry(b.location_names[leaf].clone()).or_default() += sample.count;
+        if let Some(&leaf) = location_id.first() {
+            *top.entry(leaf).or_default() += sample.count;
         }
         if comm_frame {
             location_id.push(b.synthetic_location(&sample.comm));
         }
         total += sample.count;
-        let mut label = Vec::new();
+        let mut label = Vec::with_capacity(3);
         if options.pid_label {
             label.push(pprof::Label {
                 key: pid_key,
@@ -200,7 +207,14 @@ pub fn build_samples(
             label,
         });
     }
-    let mut top_self: Vec<(String, u64)> = top.into_iter().collect();
+    let mut by_name: HashMap<&str, u64> = HashMap::new();
+    for (location, count) in top {
+        *by_name.entry(b.leaf_name(location)).or_default() += count;
+    }
+    let mut top_self: Vec<(String, u64)> = by_name
+        .into_iter()
+        .map(|(name, count)| (name.to_owned(), count))
+        .collect();
     top_self.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
     BuiltProfile {
         profile: b.profile,
@@ -286,11 +300,12 @@ fn kernel_lookup_addresses(samples: &[RawSample]) -> Vec<u64> {
 struct Builder {
     profile: pprof::Profile,
     strings: HashMap<String, i64>,
-    functions: HashMap<(String, String, Option<String>), u64>,
-    mappings: HashMap<(String, u64, u64, u64), u64>,
+    /// By (name, system name, file) string indices: distinct strings, distinct functions.
+    functions: HashMap<(i64, i64, Option<i64>), u64>,
+    /// By (start, end, offset), then path: looked up per frame without copying the path.
+    mappings: HashMap<(u64, u64, u64), Vec<(String, u64)>>,
     locations: HashMap<(u64, u64), u64>,
     synthetic: HashMap<String, u64>,
-    location_names: HashMap<u64, String>,
     kernel_mapping: Option<u64>,
     unknown_mapping: Option<u64>,
 }
@@ -318,20 +333,21 @@ impl Builder {
     }
 
     fn function(&mut self, frame: &Frame) -> u64 {
-        let key = (
-            frame.name.clone(),
-            frame.system_name.clone(),
-            frame.file.clone(),
-        );
+        // The same strings in the same order as when the function is first added, and none
+        // new when it already exists: the string table is as if looked up by the frame.
+        let name = self.string(&frame.name);
+        let system_name = self.string(&frame.system_name);
+        let filename = frame.file.as_deref().map(|f| self.string(f));
+        let key = (name, system_name, filename);
         if let Some(&id) = self.functions.get(&key) {
             return id;
         }
         let id = self.profile.function.len() as u64 + 1;
         let function = pprof::Function {
             id,
-            name: self.string(&frame.name),
-            system_name: self.string(&frame.system_name),
-            filename: frame.file.as_deref().map_or(0, |f| self.string(f)),
+            name,
+            system_name,
+            filename: filename.unwrap_or(0),
             start_line: 0,
         };
         self.profile.function.push(function);
@@ -345,8 +361,12 @@ impl Builder {
         process: &ProcessInfo,
         m: &Mapping,
     ) -> u64 {
-        let key = (m.path.clone(), m.start, m.end, m.offset);
-        if let Some(&id) = self.mappings.get(&key) {
+        let key = (m.start, m.end, m.offset);
+        if let Some(&(_, id)) = self
+            .mappings
+            .get(&key)
+            .and_then(|same| same.iter().find(|(path, _)| *path == m.path))
+        {
             return id;
         }
         let id = self.profile.mapping.len() as u64 + 1;
@@ -364,7 +384,10 @@ impl Builder {
             ..Default::default()
         };
         self.profile.mapping.push(mapping);
-        self.mappings.insert(key, id);
+        self.mappings
+            .entry(key)
+            .or_default()
+            .push((m.path.clone(), id));
         id
     }
 
@@ -430,8 +453,6 @@ impl Builder {
             m.has_inline_frames |= frames.len() > 1;
         }
         self.locations.insert((mapping_id, address), id);
-        let leaf = frames.first().map_or(UNKNOWN, |f| f.name.as_str());
-        self.location_names.insert(id, leaf.to_owned());
         id
     }
 
@@ -492,10 +513,21 @@ impl Builder {
             ..Default::default()
         });
         self.synthetic.insert(name.to_owned(), id);
-        self.location_names.insert(id, name.to_owned());
         id
+    }
+
+    /// The innermost function's name at a location (its first line's), or [`UNKNOWN`].
+    fn leaf_name(&self, location_id: u64) -> &str {
+        let p = &self.profile;
+        p.location
+            .get(location_id.wrapping_sub(1) as usize)
+            .and_then(|l| l.line.first())
+            .and_then(|line| p.function.get(line.function_id.wrapping_sub(1) as usize))
+            .map_or(UNKNOWN, |f| &p.string_table[f.name as usize])
     }
 }
 
+#[cfg(test)]
+mod roundtrip_tests;
 #[cfg(test)]
 mod tests;

@@ -6,7 +6,10 @@ use std::{fmt::Write as _, path::PathBuf, process::Command};
 
 use anyhow::{Context as _, Result, bail};
 
-use super::report;
+use super::{
+    criterion::{bench_executable, criterion_times, field},
+    report,
+};
 use crate::util::{cargo, check, target_dir, workspace_root};
 
 pub fn symbolize() -> Result<()> {
@@ -30,7 +33,7 @@ pub fn symbolize() -> Result<()> {
         .collect::<Vec<_>>()
         .join(":");
 
-    let bench = bench_executable()?;
+    let bench = bench_executable("symbolize")?;
     let run = |rss: Option<&str>, args: &[&str]| -> Result<String> {
         let mut cmd = Command::new(&bench);
         cmd.args(args).env("SYMBOLIZE_BENCH_BINARIES", &binaries);
@@ -60,7 +63,7 @@ pub fn symbolize() -> Result<()> {
     let addresses = field(agreement, "addresses")?;
     let same = field(agreement, "same_name")?;
     let both = field(agreement, "both_named")?;
-    let times = criterion_times(&output);
+    let times = criterion_times(&output, "symbolize");
     let time = |id: &str| -> Result<f64> {
         times
             .iter()
@@ -125,34 +128,6 @@ pub fn symbolize() -> Result<()> {
     Ok(())
 }
 
-/// The compiled criterion bench, built with `cargo bench --no-run`.
-fn bench_executable() -> Result<PathBuf> {
-    let out = cargo()
-        .args([
-            "bench",
-            "-p",
-            "profiler-agent",
-            "--bench",
-            "symbolize",
-            "--no-run",
-            "--message-format=json",
-        ])
-        .output()
-        .context("cargo bench --no-run")?;
-    if !out.status.success() {
-        bail!(
-            "building the benchmark failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|v| v["target"]["name"] == "symbolize")
-        .find_map(|v| v["executable"].as_str().map(PathBuf::from))
-        .context("no symbolize bench executable in cargo's output")
-}
-
 /// The libc this machine's programs use, found through our own mappings.
 fn own_libc() -> Option<PathBuf> {
     let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
@@ -160,72 +135,4 @@ fn own_libc() -> Option<PathBuf> {
         .filter_map(|l| l.split_whitespace().nth(5))
         .find(|p| p.contains("/libc.so"))
         .map(PathBuf::from)
-}
-
-/// `key=<number>` from a line of the bench's output.
-fn field(text: &str, key: &str) -> Result<u64> {
-    text.split_whitespace()
-        .find_map(|w| w.strip_prefix(&format!("{key}=")))
-        .and_then(|v| v.parse().ok())
-        .with_context(|| format!("no {key}= in {text:?}"))
-}
-
-/// (bench id, median ms) from criterion's text output.
-fn criterion_times(output: &str) -> Vec<(String, f64)> {
-    let mut current = None;
-    let mut out = Vec::new();
-    for line in output.lines() {
-        if let Some(rest) = line.strip_prefix("symbolize/") {
-            current = rest.split_whitespace().next().map(str::to_owned);
-        }
-        let Some(at) = line.find("time:") else {
-            continue;
-        };
-        let Some(id) = current.take() else { continue };
-        // "time:   [1.2 ms 1.3 ms 1.4 ms]": the middle estimate.
-        let parts: Vec<&str> = line[at + 5..]
-            .trim()
-            .trim_start_matches('[')
-            .split_whitespace()
-            .collect();
-        if let (Some(v), Some(unit)) = (parts.get(2), parts.get(3)) {
-            let scale = match *unit {
-                "s" => 1000.0,
-                "ms" => 1.0,
-                "µs" | "us" => 0.001,
-                "ns" => 0.000_001,
-                _ => continue,
-            };
-            if let Ok(v) = v.parse::<f64>() {
-                out.push((id, v * scale));
-            }
-        }
-    }
-    out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn reads_criterion_medians() {
-        let text = "symbolize/ours/cold     time:   [156.37 ms 160.25 ms 163.27 ms]\n\
-                    thrpt: ...\n\
-                    symbolize/ours/warm\n                        time:   [2.2 ms 2.5 ms 3.0 ms]\n\
-                    symbolize/x/y time:   [1.0 µs 2.0 µs 3.0 µs]\n";
-        let t = criterion_times(text);
-        assert_eq!(t[0], ("ours/cold".to_owned(), 160.25));
-        assert_eq!(t[1], ("ours/warm".to_owned(), 2.5));
-        assert!((t[2].1 - 0.002).abs() < 1e-9);
-    }
-
-    #[test]
-    fn fields() {
-        assert_eq!(
-            field("rss ours peak_kib=85596 x=1", "peak_kib").unwrap(),
-            85596
-        );
-        assert!(field("nothing", "peak_kib").is_err());
-    }
 }
