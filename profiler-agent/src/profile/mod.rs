@@ -15,6 +15,9 @@ use std::{
 };
 
 use flate2::{Compression, write::GzEncoder};
+// foldhash: the builder does about ten hash lookups per frame, and SipHash was a third of
+// the build time; foldhash is seeded per map, so crafted addresses still cannot collide.
+use foldhash::HashMap as FastMap;
 use prost::Message as _;
 
 use crate::{
@@ -139,7 +142,7 @@ pub fn build_samples(
 
     let unknown_process = ProcessInfo::default();
     // Self counts by leaf location; named once at the end, not once per sample.
-    let mut top: HashMap<u64, u64> = HashMap::new();
+    let mut top: FastMap<u64, u64> = FastMap::default();
     let mut total = 0;
     for sample in samples {
         let process = processes.get(&sample.pid).unwrap_or(&unknown_process);
@@ -177,7 +180,7 @@ pub fn build_samples(
             location_id.push(b.synthetic_location(&sample.comm));
         }
         total += sample.count;
-        let mut label = Vec::with_capacity(3);
+        let mut label = Vec::new();
         if options.pid_label {
             label.push(pprof::Label {
                 key: pid_key,
@@ -207,7 +210,7 @@ pub fn build_samples(
             label,
         });
     }
-    let mut by_name: HashMap<&str, u64> = HashMap::new();
+    let mut by_name: FastMap<&str, u64> = FastMap::default();
     for (location, count) in top {
         *by_name.entry(b.leaf_name(location)).or_default() += count;
     }
@@ -299,13 +302,17 @@ fn kernel_lookup_addresses(samples: &[RawSample]) -> Vec<u64> {
 #[derive(Default)]
 struct Builder {
     profile: pprof::Profile,
-    strings: HashMap<String, i64>,
+    strings: FastMap<String, i64>,
     /// By (name, system name, file) string indices: distinct strings, distinct functions.
-    functions: HashMap<(i64, i64, Option<i64>), u64>,
+    functions: FastMap<(i64, i64, Option<i64>), u64>,
     /// By (start, end, offset), then path: looked up per frame without copying the path.
-    mappings: HashMap<(u64, u64, u64), Vec<(String, u64)>>,
-    locations: HashMap<(u64, u64), u64>,
-    synthetic: HashMap<String, u64>,
+    mappings: FastMap<(u64, u64, u64), Vec<(String, u64)>>,
+    locations: FastMap<(u64, u64), u64>,
+    /// By (pid, lookup address): a frame seen before in the same process skips the mapping
+    /// search and the path comparison. Processes sharing a mapping still share locations,
+    /// since a miss here falls through to `locations`.
+    process_locations: FastMap<(u32, u64), u64>,
+    synthetic: FastMap<String, u64>,
     kernel_mapping: Option<u64>,
     unknown_mapping: Option<u64>,
 }
@@ -463,21 +470,28 @@ impl Builder {
         address: u64,
         role: Role,
     ) -> u64 {
-        let mapping_id = match process.mapping_for(address) {
-            Some(m) => self.mapping(symbolizer, process, m),
-            None => self.unknown_mapping(),
-        };
         let after_call = match role {
             Role::Leaf => false,
             Role::Caller => true,
             Role::KernelEntry => symbolizer.follows_syscall(process, address),
         };
         let lookup = lookup_address(address, !after_call);
-        if let Some(&id) = self.locations.get(&(mapping_id, lookup)) {
+        if let Some(&id) = self.process_locations.get(&(process.pid, lookup)) {
             return id;
         }
-        let frames = symbolizer.user_frames(process, lookup);
-        self.push_location(mapping_id, lookup, &frames)
+        let mapping_id = match process.mapping_for(address) {
+            Some(m) => self.mapping(symbolizer, process, m),
+            None => self.unknown_mapping(),
+        };
+        let id = match self.locations.get(&(mapping_id, lookup)) {
+            Some(&id) => id,
+            None => {
+                let frames = symbolizer.user_frames(process, lookup);
+                self.push_location(mapping_id, lookup, &frames)
+            }
+        };
+        self.process_locations.insert((process.pid, lookup), id);
+        id
     }
 
     fn kernel_location(
