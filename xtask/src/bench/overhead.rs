@@ -118,7 +118,7 @@ pub fn overhead(seconds: u64) -> Result<()> {
 }
 
 /// Builds the workload the way the e2e tests do: frame pointers kept, nothing inlined.
-fn compile_workload(tmp: &Path) -> Result<PathBuf> {
+pub(super) fn compile_workload(tmp: &Path) -> Result<PathBuf> {
     let out = tmp.join("chain");
     check(
         Command::new("gcc")
