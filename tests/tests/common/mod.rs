@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod receiver;
+pub mod webdriver;
 
 use std::{
     collections::HashMap,
@@ -338,6 +339,27 @@ pub fn go_pprof_raw(path: &Path) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     stdout
+}
+
+/// Polls `probe` every 200 ms until it gives a value; fails the test after `within`.
+pub fn wait_until<T>(within: Duration, what: &str, mut probe: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(v) = probe() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "{what}: not within {within:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// A loopback port nothing listens on (at the time of asking).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// True under `CI=true`, where a missing prerequisite fails a test instead of skipping it.
