@@ -46,7 +46,28 @@ pub fn agent() -> &'static Path {
         if let Some(path) = std::env::var_os("PROFILER_AGENT_BIN") {
             return PathBuf::from(path);
         }
-        let status = Command::new(env!("CARGO"))
+        let mut cargo = Command::new(env!("CARGO"));
+        // cargo sets these for the test (this package's name, directory, ...). ring tracks
+        // some of them, so passing them on would rebuild ring and everything above it (the
+        // agent included) here, and again on the next `cargo test`: a minute each time.
+        for (name, _) in std::env::vars_os() {
+            let name = name.to_string_lossy();
+            if name.starts_with("CARGO_PKG_")
+                || name.starts_with("CARGO_BIN_EXE_")
+                || [
+                    "CARGO_MANIFEST_DIR",
+                    "CARGO_MANIFEST_PATH",
+                    "CARGO_CRATE_NAME",
+                    "CARGO_PRIMARY_PACKAGE",
+                    "CARGO_TARGET_TMPDIR",
+                    "CARGO_RUSTC_CURRENT_DIR",
+                ]
+                .contains(&&*name)
+            {
+                cargo.env_remove(&*name);
+            }
+        }
+        let status = cargo
             .args([
                 "build",
                 "--quiet",
