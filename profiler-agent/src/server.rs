@@ -222,10 +222,16 @@ function show(link) {{
 links.forEach(l => l.addEventListener('click', e => {{ e.preventDefault(); show(l); }}));
 const initial = links.find(l => l.parentElement.dataset.name === selected) || links[0];
 if (initial) show(initial);
-document.getElementById('filter').addEventListener('input', e => {{
-  const q = e.target.value.toLowerCase();
+const filter = document.getElementById('filter');
+function applyFilter() {{
+  sessionStorage.setItem('filter', filter.value);
+  const q = filter.value.toLowerCase();
   links.forEach(l => l.parentElement.hidden = !l.parentElement.dataset.name.toLowerCase().includes(q));
-}});
+}}
+// The page reloads every interval: what was typed survives it.
+filter.value = sessionStorage.getItem('filter') || '';
+applyFilter();
+filter.addEventListener('input', applyFilter);
 setTimeout(() => location.reload(), {refresh_ms});
 </script>
 </body></html>

@@ -17,7 +17,8 @@ const BPF_LINKER_VERSION: &str = "0.10.0";
 /// lint /metrics), linux-perf and bpftrace (benchmark baselines), bpftool (checks that no
 /// programs are left behind, BPF run-time stats), binutils and gcc (build C fixtures),
 /// time (GNU `/usr/bin/time -v`), systemd (`systemd-analyze verify` checks the unit in
-/// config/).
+/// config/), chromium and chromium-driver (headless Chromium, driven over WebDriver, loads
+/// the agent's flame graph page in tests/tests/page.rs).
 const DEBIAN_PACKAGES: &[&str] = &[
     "docker.io",
     "busybox-static",
@@ -30,6 +31,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "gcc",
     "time",
     "systemd",
+    "chromium",
+    "chromium-driver",
 ];
 
 pub fn setup() -> Result<()> {
