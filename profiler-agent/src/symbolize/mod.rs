@@ -122,7 +122,7 @@ pub struct NativeSymbolizer {
     perf_maps: RoundLru<u32, Option<Rc<PerfMap>>>,
     vdso: Option<Option<Rc<Binary>>>,
     kernel: Option<kallsyms::KernelSymbols>,
-    kernel_names: std::collections::HashMap<u64, String>,
+    kernel_names: kallsyms::KernelNames,
     stats: SymbolizeStats,
 }
 
@@ -287,20 +287,19 @@ impl Symbolizer for NativeSymbolizer {
 
     fn prepare_kernel(&mut self, addresses: &[u64]) {
         let Some(kernel) = &self.kernel else { return };
-        match kernel.resolve(addresses) {
-            Ok(names) => self.kernel_names.extend(names),
-            Err(error) => tracing::warn!(%error, "kernel symbols unavailable"),
+        if let Err(error) = self.kernel_names.resolve_missing(kernel, addresses) {
+            tracing::warn!(%error, "kernel symbols unavailable");
         }
     }
 
     fn kernel_frame(&mut self, address: u64) -> Frame {
-        if !self.kernel_names.contains_key(&address) {
+        if self.kernel_names.get(address).is_none() {
             self.prepare_kernel(&[address]);
         }
-        match self.kernel_names.get(&address).cloned() {
+        match self.kernel_names.get(address).flatten() {
             Some(name) => {
                 self.stats.known_frames += 1;
-                Frame::named(name)
+                Frame::named(name.to_owned())
             }
             None => {
                 self.stats.unknown_frames += 1;
@@ -326,8 +325,9 @@ impl Symbolizer for NativeSymbolizer {
         self.by_file.next_round();
         self.by_build_id.next_round();
         self.perf_maps.next_round();
-        // Kernel names are resolved per batch; module loads can move them between rounds.
-        self.kernel_names.clear();
+        if let Some(kernel) = &self.kernel {
+            self.kernel_names.next_round(kernel);
+        }
     }
 }
 

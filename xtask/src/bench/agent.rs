@@ -151,7 +151,8 @@ fn measure_agent(
     let metrics = scrape(port).context("scraping the agent's /metrics")?;
     child::sleep(window.saturating_sub(running.elapsed()))?;
     running.signal(libc::SIGTERM)?;
-    let exit = running.wait(Duration::from_secs(60))?;
+    // `wait` counts from spawn: the window, then the flush deadline with room to spare.
+    let exit = running.wait(window + Duration::from_secs(60))?;
     drop(workload);
     if !exit.status.success() {
         let log = fs::read_to_string(&log_path).unwrap_or_default();
