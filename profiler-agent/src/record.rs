@@ -10,7 +10,7 @@ use std::{
 };
 
 use crate::{
-    bpf::{BpfError, KernelSampler, SamplerOptions},
+    bpf::{BpfError, KernelSampler, SamplerOptions, Scope},
     process::ProcfsProcesses,
     profile,
     sampler::{Recording, Sampler},
@@ -26,7 +26,8 @@ pub struct RecordArgs {
     /// How long to record, e.g. `10s`, `500ms`, `2m`.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub duration: Duration,
-    /// Samples per second on each CPU.
+    /// Samples per second on each CPU; with --pid, per thread of the named processes while
+    /// it runs.
     #[arg(long, default_value_t = 97, value_parser = clap::value_parser!(u64).range(1..=10_000))]
     pub sample_rate: u64,
     /// How C++ and Rust names are shown.
@@ -93,6 +94,13 @@ pub fn run(args: &RecordArgs) -> Result<(), RecordError> {
         collect_user: !args.no_user_stacks,
         collect_kernel: !args.no_kernel_stacks,
         pids: (!args.pids.is_empty()).then(|| args.pids.clone()),
+        // Named processes get events of their own, so the rest of the host is never
+        // interrupted for them.
+        scope: if args.pids.is_empty() {
+            Scope::EveryCpu
+        } else {
+            Scope::Threads(args.pids.clone())
+        },
     };
     let kernel = KernelSampler::start(&options).inspect_err(|_| {
         // Leave no empty file behind for a recording that never started.

@@ -1,5 +1,6 @@
 //! The only module that touches aya: loads the embedded eBPF object with maps sized for the
-//! configured interval, attaches the sampler to every online CPU, and drains one generation of
+//! configured interval, attaches the sampler to every online CPU (or to every thread of a few
+//! processes, see [`Scope`]), and drains one generation of
 //! counts and stacks at a time into plain Rust values. Dropping [`KernelSampler`] closes every
 //! program, link and map fd, which detaches the sampler from the kernel.
 
@@ -66,6 +67,13 @@ pub enum BpfError {
         cpu: u32,
         source: aya::programs::ProgramError,
     },
+    #[error("cannot sample process {pid}: none of its threads accepted a perf event ({source})")]
+    ProcessPerfEvent {
+        pid: u32,
+        source: aya::programs::ProgramError,
+    },
+    #[error("cannot list the threads of process {pid}: {source}")]
+    Threads { pid: u32, source: std::io::Error },
     #[error("eBPF map {name}: {source}")]
     Map {
         name: &'static str,
@@ -84,6 +92,20 @@ pub struct SamplerOptions {
     pub collect_kernel: bool,
     /// When set, only these processes are sampled (filtered in the kernel).
     pub pids: Option<Vec<u32>>,
+    pub scope: Scope,
+}
+
+/// Where the perf events that run the sampler are opened.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum Scope {
+    /// One event per online CPU, firing whatever runs there: the host-wide profile.
+    #[default]
+    EveryCpu,
+    /// One event per thread of each of these processes, on any CPU, inherited by the
+    /// threads (and children) they start: sampling a few processes costs the rest of the
+    /// host nothing, and the rate is per thread, as `perf record -p` has it. Children are
+    /// still dropped by the kernel-side PID filter when `pids` is set.
+    Threads(Vec<u32>),
 }
 
 /// The loaded and attached kernel sampler.
@@ -175,20 +197,13 @@ impl KernelSampler {
             .program_mut(PROGRAM_NAME)
             .ok_or(BpfError::Program(aya::programs::ProgramError::NotLoaded))?
             .try_into()?;
-        let mut links = Vec::with_capacity(cpus.len());
-        for &cpu in &cpus {
-            let link = program
-                .attach(
-                    PerfEventConfig::Software(SoftwareEvent::CpuClock),
-                    PerfEventScope::AllProcessesOneCpu { cpu },
-                    SamplePolicy::Frequency(options.sample_rate),
-                    false,
-                )
-                .map_err(|source| BpfError::PerfEvent { cpu, source })?;
-            links.push(link);
-        }
+        let links = match &options.scope {
+            Scope::EveryCpu => attach_every_cpu(program, &cpus, options.sample_rate)?,
+            Scope::Threads(pids) => attach_threads(program, pids, options.sample_rate)?,
+        };
         tracing::info!(
             cpus = cpus.len(),
+            events = links.len(),
             sample_rate = options.sample_rate,
             counts_entries = sizes.counts_entries,
             stack_entries = sizes.stack_entries,
@@ -326,6 +341,72 @@ impl StackSource for KernelSampler {
         }
         Ok(())
     }
+}
+
+fn attach_every_cpu(
+    program: &mut PerfEvent,
+    cpus: &[u32],
+    sample_rate: u64,
+) -> Result<Vec<PerfEventLinkId>, BpfError> {
+    cpus.iter()
+        .map(|&cpu| {
+            program
+                .attach(
+                    PerfEventConfig::Software(SoftwareEvent::CpuClock),
+                    PerfEventScope::AllProcessesOneCpu { cpu },
+                    SamplePolicy::Frequency(sample_rate),
+                    false,
+                )
+                .map_err(|source| BpfError::PerfEvent { cpu, source })
+        })
+        .collect()
+}
+
+/// One inherited event per thread listed in /proc/PID/task. A thread that exits between the
+/// listing and its attach is skipped; a process none of whose threads could be attached is
+/// an error (it has exited, or the events are refused).
+fn attach_threads(
+    program: &mut PerfEvent,
+    pids: &[u32],
+    sample_rate: u64,
+) -> Result<Vec<PerfEventLinkId>, BpfError> {
+    let mut links = Vec::new();
+    for &pid in pids {
+        let tasks = std::fs::read_dir(format!("/proc/{pid}/task"))
+            .map_err(|source| BpfError::Threads { pid, source })?;
+        let mut last_error = None;
+        let before = links.len();
+        for tid in tasks
+            .flatten()
+            .filter_map(|t| t.file_name().to_str()?.parse().ok())
+        {
+            match program.attach(
+                PerfEventConfig::Software(SoftwareEvent::CpuClock),
+                PerfEventScope::OneProcess {
+                    pid: tid,
+                    cpu: None,
+                },
+                SamplePolicy::Frequency(sample_rate),
+                true,
+            ) {
+                Ok(link) => links.push(link),
+                Err(error) => {
+                    tracing::debug!(pid, tid, %error, "thread not attached");
+                    last_error = Some(error);
+                }
+            }
+        }
+        if links.len() == before {
+            return Err(match last_error {
+                Some(source) => BpfError::ProcessPerfEvent { pid, source },
+                None => BpfError::Threads {
+                    pid,
+                    source: std::io::Error::from_raw_os_error(libc::ESRCH),
+                },
+            });
+        }
+    }
+    Ok(links)
 }
 
 fn typed<M>(ebpf: &mut Ebpf, name: &'static str) -> Result<M, BpfError>

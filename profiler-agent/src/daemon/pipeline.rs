@@ -17,7 +17,7 @@ use std::{
 use tokio::sync::watch;
 
 use crate::{
-    bpf::{BpfError, KernelSampler, SamplerOptions},
+    bpf::{BpfError, KernelSampler, SamplerOptions, Scope},
     metrics::{AgentMetrics, Cumulative, ServiceLabel},
     process::ProcfsProcesses,
     profile::{self, BuildOptions},
@@ -92,6 +92,7 @@ impl Pipeline {
                         collect_user: settings.collect_user,
                         collect_kernel: settings.collect_kernel,
                         pids: None,
+                        scope: Scope::EveryCpu,
                     };
                     metrics.profiling_sessions.inc();
                     let sampler = KernelSampler::start(&options).and_then(|kernel| {
