@@ -7,6 +7,7 @@
 pub mod backoff;
 pub mod bpf;
 pub mod cache;
+pub mod capture;
 pub mod config;
 pub mod daemon;
 pub mod discovery;

@@ -38,6 +38,14 @@ pub struct ProviderLabel {
     pub provider: String,
 }
 
+/// A capture's cause (`manual` for the API, `cpu` or `memory` for triggers) and outcome
+/// (`done` or `failed`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CaptureLabels {
+    pub trigger: String,
+    pub outcome: String,
+}
+
 type FloatGauge = Gauge<f64, AtomicU64>;
 
 /// Every agent metric outside the write path.
@@ -55,6 +63,8 @@ pub struct AgentMetrics {
     pub bpf_errors: Family<NameLabel, Counter>,
     /// Samples of processes that matched no target (dropped when `targets_only`).
     pub samples_untargeted: Counter,
+    /// On-demand and triggered captures by cause and outcome.
+    pub captures: Family<CaptureLabels, Counter>,
     pub frames_known: Counter,
     pub frames_unknown: Counter,
     pub elf_errors: Counter,
@@ -84,6 +94,7 @@ impl AgentMetrics {
             bpf_samples: Family::default(),
             bpf_errors: Family::default(),
             samples_untargeted: Counter::default(),
+            captures: Family::default(),
             frames_known: Counter::default(),
             frames_unknown: Counter::default(),
             elf_errors: Counter::default(),
@@ -196,6 +207,11 @@ impl AgentMetrics {
             "Discovered label sets refused (invalid label name or value, bad pid)",
             m.targets_rejected.clone(),
         );
+        r.register(
+            "profiler_captures",
+            "Captures of one process by trigger (manual, cpu, memory) and outcome (done, failed)",
+            m.captures.clone(),
+        );
         r.register_with_unit(
             "profiler_kernel_map_memory",
             "Kernel memory pinned by the BPF maps",
@@ -221,6 +237,15 @@ impl AgentMetrics {
             m.cpu_seconds.clone(),
         );
         m
+    }
+
+    pub fn capture(&self, trigger: &str, outcome: &str) {
+        self.captures
+            .get_or_create(&CaptureLabels {
+                trigger: trigger.to_owned(),
+                outcome: outcome.to_owned(),
+            })
+            .inc();
     }
 
     /// Reads the agent's own CPU time and RSS from /proc/self (on scrape).

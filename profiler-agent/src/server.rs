@@ -1,7 +1,8 @@
 //! The agent's HTTP server: `/metrics` (Prometheus, every registered metric), `/ready` (BPF
 //! attached and the first discovery round done), `/healthz` (the pipeline thread is turning),
 //! and `/`, a page listing the services profiled with each one's latest flame graph
-//! (`/flamegraph?service=...`, an SVG rendered by inferno with its own search).
+//! (`/flamegraph?service=...`, an SVG rendered by inferno with its own search). With the
+//! capture API enabled, also `/v1/profile` ([`crate::capture::http`]).
 
 use std::{
     fmt::Write as _,
@@ -22,6 +23,7 @@ use axum::{
 use prometheus_client::registry::Registry;
 use tokio::sync::watch;
 
+pub use crate::capture::CaptureApi;
 use crate::{daemon::pipeline::LatestProfiles, metrics::AgentMetrics};
 
 /// What the handlers read.
@@ -35,6 +37,8 @@ pub struct ServerState {
     pub heartbeat: Arc<AtomicU64>,
     pub latest: LatestProfiles,
     pub collect_interval: Duration,
+    /// Set when `[capture] enabled`.
+    pub capture: Option<CaptureApi>,
 }
 
 pub fn router(state: ServerState) -> Router {
@@ -44,6 +48,7 @@ pub fn router(state: ServerState) -> Router {
         .route("/healthz", get(healthz))
         .route("/", get(index))
         .route("/flamegraph", get(flamegraph))
+        .route("/v1/profile", get(crate::capture::http::profile))
         .with_state(state)
 }
 
@@ -324,6 +329,7 @@ mod tests {
             heartbeat: Arc::new(AtomicU64::new(0)),
             latest: Default::default(),
             collect_interval: Duration::from_secs(15),
+            capture: None,
         };
         let status = |state: &ServerState| {
             let state = state.clone();

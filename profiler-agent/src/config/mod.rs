@@ -21,6 +21,7 @@ use std::{
 use serde::{Deserialize, Serialize};
 
 use crate::{
+    capture::CaptureConfig,
     discovery::{docker::DockerConfig, kubernetes::KubernetesConfig, relabel::RelabelConfig},
     profile::CommMode,
     symbolize::{CacheConfig, Demangle},
@@ -68,6 +69,8 @@ pub struct AgentConfig {
     pub relabel: Vec<RelabelConfig>,
     pub write: WriteConfig,
     pub server: ServerConfig,
+    /// The on-demand capture API (`GET /v1/profile`); fixed for the agent's life.
+    pub capture: CaptureConfig,
 }
 
 impl Default for AgentConfig {
@@ -93,6 +96,7 @@ impl Default for AgentConfig {
             relabel: Vec::new(),
             write: WriteConfig::default(),
             server: ServerConfig::default(),
+            capture: CaptureConfig::default(),
         }
     }
 }
@@ -251,6 +255,7 @@ impl AgentConfig {
         self.write
             .validate()
             .map_err(|e| (e.field.clone(), e.reason.clone()))?;
+        self.capture.token(self.server.listen_address)?;
         Ok(())
     }
 

@@ -186,3 +186,26 @@ fn check_config_output_parses_back() {
     assert_eq!(again.sample_rate, 49);
     assert_eq!(again.collect_interval, c.collect_interval);
 }
+
+#[test]
+fn capture_api_on_a_public_address_needs_a_token() {
+    let public = "[server]\nlisten_address = \"0.0.0.0:4100\"\n[capture]\nenabled = true\n";
+    assert_eq!(field_of(public), "capture.bearer_token");
+    // ${VAR:-} unset is no token either.
+    assert_eq!(
+        field_of(&format!("{public}bearer_token = \"${{UNSET:-}}\"\n")),
+        "capture.bearer_token"
+    );
+    let c = parse(&format!("{public}bearer_token = \"${{TOKEN}}\"\n")).unwrap();
+    assert!(c.capture.enabled);
+    assert!(!c.to_toml().contains("s3cret"), "the token is redacted");
+    assert!(
+        parse("[capture]\nenabled = true\n").is_ok(),
+        "loopback by default"
+    );
+    assert_eq!(
+        field_of("[capture]\nmax_concurrent = 0\n"),
+        "capture.max_concurrent"
+    );
+    assert_eq!(field_of("[capture]\nenable = true\n"), "capture.enable");
+}

@@ -21,11 +21,12 @@ use tokio::{
 
 use crate::{
     bpf::BpfError,
+    capture::Capturer,
     config::{AgentConfig, ConfigError},
     discovery::{kubernetes::KubernetesError, manager::Discovery},
     metrics::AgentMetrics,
     profile::BuildOptions,
-    server::{self, ServerState},
+    server::{self, CaptureApi, ServerState},
     targets::TargetSet,
     write::{WriteConfigError, WriteMetrics, Writer},
 };
@@ -105,6 +106,29 @@ async fn run_async(source: ConfigSource, mut config: AgentConfig) -> Result<(), 
     let heartbeat = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let latest = Arc::new(Mutex::new(Default::default()));
 
+    // Checked by validation already; read here once, as the file may hold a secret.
+    let capture_token =
+        config
+            .capture
+            .token(config.server.listen_address)
+            .map_err(|(field, reason)| {
+                DaemonError::Config(ConfigError::Invalid {
+                    origin: "capture".into(),
+                    field,
+                    reason,
+                })
+            })?;
+    let (capture_jobs, capture_rx) = std::sync::mpsc::channel();
+    let capturer = config.capture.enabled.then(|| {
+        Arc::new(Capturer::new(
+            config.capture.max_concurrent,
+            config.collect_user_profile,
+            config.collect_kernel_profile,
+            capture_jobs,
+            metrics.clone(),
+        ))
+    });
+
     let address = config.server.listen_address;
     let listener = tokio::net::TcpListener::bind(address)
         .await
@@ -117,6 +141,10 @@ async fn run_async(source: ConfigSource, mut config: AgentConfig) -> Result<(), 
         heartbeat: heartbeat.clone(),
         latest: latest.clone(),
         collect_interval: config.collect_interval,
+        capture: capturer.clone().map(|capturer| CaptureApi {
+            capturer,
+            token: capture_token,
+        }),
     };
     let (server_stop_tx, mut server_stop_rx) = watch::channel(false);
     let server = tokio::spawn(async move {
@@ -179,6 +207,7 @@ async fn run_async(source: ConfigSource, mut config: AgentConfig) -> Result<(), 
             start_metrics,
             latest,
             heartbeat,
+            capture_rx,
         )
     })
     .await
@@ -219,6 +248,10 @@ async fn run_async(source: ConfigSource, mut config: AgentConfig) -> Result<(), 
     }
 
     eprintln!("profiler-agent: stopping; flushing the last interval");
+    if let Some(capturer) = &capturer {
+        // Running captures end now, so the server's graceful shutdown does not wait minutes.
+        capturer.stop();
+    }
     drop(discovery);
     tokio::task::spawn_blocking(move || pipeline.stop())
         .await

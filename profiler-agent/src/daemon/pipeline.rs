@@ -2,7 +2,8 @@
 //! `collect_interval` symbolizes the interval's samples, resolves each process to its target
 //! and hands one gzipped pprof per target to the writer. It owns everything that is not
 //! `Send` (the symbolizer's caches) and never waits on the network: the writer's `submit`
-//! only enqueues.
+//! only enqueues. Finished on-demand captures are symbolized here too, between drains, so
+//! they share the caches.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -18,6 +19,7 @@ use tokio::sync::watch;
 
 use crate::{
     bpf::{BpfError, KernelSampler, SamplerOptions, Scope},
+    capture::SymbolizeJob,
     metrics::{AgentMetrics, Cumulative, ServiceLabel},
     process::ProcfsProcesses,
     profile::{self, BuildOptions},
@@ -77,6 +79,7 @@ impl Pipeline {
         metrics: Arc<AgentMetrics>,
         latest: LatestProfiles,
         heartbeat: Arc<AtomicU64>,
+        captures: mpsc::Receiver<SymbolizeJob>,
     ) -> Result<Self, BpfError> {
         let stop = Arc::new(AtomicBool::new(false));
         let (started_tx, started_rx) = mpsc::channel();
@@ -137,6 +140,7 @@ impl Pipeline {
                         metrics,
                         latest,
                         cumulative: Cumulative::default(),
+                        captures,
                     };
                     worker.run(sampler, &stop, &heartbeat);
                 })
@@ -188,6 +192,8 @@ struct Worker {
     metrics: Arc<AgentMetrics>,
     latest: LatestProfiles,
     cumulative: Cumulative,
+    /// Finished captures to symbolize with this thread's caches.
+    captures: mpsc::Receiver<SymbolizeJob>,
 }
 
 impl Worker {
@@ -202,6 +208,9 @@ impl Worker {
         let mut next_collect = Instant::now() + self.settings.collect_interval;
         while !stop.load(Ordering::SeqCst) {
             heartbeat.store(unix_now(), Ordering::Relaxed);
+            while let Ok(job) = self.captures.try_recv() {
+                self.symbolize_capture(job);
+            }
             let now = Instant::now();
             if now < next_drain {
                 std::thread::sleep((next_drain - now).min(Duration::from_millis(100)));
@@ -238,6 +247,18 @@ impl Worker {
             }
             Err(e) => self.drain_failed(&e),
         }
+    }
+
+    /// A capture's profile, named with the continuous profile's caches; its files stay
+    /// cached for the next interval as if this were part of it.
+    fn symbolize_capture(&mut self, job: SymbolizeJob) {
+        let built = profile::build(
+            &job.recording,
+            &mut self.symbolizer,
+            &BuildOptions::record(job.sample_rate),
+        );
+        // The requester may have gone (timeout, disconnect): nothing to do then.
+        let _ = job.reply.send(built);
     }
 
     fn drain_failed(&self, error: &BpfError) {

@@ -328,7 +328,7 @@ impl EndpointConfig {
 }
 
 /// A secret file's content without its trailing newline (as Prometheus and Alloy do).
-fn read_secret(path: &std::path::Path) -> Result<Secret, String> {
+pub(crate) fn read_secret(path: &std::path::Path) -> Result<Secret, String> {
     let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
     Ok(Secret(text.trim_end_matches(['\r', '\n']).to_string()))
 }

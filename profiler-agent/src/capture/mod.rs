@@ -1,0 +1,299 @@
+//! On-demand captures of one process (`GET /v1/profile`): picks the process, samples it
+//! with perf events of its own at the requested rate for the requested time (a separate BPF
+//! instance with its own maps, so the continuous profile's counts never change), and has
+//! the pipeline thread symbolize the recording with the continuous profile's warm caches.
+//! Owns the `[capture]` configuration, the concurrency limit and the capture metrics.
+
+pub mod http;
+pub mod request;
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+        mpsc,
+    },
+    time::{Duration, Instant},
+};
+
+use regex::Regex;
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    bpf::{BpfError, KernelSampler, SamplerOptions, Scope},
+    metrics::AgentMetrics,
+    process::ProcfsProcesses,
+    profile::BuiltProfile,
+    sampler::{Recording, Sampler},
+    write::config::{Secret, read_secret},
+};
+pub use http::CaptureApi;
+pub use request::{BadRequest, CaptureRequest, Format, Selector};
+
+/// `[capture]`: the on-demand capture API. Off unless enabled.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CaptureConfig {
+    /// Serve `GET /v1/profile` on the server's address. Default false.
+    pub enabled: bool,
+    /// When set (and not empty), requests must carry `Authorization: Bearer <token>`.
+    /// Required when `server.listen_address` is not a loopback address.
+    pub bearer_token: Option<Secret>,
+    /// The token read from a file (trailing newline dropped); not with `bearer_token`.
+    pub bearer_token_file: Option<PathBuf>,
+    /// Captures running at once; one more is answered 429. Default 4.
+    pub max_concurrent: usize,
+}
+
+impl Default for CaptureConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            bearer_token: None,
+            bearer_token_file: None,
+            max_concurrent: 4,
+        }
+    }
+}
+
+impl CaptureConfig {
+    /// Checks the section against the server's address and returns the token to require.
+    /// Errors are (field, reason).
+    pub fn token(&self, listen: SocketAddr) -> Result<Option<Secret>, (String, String)> {
+        let err = |field: &str, reason: String| (format!("capture.{field}"), reason);
+        if !(1..=64).contains(&self.max_concurrent) {
+            return Err(err("max_concurrent", "must be between 1 and 64".into()));
+        }
+        let token = match (&self.bearer_token, &self.bearer_token_file) {
+            (Some(_), Some(_)) => {
+                return Err(err(
+                    "bearer_token_file",
+                    "set bearer_token or bearer_token_file, not both".into(),
+                ));
+            }
+            (Some(token), None) => Some(token.clone()),
+            (None, Some(path)) => Some(read_secret(path).map_err(|r| err("bearer_token_file", r))?),
+            (None, None) => None,
+        };
+        // An empty token (an unset `${VAR:-}`) is no token.
+        let token = token.filter(|t| !t.expose().is_empty());
+        if self.enabled && token.is_none() && !listen.ip().is_loopback() {
+            return Err(err(
+                "bearer_token",
+                format!(
+                    "required when the capture API is enabled and server.listen_address \
+                     ({listen}) is not a loopback address"
+                ),
+            ));
+        }
+        Ok(token)
+    }
+}
+
+/// Why a capture was not answered with a profile; each maps to one HTTP status.
+#[derive(Debug, thiserror::Error)]
+pub enum CaptureError {
+    #[error(transparent)]
+    BadRequest(#[from] BadRequest),
+    #[error("no process matches")]
+    NoProcess,
+    #[error("{limit} captures are already running; try again later")]
+    Busy { limit: usize },
+    #[error("the capture failed: {0}")]
+    Bpf(BpfError),
+    #[error("the agent is stopping")]
+    Stopping,
+}
+
+/// A finished recording for the pipeline thread to symbolize; the profile comes back on
+/// `reply`.
+pub struct SymbolizeJob {
+    pub recording: Recording,
+    pub sample_rate: u64,
+    pub reply: mpsc::SyncSender<BuiltProfile>,
+}
+
+/// Drains a capture's maps this often (as `record` does).
+const DRAIN_INTERVAL: Duration = Duration::from_secs(1);
+/// How long symbolization may take once the capture ended.
+const SYMBOLIZE_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Runs captures: one per call, at most `limit` at once.
+pub struct Capturer {
+    limit: usize,
+    running: AtomicUsize,
+    stopping: AtomicBool,
+    collect_user: bool,
+    collect_kernel: bool,
+    jobs: mpsc::Sender<SymbolizeJob>,
+    metrics: Arc<AgentMetrics>,
+    proc_root: PathBuf,
+}
+
+/// A taken capture slot, given back on drop.
+struct Slot<'a>(&'a AtomicUsize);
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl Capturer {
+    pub fn new(
+        limit: usize,
+        collect_user: bool,
+        collect_kernel: bool,
+        jobs: mpsc::Sender<SymbolizeJob>,
+        metrics: Arc<AgentMetrics>,
+    ) -> Self {
+        Self {
+            limit,
+            running: AtomicUsize::new(0),
+            stopping: AtomicBool::new(false),
+            collect_user,
+            collect_kernel,
+            jobs,
+            metrics,
+            proc_root: PathBuf::from("/proc"),
+        }
+    }
+
+    /// Ends running captures early (with what they sampled) and refuses new ones.
+    pub fn stop(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+    }
+
+    fn take_slot(&self) -> Result<Slot<'_>, CaptureError> {
+        self.running
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                (n < self.limit).then_some(n + 1)
+            })
+            .map_err(|_| CaptureError::Busy { limit: self.limit })?;
+        Ok(Slot(&self.running))
+    }
+
+    /// The process to capture: the pid if it exists, else the busiest process whose command
+    /// line matches (the agent itself excluded).
+    pub fn find(&self, selector: &Selector) -> Result<u32, CaptureError> {
+        match selector {
+            Selector::Pid(pid) => self
+                .proc_root
+                .join(pid.to_string())
+                .join("stat")
+                .exists()
+                .then_some(*pid)
+                .ok_or(CaptureError::NoProcess),
+            Selector::Command(re) => find_by_command(&self.proc_root, re),
+        }
+    }
+
+    /// Blocks for the whole capture: meant for a blocking thread. `trigger` labels the
+    /// metrics (`manual` for the API).
+    pub fn capture(
+        &self,
+        pid: u32,
+        duration: Duration,
+        sample_rate: u64,
+        trigger: &str,
+    ) -> Result<BuiltProfile, CaptureError> {
+        if self.stopping.load(Ordering::SeqCst) {
+            return Err(CaptureError::Stopping);
+        }
+        let slot = self.take_slot()?;
+        let result = self.capture_in_slot(pid, duration, sample_rate);
+        drop(slot);
+        let outcome = if result.is_ok() { "done" } else { "failed" };
+        self.metrics.capture(trigger, outcome);
+        result
+    }
+
+    fn capture_in_slot(
+        &self,
+        pid: u32,
+        duration: Duration,
+        sample_rate: u64,
+    ) -> Result<BuiltProfile, CaptureError> {
+        let options = SamplerOptions {
+            sample_rate,
+            collect_interval: DRAIN_INTERVAL.min(duration),
+            collect_user: self.collect_user,
+            collect_kernel: self.collect_kernel,
+            pids: Some(vec![pid]),
+            scope: Scope::Threads(vec![pid]),
+        };
+        let kernel = KernelSampler::start(&options).map_err(|e| match e {
+            // Gone between the lookup and the attach.
+            BpfError::Threads { .. } => CaptureError::NoProcess,
+            e => CaptureError::Bpf(e),
+        })?;
+        let mut sampler =
+            Sampler::new(kernel, ProcfsProcesses::default()).map_err(CaptureError::Bpf)?;
+        let alive = self.proc_root.join(pid.to_string());
+        // A process that exits ends its capture early: what was sampled is the answer.
+        sampler
+            .run_until(DRAIN_INTERVAL, Instant::now() + duration, || {
+                self.stopping.load(Ordering::SeqCst) || !alive.exists()
+            })
+            .map_err(CaptureError::Bpf)?;
+        let recording = sampler.finish().map_err(CaptureError::Bpf)?;
+        tracing::info!(
+            pid,
+            samples = recording.total_samples(),
+            ?duration,
+            sample_rate,
+            "capture done"
+        );
+        let (reply, answer) = mpsc::sync_channel(1);
+        self.jobs
+            .send(SymbolizeJob {
+                recording,
+                sample_rate,
+                reply,
+            })
+            .map_err(|_| CaptureError::Stopping)?;
+        answer
+            .recv_timeout(SYMBOLIZE_TIMEOUT)
+            .map_err(|_| CaptureError::Stopping)
+    }
+}
+
+/// The pid of the matching process with the most CPU time so far.
+fn find_by_command(proc_root: &Path, re: &Regex) -> Result<u32, CaptureError> {
+    let me = std::process::id();
+    let entries = std::fs::read_dir(proc_root).map_err(|_| CaptureError::NoProcess)?;
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&pid| pid != me)
+        .filter_map(|pid| {
+            let dir = proc_root.join(pid.to_string());
+            let raw = std::fs::read(dir.join("cmdline")).ok()?;
+            // Kernel threads have no command line.
+            if raw.is_empty() {
+                return None;
+            }
+            let command = String::from_utf8_lossy(&raw)
+                .trim_end_matches('\0')
+                .replace('\0', " ");
+            re.is_match(&command)
+                .then(|| (cpu_ticks(&dir).unwrap_or(0), pid))
+        })
+        .max()
+        .map(|(_, pid)| pid)
+        .ok_or(CaptureError::NoProcess)
+}
+
+/// utime + stime from /proc/PID/stat (fields 14 and 15, counted after the command's `)`).
+fn cpu_ticks(dir: &Path) -> Option<u64> {
+    let stat = std::fs::read_to_string(dir.join("stat")).ok()?;
+    let mut fields = stat.rsplit_once(')')?.1.split_whitespace().skip(11);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some(utime + stime)
+}
+
+#[cfg(test)]
+mod tests;
