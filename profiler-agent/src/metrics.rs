@@ -46,6 +46,11 @@ pub struct CaptureLabels {
     pub outcome: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TriggerLabel {
+    pub trigger: String,
+}
+
 type FloatGauge = Gauge<f64, AtomicU64>;
 
 /// Every agent metric outside the write path.
@@ -65,6 +70,8 @@ pub struct AgentMetrics {
     pub samples_untargeted: Counter,
     /// On-demand and triggered captures by cause and outcome.
     pub captures: Family<CaptureLabels, Counter>,
+    /// Threshold triggers fired, by cause (`cpu`, `memory`).
+    pub triggers_fired: Family<TriggerLabel, Counter>,
     pub frames_known: Counter,
     pub frames_unknown: Counter,
     pub elf_errors: Counter,
@@ -95,6 +102,7 @@ impl AgentMetrics {
             bpf_errors: Family::default(),
             samples_untargeted: Counter::default(),
             captures: Family::default(),
+            triggers_fired: Family::default(),
             frames_known: Counter::default(),
             frames_unknown: Counter::default(),
             elf_errors: Counter::default(),
@@ -212,6 +220,11 @@ impl AgentMetrics {
             "Captures of one process by trigger (manual, cpu, memory) and outcome (done, failed)",
             m.captures.clone(),
         );
+        r.register(
+            "profiler_triggers_fired",
+            "Threshold triggers fired, by cause (cpu, memory)",
+            m.triggers_fired.clone(),
+        );
         r.register_with_unit(
             "profiler_kernel_map_memory",
             "Kernel memory pinned by the BPF maps",
@@ -244,6 +257,14 @@ impl AgentMetrics {
             .get_or_create(&CaptureLabels {
                 trigger: trigger.to_owned(),
                 outcome: outcome.to_owned(),
+            })
+            .inc();
+    }
+
+    pub fn trigger_fired(&self, trigger: &str) {
+        self.triggers_fired
+            .get_or_create(&TriggerLabel {
+                trigger: trigger.to_owned(),
             })
             .inc();
     }

@@ -2,10 +2,12 @@
 //! with perf events of its own at the requested rate for the requested time (a separate BPF
 //! instance with its own maps, so the continuous profile's counts never change), and has
 //! the pipeline thread symbolize the recording with the continuous profile's warm caches.
-//! Owns the `[capture]` configuration, the concurrency limit and the capture metrics.
+//! Owns the `[capture]` configuration, the concurrency limit and the capture metrics;
+//! [`trigger`] starts captures on CPU and memory thresholds.
 
 pub mod http;
 pub mod request;
+pub mod trigger;
 
 use std::{
     net::SocketAddr,
@@ -45,6 +47,14 @@ pub struct CaptureConfig {
     pub bearer_token_file: Option<PathBuf>,
     /// Captures running at once; one more is answered 429. Default 4.
     pub max_concurrent: usize,
+    /// How often `[[trigger]]` thresholds are checked. Default 1s.
+    #[serde(with = "crate::config::duration::positive")]
+    pub monitor_interval: Duration,
+    /// Where triggered captures are kept (`<unix-ms>-<service>-<pid>-<trigger>.pb.gz`);
+    /// none by default.
+    pub directory: Option<PathBuf>,
+    /// How many triggered captures the directory keeps. Default 10.
+    pub keep: usize,
 }
 
 impl Default for CaptureConfig {
@@ -54,6 +64,9 @@ impl Default for CaptureConfig {
             bearer_token: None,
             bearer_token_file: None,
             max_concurrent: 4,
+            monitor_interval: Duration::from_secs(1),
+            directory: None,
+            keep: 10,
         }
     }
 }
@@ -65,6 +78,9 @@ impl CaptureConfig {
         let err = |field: &str, reason: String| (format!("capture.{field}"), reason);
         if !(1..=64).contains(&self.max_concurrent) {
             return Err(err("max_concurrent", "must be between 1 and 64".into()));
+        }
+        if self.keep == 0 {
+            return Err(err("keep", "must be at least 1".into()));
         }
         let token = match (&self.bearer_token, &self.bearer_token_file) {
             (Some(_), Some(_)) => {

@@ -21,7 +21,7 @@ use std::{
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    capture::CaptureConfig,
+    capture::{CaptureConfig, trigger::TriggerConfig},
     discovery::{docker::DockerConfig, kubernetes::KubernetesConfig, relabel::RelabelConfig},
     profile::CommMode,
     symbolize::{CacheConfig, Demangle},
@@ -71,6 +71,8 @@ pub struct AgentConfig {
     pub server: ServerConfig,
     /// The on-demand capture API (`GET /v1/profile`); fixed for the agent's life.
     pub capture: CaptureConfig,
+    /// Threshold triggers (`[[trigger]]`); fixed for the agent's life.
+    pub trigger: Vec<TriggerConfig>,
 }
 
 impl Default for AgentConfig {
@@ -97,6 +99,7 @@ impl Default for AgentConfig {
             write: WriteConfig::default(),
             server: ServerConfig::default(),
             capture: CaptureConfig::default(),
+            trigger: Vec::new(),
         }
     }
 }
@@ -256,6 +259,11 @@ impl AgentConfig {
             .validate()
             .map_err(|e| (e.field.clone(), e.reason.clone()))?;
         self.capture.token(self.server.listen_address)?;
+        for (i, trigger) in self.trigger.iter().enumerate() {
+            trigger
+                .validate()
+                .map_err(|(field, reason)| (format!("trigger[{i}].{field}"), reason))?;
+        }
         Ok(())
     }
 

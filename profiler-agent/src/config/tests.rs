@@ -55,6 +55,8 @@ fn the_documented_example_and_the_embedded_default_parse() {
     let c = AgentConfig::parse(&example, "agent.toml", &|name| Some(format!("<{name}>")))
         .unwrap_or_else(|e| panic!("config/agent.toml: {e}"));
     assert_eq!(c.write.endpoint.len(), 3);
+    assert_eq!(c.trigger.len(), 1);
+    assert_eq!(c.trigger[0].tags["team"], "payments");
     let shown = c.to_toml();
     assert!(
         !shown.contains("<TENANT>") && !shown.contains("<DATAKIT_TOKEN>"),
@@ -208,4 +210,24 @@ fn capture_api_on_a_public_address_needs_a_token() {
         "capture.max_concurrent"
     );
     assert_eq!(field_of("[capture]\nenable = true\n"), "capture.enable");
+}
+
+#[test]
+fn trigger_errors_name_their_field() {
+    assert_eq!(
+        field_of("[[trigger]]\nservice = \"a\"\n"),
+        "trigger[0].cpu_usage_percent"
+    );
+    assert_eq!(
+        field_of(
+            "[[trigger]]\nmem_usage_mb = 1\n[[trigger]]\nmem_usage_mb = 1\ncooldown = \"0s\"\n"
+        ),
+        "trigger[1].cooldown"
+    );
+    assert_eq!(
+        field_of("[[trigger]]\nmem_usage_mb = 1\ncommand = \"[\"\n"),
+        "trigger[0].command"
+    );
+    assert_eq!(field_of("[[trigger]]\ncpu = 1\n"), "trigger[0].cpu");
+    assert_eq!(field_of("[capture]\nkeep = 0\n"), "capture.keep");
 }

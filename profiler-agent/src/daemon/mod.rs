@@ -21,7 +21,10 @@ use tokio::{
 
 use crate::{
     bpf::BpfError,
-    capture::Capturer,
+    capture::{
+        Capturer,
+        trigger::{MonitorSettings, TriggerMonitor},
+    },
     config::{AgentConfig, ConfigError},
     discovery::{kubernetes::KubernetesError, manager::Discovery},
     metrics::AgentMetrics,
@@ -30,7 +33,7 @@ use crate::{
     targets::TargetSet,
     write::{WriteConfigError, WriteMetrics, Writer},
 };
-use pipeline::{Pipeline, PipelineSettings};
+use pipeline::{Pipeline, PipelineSettings, Submit};
 
 /// How long the last partial interval may take to reach the sinks on SIGTERM.
 pub const FLUSH_DEADLINE: Duration = Duration::from_secs(10);
@@ -119,7 +122,7 @@ async fn run_async(source: ConfigSource, mut config: AgentConfig) -> Result<(), 
                 })
             })?;
     let (capture_jobs, capture_rx) = std::sync::mpsc::channel();
-    let capturer = config.capture.enabled.then(|| {
+    let capturer = (config.capture.enabled || !config.trigger.is_empty()).then(|| {
         Arc::new(Capturer::new(
             config.capture.max_concurrent,
             config.collect_user_profile,
@@ -141,10 +144,13 @@ async fn run_async(source: ConfigSource, mut config: AgentConfig) -> Result<(), 
         heartbeat: heartbeat.clone(),
         latest: latest.clone(),
         collect_interval: config.collect_interval,
-        capture: capturer.clone().map(|capturer| CaptureApi {
-            capturer,
-            token: capture_token,
-        }),
+        capture: capturer
+            .clone()
+            .filter(|_| config.capture.enabled)
+            .map(|capturer| CaptureApi {
+                capturer,
+                token: capture_token,
+            }),
     };
     let (server_stop_tx, mut server_stop_rx) = watch::channel(false);
     let server = tokio::spawn(async move {
@@ -177,6 +183,13 @@ async fn run_async(source: ConfigSource, mut config: AgentConfig) -> Result<(), 
     .await?;
 
     let submit_to = writer.clone();
+    let submit: Submit = Arc::new(move |batch| {
+        if let Ok(writer) = submit_to.read()
+            && let Some(writer) = writer.as_ref()
+        {
+            writer.submit(batch);
+        }
+    });
     let settings = PipelineSettings {
         collect_interval: config.collect_interval,
         sample_rate: config.sample_rate,
@@ -193,17 +206,13 @@ async fn run_async(source: ConfigSource, mut config: AgentConfig) -> Result<(), 
         },
     };
     let start_metrics = metrics.clone();
+    let pipeline_submit = submit.clone();
+    let monitor_targets = targets_rx.clone();
     let pipeline = tokio::task::spawn_blocking(move || {
         Pipeline::start(
             settings,
             targets_rx,
-            Arc::new(move |batch| {
-                if let Ok(writer) = submit_to.read()
-                    && let Some(writer) = writer.as_ref()
-                {
-                    writer.submit(batch);
-                }
-            }),
+            pipeline_submit,
             start_metrics,
             latest,
             heartbeat,
@@ -213,6 +222,23 @@ async fn run_async(source: ConfigSource, mut config: AgentConfig) -> Result<(), 
     .await
     .expect("the pipeline start does not panic")?;
     bpf_attached.store(true, Ordering::SeqCst);
+    let triggers = capturer
+        .clone()
+        .filter(|_| !config.trigger.is_empty())
+        .map(|capturer| {
+            TriggerMonitor::start(
+                &config.trigger,
+                MonitorSettings {
+                    interval: config.capture.monitor_interval,
+                    directory: config.capture.directory.clone(),
+                    keep: config.capture.keep,
+                },
+                capturer,
+                monitor_targets,
+                submit.clone(),
+                metrics.clone(),
+            )
+        });
     tracing::info!(
         interval = ?config.collect_interval,
         sample_rate = config.sample_rate,
@@ -248,6 +274,7 @@ async fn run_async(source: ConfigSource, mut config: AgentConfig) -> Result<(), 
     }
 
     eprintln!("profiler-agent: stopping; flushing the last interval");
+    drop(triggers);
     if let Some(capturer) = &capturer {
         // Running captures end now, so the server's graceful shutdown does not wait minutes.
         capturer.stop();
