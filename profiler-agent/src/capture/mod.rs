@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 use crate::{
     bpf::{BpfError, KernelSampler, SamplerOptions, Scope},
     metrics::AgentMetrics,
-    process::ProcfsProcesses,
+    process::{ProcfsProcesses, procfs},
     profile::BuiltProfile,
     sampler::{Recording, Sampler},
     write::config::{Secret, read_secret},
@@ -279,36 +279,17 @@ impl Capturer {
 /// The pid of the matching process with the most CPU time so far.
 fn find_by_command(proc_root: &Path, re: &Regex) -> Result<u32, CaptureError> {
     let me = std::process::id();
-    let entries = std::fs::read_dir(proc_root).map_err(|_| CaptureError::NoProcess)?;
-    entries
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+    procfs::pids(proc_root)
         .filter(|&pid| pid != me)
         .filter_map(|pid| {
             let dir = proc_root.join(pid.to_string());
-            let raw = std::fs::read(dir.join("cmdline")).ok()?;
-            // Kernel threads have no command line.
-            if raw.is_empty() {
-                return None;
-            }
-            let command = String::from_utf8_lossy(&raw)
-                .trim_end_matches('\0')
-                .replace('\0', " ");
+            let command = procfs::command_line(&dir)?;
             re.is_match(&command)
-                .then(|| (cpu_ticks(&dir).unwrap_or(0), pid))
+                .then(|| (procfs::stat(&dir).map_or(0, |s| s.cpu_ticks), pid))
         })
         .max()
         .map(|(_, pid)| pid)
         .ok_or(CaptureError::NoProcess)
-}
-
-/// utime + stime from /proc/PID/stat (fields 14 and 15, counted after the command's `)`).
-fn cpu_ticks(dir: &Path) -> Option<u64> {
-    let stat = std::fs::read_to_string(dir.join("stat")).ok()?;
-    let mut fields = stat.rsplit_once(')')?.1.split_whitespace().skip(11);
-    let utime: u64 = fields.next()?.parse().ok()?;
-    let stime: u64 = fields.next()?.parse().ok()?;
-    Some(utime + stime)
 }
 
 #[cfg(test)]

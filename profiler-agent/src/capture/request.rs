@@ -16,6 +16,26 @@ pub const MAX_SAMPLE_RATE: u64 = 999;
 pub const MAX_REGEX_LEN: usize = 1024;
 const REGEX_SIZE_LIMIT: usize = 1 << 20;
 
+/// A `command` regex within the bounds: at most [`MAX_REGEX_LEN`] bytes of source and a
+/// bounded compiled size. The API and `[[trigger]]` both build theirs here.
+pub fn command_regex(source: &str) -> Result<Regex, CommandRegexError> {
+    if source.len() > MAX_REGEX_LEN {
+        return Err(CommandRegexError::TooLong);
+    }
+    RegexBuilder::new(source)
+        .size_limit(REGEX_SIZE_LIMIT)
+        .build()
+        .map_err(CommandRegexError::Invalid)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CommandRegexError {
+    #[error("longer than 1024 bytes")]
+    TooLong,
+    #[error(transparent)]
+    Invalid(regex::Error),
+}
+
 /// Which process to capture.
 #[derive(Clone, Debug)]
 pub enum Selector {
@@ -75,9 +95,7 @@ impl CaptureRequest {
                     return Err(bad("command", "must be a regex of 1 to 1024 bytes"));
                 }
                 Selector::Command(
-                    RegexBuilder::new(command)
-                        .size_limit(REGEX_SIZE_LIMIT)
-                        .build()
+                    command_regex(command)
                         .map_err(|_| bad("command", "is not a valid regex (or too large)"))?,
                 )
             }

@@ -100,7 +100,7 @@ fn fake_proc() -> tempfile::TempDir {
         fs::write(
             dir.join("stat"),
             format!(
-                "{pid} (a) b) S 1 1 1 0 -1 0 0 0 0 0 {} {} 0 0",
+                "{pid} (a) b) S 1 1 1 0 -1 0 0 0 0 0 {} {} 0 0 20 0 1 0 100 1000 10",
                 ticks.0, ticks.1
             ),
         )

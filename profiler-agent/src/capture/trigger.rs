@@ -16,7 +16,7 @@ use std::{
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
-use regex::{Regex, RegexBuilder};
+use regex::Regex;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
@@ -25,7 +25,7 @@ use crate::{
     config::duration,
     daemon::pipeline::Submit,
     metrics::AgentMetrics,
-    process::cgroup,
+    process::{cgroup, procfs},
     targets::{Labels, SERVICE_NAME, TargetSet},
     write::{ProfileSeries, config::check_label_name},
 };
@@ -116,15 +116,7 @@ impl TriggerConfig {
     fn regex(&self) -> Result<Option<Regex>, String> {
         self.command
             .as_deref()
-            .map(|c| {
-                if c.len() > request::MAX_REGEX_LEN {
-                    return Err("longer than 1024 bytes".to_owned());
-                }
-                RegexBuilder::new(c)
-                    .size_limit(1 << 20)
-                    .build()
-                    .map_err(|e| e.to_string())
-            })
+            .map(|c| request::command_regex(c).map_err(|e| e.to_string()))
             .transpose()
     }
 }
@@ -174,22 +166,6 @@ pub fn crossed(trigger: &TriggerConfig, usage: Usage, mem_total_bytes: u64) -> O
     None
 }
 
-/// Where a process was at the last reading: CPU ticks, start time (against pid reuse).
-#[derive(Clone, Copy)]
-struct Reading {
-    ticks: u64,
-    start: u64,
-}
-
-/// (utime + stime ticks, start time, resident pages) from /proc/PID/stat.
-fn read_stat(dir: &Path) -> Option<(u64, u64, u64)> {
-    let stat = std::fs::read_to_string(dir.join("stat")).ok()?;
-    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-    // After the `)`: field 3 (state) is index 0, so field N is index N - 3.
-    let num = |n: usize| fields.get(n - 3)?.parse::<u64>().ok();
-    Some((num(14)? + num(15)?, num(22)?, num(24)?))
-}
-
 fn mem_total_bytes(proc_root: &Path) -> u64 {
     std::fs::read_to_string(proc_root.join("meminfo"))
         .ok()
@@ -228,7 +204,8 @@ struct Monitor {
     submit: Submit,
     metrics: Arc<AgentMetrics>,
     proc_root: PathBuf,
-    readings: HashMap<u32, Reading>,
+    /// Each process at the last turn; the start time tells a reused pid.
+    readings: HashMap<u32, procfs::Stat>,
     /// Last firing per (trigger index, pid).
     fired: HashMap<(usize, u32), Instant>,
 }
@@ -284,24 +261,16 @@ impl Monitor {
         let mem_total = mem_total_bytes(&self.proc_root);
         let page = page_size();
         let me = std::process::id();
-        let Ok(entries) = std::fs::read_dir(&self.proc_root) else {
-            return;
-        };
         let mut seen = HashMap::with_capacity(self.readings.len());
-        for pid in entries
-            .flatten()
-            .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-            .filter(|&pid| pid != me)
-        {
+        for pid in procfs::pids(&self.proc_root).filter(|&pid| pid != me) {
             let dir = self.proc_root.join(pid.to_string());
-            let Some((ticks, start, rss_pages)) = read_stat(&dir) else {
+            let Some(now) = procfs::stat(&dir) else {
                 continue;
             };
-            let now = Reading { ticks, start };
             // A first reading (or a reused pid) has no CPU rate yet.
             let cpu_percent = match self.readings.get(&pid) {
-                Some(before) if before.start == start && elapsed > Duration::ZERO => {
-                    100.0 * (ticks.saturating_sub(before.ticks)) as f64
+                Some(before) if before.start_time == now.start_time && elapsed > Duration::ZERO => {
+                    100.0 * (now.cpu_ticks.saturating_sub(before.cpu_ticks)) as f64
                         / ticks_per_s
                         / elapsed.as_secs_f64()
                 }
@@ -310,7 +279,7 @@ impl Monitor {
             seen.insert(pid, now);
             let usage = Usage {
                 cpu_percent,
-                rss_bytes: rss_pages * page,
+                rss_bytes: now.rss_pages * page,
             };
             for i in 0..self.triggers.len() {
                 if let Some(cause) = crossed(&self.triggers[i].0, usage, mem_total) {
@@ -338,16 +307,10 @@ impl Monitor {
         {
             return;
         }
-        if let Some(re) = regex {
-            let Ok(raw) = std::fs::read(dir.join("cmdline")) else {
-                return;
-            };
-            let command = String::from_utf8_lossy(&raw)
-                .trim_end_matches('\0')
-                .replace('\0', " ");
-            if raw.is_empty() || !re.is_match(&command) {
-                return;
-            }
+        if let Some(re) = regex
+            && !procfs::command_line(dir).is_some_and(|command| re.is_match(&command))
+        {
+            return;
         }
         let mut labels = self.labels_of(pid, dir);
         if trigger
@@ -555,15 +518,8 @@ mod tests {
     }
 
     #[test]
-    fn stat_fields_and_kept_captures() {
+    fn kept_captures() {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::write(
-            dir.path().join("stat"),
-            "7 (a b) c) R 1 1 1 0 -1 0 0 0 0 0 30 12 0 0 20 0 1 0 555 1000 77 rest",
-        )
-        .unwrap();
-        assert_eq!(read_stat(dir.path()), Some((42, 555, 77)));
-
         let captures = dir.path().join("captures");
         let labels = Labels::from([(SERVICE_NAME.to_owned(), "a/b".to_owned())]);
         for i in 0..4 {

@@ -6,7 +6,10 @@
 
 use std::{collections::HashMap, path::Path};
 
-use crate::{process::cgroup, targets::Labels};
+use crate::{
+    process::{cgroup, procfs},
+    targets::Labels,
+};
 
 pub const EXE: &str = "__meta_process_exe";
 pub const COMMANDLINE: &str = "__meta_process_commandline";
@@ -18,12 +21,7 @@ pub fn scan(proc_root: &Path) -> Vec<Labels> {
     let users = users(&proc_root.join("1/root/etc/passwd"))
         .or_else(|| users(Path::new("/etc/passwd")))
         .unwrap_or_default();
-    let Ok(entries) = std::fs::read_dir(proc_root) else {
-        return Vec::new();
-    };
-    let mut targets: Vec<Labels> = entries
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+    let mut targets: Vec<Labels> = procfs::pids(proc_root)
         .filter_map(|pid| process_labels(proc_root, pid, &users))
         .collect();
     targets.sort_by(|a, b| {

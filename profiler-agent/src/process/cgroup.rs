@@ -9,7 +9,7 @@
 //! Ids are cached per pid; a cached id is trusted only while the process start time matches,
 //! so a reused pid cannot inherit another process's container.
 
-use std::{num::NonZeroUsize, path::Path};
+use std::num::NonZeroUsize;
 
 use lru::LruCache;
 
@@ -63,7 +63,7 @@ impl ContainerIdCache {
     /// The container of `pid`, or None for host processes and processes that are gone.
     pub fn lookup(&mut self, pid: u32) -> Option<String> {
         let dir = self.proc_root.join(pid.to_string());
-        let started = start_time(&dir)?;
+        let started = super::procfs::stat(&dir)?.start_time;
         if let Some((cached_start, id)) = self.entries.get(&pid)
             && *cached_start == started
         {
@@ -90,14 +90,6 @@ impl ContainerIdCache {
             ..self.stats
         }
     }
-}
-
-/// Start time (clock ticks after boot, field 22 of /proc/PID/stat).
-fn start_time(proc_pid: &Path) -> Option<u64> {
-    let stat = std::fs::read_to_string(proc_pid.join("stat")).ok()?;
-    // comm (field 2) may contain spaces and parentheses: fields resume after the last ')'.
-    let rest = &stat[stat.rfind(')')? + 1..];
-    rest.split_whitespace().nth(19)?.parse().ok()
 }
 
 #[cfg(test)]

@@ -14,6 +14,7 @@ use std::{
 
 pub mod cgroup;
 pub mod maps;
+pub mod procfs;
 
 use std::os::unix::ffi::OsStrExt as _;
 

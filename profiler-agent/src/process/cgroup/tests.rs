@@ -1,3 +1,5 @@
+use std::path::Path;
+
 use super::*;
 
 const ID: &str = "4f2e5b7c9d1a3e6f8b0c2d4e6f8a0b1c3d5e7f9a1b3c5d7e9f0a2b4c6d8e0f1a";
