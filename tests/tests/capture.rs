@@ -15,13 +15,12 @@
 mod common;
 
 use std::{
-    io::{Read as _, Write as _},
     net::TcpStream,
     process::Command,
     time::{Duration, Instant},
 };
 
-use common::*;
+use common::{http::*, *};
 
 const SHOW_UP: Duration = Duration::from_secs(30);
 const TOKEN: &str = "capture-test-token";
@@ -29,54 +28,7 @@ const RATE: f64 = 499.0;
 
 /// `GET path` with an optional bearer token: (status, body).
 fn get(port: u16, path: &str, token: Option<&str>) -> (u16, Vec<u8>) {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect to the agent");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(60)))
-        .unwrap();
-    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: localhost\r\n{auth}Connection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut answer = Vec::new();
-    stream.read_to_end(&mut answer).expect("read the answer");
-    let split = answer
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .expect("end of headers");
-    let head = String::from_utf8_lossy(&answer[..split]).into_owned();
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .expect("status code");
-    let body = answer[split + 4..].to_vec();
-    // The agent answers with a length or closes; chunked bodies only for long ones.
-    let body = if head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked")
-    {
-        dechunk(&body)
-    } else {
-        body
-    };
-    (status, body)
-}
-
-fn dechunk(mut body: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    loop {
-        let line_end = body.windows(2).position(|w| w == b"\r\n").unwrap();
-        let size =
-            usize::from_str_radix(std::str::from_utf8(&body[..line_end]).unwrap(), 16).unwrap();
-        if size == 0 {
-            return out;
-        }
-        let start = line_end + 2;
-        out.extend_from_slice(&body[start..start + size]);
-        body = &body[start + size + 2..];
-    }
+    http_get(port, path, token).expect("the agent answers")
 }
 
 /// Percent-encodes a query value.
@@ -90,12 +42,9 @@ fn encode(value: &str) -> String {
         .collect()
 }
 
-fn metric(port: u16, series: &str) -> f64 {
-    let (_, body) = get(port, "/metrics", None);
-    String::from_utf8_lossy(&body)
-        .lines()
-        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
-        .unwrap_or(0.0)
+fn scraped(port: u16, series: &str) -> f64 {
+    let (_, text) = http_get_text(port, "/metrics").expect("/metrics answers");
+    metric(&text, series).unwrap_or(0.0)
 }
 
 /// Prints the agent's log when the test fails, before its directory goes.
@@ -169,11 +118,11 @@ max_concurrent = 1
     let continuous_series = "pyroscope_ebpf_pprof_samples_total{service_name=\"spin\"}";
     // Let one interval pass so the continuous count is steady before the capture.
     wait_until(SHOW_UP, "spin's first interval", || {
-        (metric(port, continuous_series) > 0.0).then_some(())
+        (scraped(port, continuous_series) > 0.0).then_some(())
     });
 
     // By pid at 499 Hz for 3 s, in a thread: meanwhile a second capture is refused.
-    let continuous_before = metric(port, continuous_series);
+    let continuous_before = scraped(port, continuous_series);
     let cpu_before = cpu_ns(spin.pid());
     let window_start = Instant::now();
     let spin_pid = spin.pid();
@@ -234,7 +183,7 @@ max_concurrent = 1
 
     // The continuous profile kept its own rate through the capture: two more intervals.
     std::thread::sleep(Duration::from_secs(5));
-    let continuous = metric(port, continuous_series) - continuous_before;
+    let continuous = scraped(port, continuous_series) - continuous_before;
     let continuous_cpu_s = (cpu_ns(spin.pid()) - cpu_before) as f64 / 1e9;
     let continuous_rate = continuous / continuous_cpu_s;
     eprintln!(
@@ -311,7 +260,7 @@ max_concurrent = 1
     assert_eq!(get(port, &path, Some("capture-test-tokeN")).0, 401);
 
     let done = "profiler_captures_total{trigger=\"manual\",outcome=\"done\"}";
-    assert_eq!(metric(port, done), 3.0, "captures done");
+    assert_eq!(scraped(port, done), 3.0, "captures done");
 }
 
 #[test]

@@ -64,14 +64,7 @@ fn agent_rootfs_tarball(dir: &Path) -> PathBuf {
         std::fs::copy(lib, &inside).unwrap_or_else(|e| panic!("copy {lib}: {e}"));
     }
     let tarball = dir.join("agent-rootfs.tar");
-    run_ok(
-        Command::new("tar")
-            .arg("-C")
-            .arg(&rootfs)
-            .arg("-cf")
-            .arg(&tarball)
-            .arg("."),
-    );
+    tar_directory(&rootfs, &tarball);
     tarball
 }
 

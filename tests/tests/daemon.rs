@@ -15,42 +15,14 @@ mod common;
 use std::{
     collections::BTreeSet,
     io::{Read as _, Write as _},
-    net::TcpStream,
     process::{Child, Command, Stdio},
     time::Duration,
 };
 
-use common::{receiver::*, *};
+use common::{http::*, receiver::*, *};
 use prost::Message as _;
 
 const SHOW_UP: Duration = Duration::from_secs(30);
-
-/// `GET path` on the agent's server: (status, body).
-fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .ok()?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut answer = String::new();
-    stream.read_to_string(&mut answer).ok()?;
-    let status = answer.split_whitespace().nth(1)?.parse().ok()?;
-    let body = answer
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    Some((status, body))
-}
-
-/// The value of an unlabelled sample in the text format.
-fn metric(body: &str, name: &str) -> Option<f64> {
-    body.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-}
 
 struct Agent(Child);
 
@@ -148,16 +120,16 @@ listen_address = "127.0.0.1:{port}"
             .expect("start the agent"),
     );
     // /ready answers 503 first (the server is up before BPF is attached), then 200.
-    let first = wait_until(SHOW_UP, "server up", || http_get(port, "/ready"));
+    let first = wait_until(SHOW_UP, "server up", || http_get_text(port, "/ready"));
     eprintln!("first /ready: {first:?}");
     wait_until(SHOW_UP, "/ready 200", || {
-        (http_get(port, "/ready")?.0 == 200).then_some(())
+        (http_get_text(port, "/ready")?.0 == 200).then_some(())
     });
-    assert_eq!(http_get(port, "/healthz").map(|r| r.0), Some(200));
+    assert_eq!(http_get_text(port, "/healthz").map(|r| r.0), Some(200));
 
     let expected = running_containers();
     wait_until(SHOW_UP, "active targets = running containers", || {
-        let (_, body) = http_get(port, "/metrics")?;
+        let (_, body) = http_get_text(port, "/metrics")?;
         (metric(&body, "pyroscope_ebpf_active_targets")? == expected as f64).then_some(())
     });
 
@@ -268,7 +240,7 @@ listen_address = "127.0.0.1:{port}"
         check_with_go_pprof(&path, &decode_gzip_pprof(&gz));
     }
 
-    let (_, body) = http_get(port, "/metrics").unwrap();
+    let (_, body) = http_get_text(port, "/metrics").unwrap();
     check_with_promtool(&body);
 
     // A stopped container leaves the active targets.
@@ -277,7 +249,7 @@ listen_address = "127.0.0.1:{port}"
         SHOW_UP,
         "stopped container leaves the active targets",
         || {
-            let (_, body) = http_get(port, "/metrics")?;
+            let (_, body) = http_get_text(port, "/metrics")?;
             (metric(&body, "pyroscope_ebpf_active_targets")? == (expected - 1) as f64).then_some(())
         },
     );
@@ -490,7 +462,7 @@ listen_address = "127.0.0.1:{port}"
             "interval at {start}: {samples} samples, expected about {expected:.0}"
         );
     }
-    let (_, metrics) = http_get(port, "/metrics").unwrap();
+    let (_, metrics) = http_get_text(port, "/metrics").unwrap();
     let dropped = |endpoint: &str| {
         metrics
             .lines()

@@ -15,36 +15,13 @@
 mod common;
 
 use std::{
-    io::{Read as _, Write as _},
-    net::TcpStream,
     process::{Command, Stdio},
     time::Duration,
 };
 
-use common::{receiver::*, *};
+use common::{http::*, receiver::*, *};
 
 const SHOW_UP: Duration = Duration::from_secs(40);
-
-fn metrics(port: u16) -> String {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    write!(
-        stream,
-        "GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut answer = String::new();
-    stream.read_to_string(&mut answer).unwrap();
-    answer
-}
-
-fn metric(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
-        .unwrap_or(0.0)
-}
 
 /// Captures pushed with a `trigger` label: (labels, profile) per series.
 fn triggered(receiver: &Receiver) -> Vec<PushedSeries> {
@@ -205,27 +182,27 @@ cooldown = "1h"
             .any(|k| k.ends_with(&format!("-hog-{}-memory.pb.gz", hog.pid())))
     );
 
-    let text = metrics(port);
+    let (_, text) = http_get_text(port, "/metrics").expect("/metrics answers");
     assert_eq!(
         metric(&text, "profiler_triggers_fired_total{trigger=\"cpu\"}"),
-        1.0
+        Some(1.0)
     );
     assert_eq!(
         metric(&text, "profiler_triggers_fired_total{trigger=\"memory\"}"),
-        1.0
+        Some(1.0)
     );
     assert_eq!(
         metric(
             &text,
             "profiler_captures_total{trigger=\"cpu\",outcome=\"done\"}"
         ),
-        1.0
+        Some(1.0)
     );
     assert_eq!(
         metric(
             &text,
             "profiler_captures_total{trigger=\"memory\",outcome=\"done\"}"
         ),
-        1.0
+        Some(1.0)
     );
 }

@@ -2,6 +2,7 @@
 //! building the agent and the C fixtures, running `record`, and reading its pprof output.
 #![allow(dead_code)]
 
+pub mod http;
 pub mod receiver;
 pub mod webdriver;
 
@@ -606,13 +607,18 @@ pub fn busybox_rootfs_tarball(dir: &Path, binary: &Path, inside: &str) -> PathBu
         .expect("/bin/busybox (install busybox-static)");
     std::os::unix::fs::symlink("busybox", rootfs.join("bin/sh")).unwrap();
     let tarball = dir.join("rootfs.tar");
+    tar_directory(&rootfs, &tarball);
+    tarball
+}
+
+/// `tar -C dir -cf tarball .`: a rootfs as `docker import` takes it.
+pub fn tar_directory(dir: &Path, tarball: &Path) {
     run_ok(
         Command::new("tar")
             .arg("-C")
-            .arg(&rootfs)
+            .arg(dir)
             .arg("-cf")
-            .arg(&tarball)
+            .arg(tarball)
             .arg("."),
     );
-    tarball
 }
