@@ -25,7 +25,7 @@ use anyhow::{Context as _, Result, bail, ensure};
 
 use super::{
     child::{self, Child},
-    overhead::{WORKLOAD_DEPTH, compile_workload},
+    overhead::{WORKLOAD_DEPTH, compile_workload, start_workload},
     receiver::Receiver,
     report::{cpu_model, kernel_release, today, write_section},
 };
@@ -110,20 +110,6 @@ pub fn agent(seconds: u64, idle: usize) -> Result<()> {
     Ok(())
 }
 
-fn start_workload(seconds: u64, cpus: usize, chain: &Path) -> Result<Child> {
-    let mut workload = Command::new(chain);
-    workload
-        .args([
-            (seconds + 30).to_string(),
-            cpus.to_string(),
-            WORKLOAD_DEPTH.to_string(),
-        ])
-        .stdin(Stdio::null());
-    let workload = Child::spawn("workload", &mut workload)?;
-    child::sleep(Duration::from_millis(500))?;
-    Ok(workload)
-}
-
 fn measure_agent(
     seconds: u64,
     cpus: usize,
@@ -134,7 +120,7 @@ fn measure_agent(
     let port = free_port()?;
     let config = tmp.join("agent.toml");
     fs::write(&config, agent_config(&receiver.url(), port))?;
-    let workload = start_workload(seconds, cpus, chain)?;
+    let workload = start_workload(chain, seconds + 30, cpus)?;
     let log_path = tmp.join("agent.log");
     let log = File::create(&log_path)?;
     let mut cmd = Command::new(agent_binary());
@@ -184,7 +170,7 @@ fn measure_agent(
 }
 
 fn measure_perf(seconds: u64, cpus: usize, chain: &Path, tmp: &Path) -> Result<Cost> {
-    let workload = start_workload(seconds, cpus, chain)?;
+    let workload = start_workload(chain, seconds + 30, cpus)?;
     let log = File::create(tmp.join("perf.log"))?;
     let mut cmd = Command::new("perf");
     cmd.args(["record", "-F", "97", "-a", "-g", "-o"])

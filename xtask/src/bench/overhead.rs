@@ -136,6 +136,22 @@ pub(super) fn compile_workload(tmp: &Path) -> Result<PathBuf> {
     Ok(out)
 }
 
+/// Starts the deep-stack workload on `cpus` threads for `seconds`, and waits until its
+/// threads reach their loop, before any profiler starts.
+pub(super) fn start_workload(chain: &Path, seconds: u64, cpus: usize) -> Result<Child> {
+    let mut workload = Command::new(chain);
+    workload
+        .args([
+            seconds.to_string(),
+            cpus.to_string(),
+            WORKLOAD_DEPTH.to_string(),
+        ])
+        .stdin(Stdio::null());
+    let workload = Child::spawn("workload", &mut workload)?;
+    child::sleep(Duration::from_millis(500))?;
+    Ok(workload)
+}
+
 /// Frames each workload thread recurses before its busy chain: about 32 frames per sample
 /// with the chain and libc's thread start, a deep stack for every profiler to walk.
 pub const WORKLOAD_DEPTH: u32 = 24;
@@ -147,17 +163,7 @@ fn measure(
     chain: &Path,
     tmp: &Path,
 ) -> Result<Measurement> {
-    let mut workload = Command::new(chain);
-    workload
-        .args([
-            (seconds + 5).to_string(),
-            cpus.to_string(),
-            WORKLOAD_DEPTH.to_string(),
-        ])
-        .stdin(Stdio::null());
-    let workload = Child::spawn("workload", &mut workload)?;
-    // Let the workload's threads reach their loop before the profiler starts.
-    child::sleep(Duration::from_millis(500))?;
+    let workload = start_workload(chain, seconds + 5, cpus)?;
 
     let log_path = tmp.join(format!("{}.log", profiler.file_stem()));
     let log = File::create(&log_path)?;
