@@ -11,7 +11,8 @@
 //!   google/pprof, which inflates gzip).
 
 use super::{
-    EndpointConfig, ProfileSeries, ProfileSink, SendFuture, WriteConfigError, http::HttpEndpoint,
+    EndpointConfig, ProfileSeries, ProfileSink, SendFuture, WriteConfigError,
+    http::{HttpEndpoint, pprof_part},
 };
 
 pub const DATAKIT_PATH: &str = "profiling/v1/input";
@@ -68,25 +69,16 @@ impl ProfileSink for DatakitSink {
     }
 
     fn send<'a>(&'a self, batch: &'a [ProfileSeries]) -> SendFuture<'a> {
-        Box::pin(async move {
-            let mut last = super::Delivered::default();
-            for series in batch {
-                let event =
-                    reqwest::multipart::Part::bytes(event_json(series).to_string().into_bytes())
-                        .file_name("event.json")
-                        .mime_str("application/json")
-                        .expect("a valid mime type");
-                let pprof = reqwest::multipart::Part::bytes(series.pprof_gzip.to_vec())
-                    .file_name(ATTACHMENT)
-                    .mime_str("application/octet-stream")
+        Box::pin(self.http.send_each(batch, |series| {
+            let event =
+                reqwest::multipart::Part::bytes(event_json(series).to_string().into_bytes())
+                    .file_name("event.json")
+                    .mime_str("application/json")
                     .expect("a valid mime type");
-                let form = reqwest::multipart::Form::new()
-                    .part("event", event)
-                    .part(ATTACHMENT, pprof);
-                let req = self.http.post(self.url.clone()).multipart(form);
-                last = self.http.execute(req).await?;
-            }
-            Ok(last)
-        })
+            let form = reqwest::multipart::Form::new()
+                .part("event", event)
+                .part(ATTACHMENT, pprof_part(series, ATTACHMENT));
+            self.http.post(self.url.clone()).multipart(form)
+        }))
     }
 }

@@ -14,7 +14,7 @@ use rustls::{
 };
 
 use super::{
-    Delivered, SendError,
+    Delivered, ProfileSeries, SendError,
     config::{Auth, EndpointConfig, TlsConfig, WriteConfigError},
 };
 
@@ -80,6 +80,28 @@ impl HttpEndpoint {
     pub async fn execute(&self, req: RequestBuilder) -> Result<Delivered, SendError> {
         classify(req.send().await, self.max_retry_after).await
     }
+
+    /// One request per series, for protocols that take one profile per request; stops at the
+    /// first failure, and the last delivery stands for the batch.
+    pub async fn send_each(
+        &self,
+        batch: &[ProfileSeries],
+        request: impl Fn(&ProfileSeries) -> RequestBuilder,
+    ) -> Result<Delivered, SendError> {
+        let mut last = Delivered::default();
+        for series in batch {
+            last = self.execute(request(series)).await?;
+        }
+        Ok(last)
+    }
+}
+
+/// A series' gzipped pprof as a multipart file part named `file_name`.
+pub fn pprof_part(series: &ProfileSeries, file_name: &'static str) -> reqwest::multipart::Part {
+    reqwest::multipart::Part::bytes(series.pprof_gzip.to_vec())
+        .file_name(file_name)
+        .mime_str("application/octet-stream")
+        .expect("a valid mime type")
 }
 
 async fn classify(

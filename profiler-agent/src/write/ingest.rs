@@ -11,7 +11,8 @@
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::{
-    EndpointConfig, ProfileSeries, ProfileSink, SendFuture, WriteConfigError, http::HttpEndpoint,
+    EndpointConfig, ProfileSeries, ProfileSink, SendFuture, WriteConfigError,
+    http::{HttpEndpoint, pprof_part},
 };
 
 pub const INGEST_PATH: &str = "ingest";
@@ -94,19 +95,11 @@ impl ProfileSink for IngestSink {
     }
 
     fn send<'a>(&'a self, batch: &'a [ProfileSeries]) -> SendFuture<'a> {
-        Box::pin(async move {
-            let mut last = super::Delivered::default();
-            for series in batch {
-                let part = reqwest::multipart::Part::bytes(series.pprof_gzip.to_vec())
-                    .file_name("profile.pprof")
-                    .mime_str("application/octet-stream")
-                    .expect("a valid mime type");
-                let form = reqwest::multipart::Form::new().part("profile", part);
-                let req = self.http.post(self.url_for(series)).multipart(form);
-                last = self.http.execute(req).await?;
-            }
-            Ok(last)
-        })
+        Box::pin(self.http.send_each(batch, |series| {
+            let form = reqwest::multipart::Form::new()
+                .part("profile", pprof_part(series, "profile.pprof"));
+            self.http.post(self.url_for(series)).multipart(form)
+        }))
     }
 }
 
