@@ -69,13 +69,7 @@ fn captures_by_pid_and_command_and_answers_errors() {
     let spin = Workload::start(&compile_c("spin", dir.path()), &["3600"]);
     let chain_binary = compile_c("chain", dir.path());
     // Normal priority: two busy processes at nice -20 on two CPUs would starve the agent.
-    let chain = Workload(
-        Command::new(&chain_binary)
-            .args(["3600", "1"])
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .expect("start chain"),
-    );
+    let chain = Workload::spawn(&chain_binary, &["3600", "1"]);
     let port = free_port();
     let config = dir.path().join("agent.toml");
     std::fs::write(
@@ -101,15 +95,7 @@ max_concurrent = 1
     )
     .unwrap();
     let log_path = dir.path().join("agent.log");
-    let _agent = Workload(
-        Command::new(agent())
-            .args(["run", "--config"])
-            .arg(&config)
-            .env("RUST_LOG", "info")
-            .stderr(std::fs::File::create(&log_path).unwrap())
-            .spawn()
-            .expect("start the agent"),
-    );
+    let _agent = Workload::run_agent(&config, &log_path);
     let _show_log = ShowLogOnPanic(log_path.clone());
     wait_until(SHOW_UP, "agent ready", || {
         TcpStream::connect(("127.0.0.1", port)).ok()?;

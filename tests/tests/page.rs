@@ -16,11 +16,7 @@
 
 mod common;
 
-use std::{
-    net::TcpStream,
-    process::{Command, Stdio},
-    time::Duration,
-};
+use std::{net::TcpStream, time::Duration};
 
 use common::{
     webdriver::{self, WebDriver},
@@ -65,13 +61,7 @@ fn flame_graph_page_in_headless_chromium_shows_the_workloads_functions() {
     let chain = compile_c("chain", dir.path());
     let spin = Workload::start(&spin, &["3600"]);
     // The other service only has to show up in the list: normal priority, one thread.
-    let chain = Workload(
-        Command::new(&chain)
-            .arg("3600")
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("start chain"),
-    );
+    let chain = Workload::spawn(&chain, &["3600"]);
     let port = free_port();
     let config = dir.path().join("agent.toml");
     std::fs::write(
@@ -96,15 +86,7 @@ listen_address = "127.0.0.1:{port}"
         ),
     )
     .unwrap();
-    let log = std::fs::File::create(dir.path().join("agent.log")).unwrap();
-    let _agent = Workload(
-        Command::new(agent())
-            .args(["run", "--config"])
-            .arg(&config)
-            .stderr(log)
-            .spawn()
-            .expect("start the agent"),
-    );
+    let _agent = Workload::run_agent(&config, &dir.path().join("agent.log"));
     eprintln!("agent log: {}", dir.path().join("agent.log").display());
     wait_until(SHOW_UP, "agent's server up", || {
         TcpStream::connect(("127.0.0.1", port)).ok()

@@ -14,10 +14,7 @@
 
 mod common;
 
-use std::{
-    process::{Command, Stdio},
-    time::Duration,
-};
+use std::time::Duration;
 
 use common::{http::*, receiver::*, *};
 
@@ -40,19 +37,8 @@ fn triggers_capture_busy_and_big_processes_once_per_cooldown() {
     let dir = tempfile::tempdir().unwrap();
     let spin = Workload::start(&compile_c("spin", dir.path()), &["3600"]);
     let hog_binary = compile_c("hog", dir.path());
-    let hog = Workload(
-        Command::new(&hog_binary)
-            .args(["200", "3600"])
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("start hog"),
-    );
-    let idle = Workload(
-        Command::new("sleep")
-            .arg("3600")
-            .spawn()
-            .expect("start sleep"),
-    );
+    let hog = Workload::spawn(&hog_binary, &["200", "3600"]);
+    let idle = Workload::spawn("sleep", &["3600"]);
     let receiver = Receiver::start();
     let port = free_port();
     let captures = dir.path().join("captures");
@@ -108,15 +94,7 @@ cooldown = "1h"
     )
     .unwrap();
     let log_path = dir.path().join("agent.log");
-    let _agent = Workload(
-        Command::new(agent())
-            .args(["run", "--config"])
-            .arg(&config)
-            .env("RUST_LOG", "info")
-            .stderr(std::fs::File::create(&log_path).unwrap())
-            .spawn()
-            .expect("start the agent"),
-    );
+    let _agent = Workload::run_agent(&config, &log_path);
     let show_log = || std::fs::read_to_string(&log_path).unwrap_or_default();
 
     let found = wait_until(

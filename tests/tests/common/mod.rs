@@ -128,6 +128,32 @@ impl Workload {
         Workload(child)
     }
 
+    /// At normal priority and without waiting: a process that only has to exist, or that
+    /// must not starve the agent (two nice -20 busy loops on two CPUs would).
+    pub fn spawn(binary: impl AsRef<std::ffi::OsStr>, args: &[&str]) -> Self {
+        let binary = binary.as_ref();
+        Workload(
+            Command::new(binary)
+                .args(args)
+                .stdout(Stdio::null())
+                .spawn()
+                .unwrap_or_else(|e| panic!("start {}: {e}", binary.to_string_lossy())),
+        )
+    }
+
+    /// `profiler-agent run --config <config>` at info level, its stderr into `log`.
+    pub fn run_agent(config: &Path, log: &Path) -> Self {
+        Workload(
+            Command::new(agent())
+                .args(["run", "--config"])
+                .arg(config)
+                .env("RUST_LOG", "info")
+                .stderr(std::fs::File::create(log).expect("create the agent log"))
+                .spawn()
+                .expect("start the agent"),
+        )
+    }
+
     pub fn pid(&self) -> u32 {
         self.0.id()
     }
