@@ -169,11 +169,14 @@ listen_address = "127.0.0.1:{port}"
             assert_eq!(period, 1_000_000_000 / 97);
         }
     }
+    // The sinks are written concurrently: the push can land before the file does.
     for name in &names {
-        let files = std::fs::read_dir(profiles.join(name))
-            .unwrap_or_else(|e| panic!("{}: {e}", profiles.join(name).display()))
-            .count();
-        assert!(files >= 1, "{name}: no profile file");
+        let dir = profiles.join(name);
+        wait_until(
+            SHOW_UP,
+            &format!("a profile file in {}", dir.display()),
+            || (std::fs::read_dir(&dir).ok()?.count() >= 1).then_some(()),
+        );
     }
 
     // Three intervals: each endpoint has one profile per container per interval.
