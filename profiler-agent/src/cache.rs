@@ -91,6 +91,11 @@ impl<K: Hash + Eq, V: Clone> RoundLru<K, V> {
             .resize(NonZeroUsize::new(cap).expect("capacity >= 1"));
     }
 
+    /// The cached values, in no particular order.
+    pub fn values(&self) -> impl Iterator<Item = &V> {
+        self.entries.iter().map(|(_, (value, _))| value)
+    }
+
     pub fn stats(&self) -> CacheStats {
         CacheStats {
             len: self.entries.len(),

@@ -40,6 +40,19 @@ impl Bytes {
         Ok(Bytes::Mapped(unsafe { memmap2::Mmap::map(file)? }))
     }
 
+    /// Drops this mapping's resident pages from the process: the next read faults them back
+    /// in from the page cache. Owned bytes stay.
+    fn release_resident_pages(&self) {
+        if let Bytes::Mapped(map) = self {
+            // SAFETY: a private read-only file mapping never written through: after
+            // MADV_DONTNEED its pages read back the file's contents, exactly as before.
+            if let Err(error) = unsafe { map.unchecked_advise(memmap2::UncheckedAdvice::DontNeed) }
+            {
+                tracing::debug!(%error, "madvise(DONTNEED) refused");
+            }
+        }
+    }
+
     /// The bytes with a lifetime detached from `self`.
     ///
     /// SAFETY: the caller must keep `self` alive, unmoved in memory it does not own (a mapping
@@ -74,7 +87,7 @@ pub struct Binary {
     // Fields drop in order: everything borrowing the byte owners comes first.
     dwarf: Option<LazyDwarf>,
     go: Option<&'static [u8]>,
-    symbols: SymbolTable,
+    symbols: SymbolTable<'static>,
     build_id: Option<Vec<u8>>,
     has_debug_file: bool,
     resolved: RefCell<HashMap<u64, Vec<RawFrame>>>,
@@ -149,6 +162,15 @@ impl Binary {
             resolved: RefCell::default(),
             _owners: owners,
         })
+    }
+
+    /// Lets go of the file pages that lookups touched. Mapped ELF and DWARF bytes count in the
+    /// agent's RSS (and its cgroup's memory) while resident: a large binary's debug info read
+    /// once would otherwise stay there as long as the binary is cached.
+    pub fn release_resident_pages(&self) {
+        for owner in &self._owners {
+            owner.release_resident_pages();
+        }
     }
 
     pub fn build_id(&self) -> Option<&[u8]> {
@@ -404,6 +426,15 @@ mod tests {
         );
         assert!(outer.file.as_deref().unwrap().ends_with("binary.rs"));
         assert!(outer.line > 0);
+        // Released pages read back the same bytes.
+        binary.release_resident_pages();
+        assert_eq!(binary.resolve(vaddr), frames);
+        assert_eq!(
+            Binary::load(&File::open(&exe).unwrap(), &mut ())
+                .unwrap()
+                .frames(vaddr),
+            frames
+        );
     }
 
     #[test]

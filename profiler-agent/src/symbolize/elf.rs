@@ -2,8 +2,6 @@
 //! that map a file offset (what a process mapping gives) to the virtual address symbols use.
 //! That translation is what makes PIE, non-PIE and shared libraries all resolve the same way.
 
-use std::fs::File;
-
 use object::{Object as _, ObjectSegment as _, ObjectSymbol as _, SymbolKind};
 
 #[derive(Debug, thiserror::Error)]
@@ -21,35 +19,29 @@ struct Segment {
     vaddr: u64,
 }
 
+/// Names borrow the file's string table rather than copying it: a large binary's names then
+/// live in its mapping, whose pages the kernel can drop and fault back, not on the heap.
 #[derive(Debug)]
-struct Symbol {
+struct Symbol<'data> {
     address: u64,
     size: u64,
-    name: Box<str>,
+    name: &'data str,
 }
 
-/// The function symbols of one ELF file, sorted by address.
+/// The function symbols of one ELF file, sorted by address, borrowing the file's bytes.
 #[derive(Debug)]
-pub struct SymbolTable {
+pub struct SymbolTable<'data> {
     segments: Vec<Segment>,
-    symbols: Vec<Symbol>,
+    symbols: Vec<Symbol<'data>>,
     full_symtab: bool,
 }
 
-impl SymbolTable {
-    pub fn from_file(file: &File) -> Result<Self, ElfError> {
-        // SAFETY: the mapping is read-only and dropped before returning; a file truncated
-        // underneath us could fault, which is why only files opened via map_files (pinned
-        // by the running process) reach here.
-        let map = unsafe { memmap2::Mmap::map(file)? };
-        Self::parse(&map)
-    }
-
-    pub fn parse(data: &[u8]) -> Result<Self, ElfError> {
+impl<'data> SymbolTable<'data> {
+    pub fn parse(data: &'data [u8]) -> Result<Self, ElfError> {
         Ok(Self::from_object(&object::File::parse(data)?))
     }
 
-    pub fn from_object(object: &object::File<'_>) -> Self {
+    pub fn from_object(object: &object::File<'data>) -> Self {
         let segments = object
             .segments()
             .map(|s| {
@@ -72,7 +64,7 @@ impl SymbolTable {
 
     /// Adds the function symbols of `object` (the binary itself, its MiniDebugInfo or its
     /// separate debug file, which share its addresses).
-    pub fn merge(&mut self, object: &object::File<'_>) {
+    pub fn merge(&mut self, object: &object::File<'data>) {
         let before = self.symbols.len();
         self.symbols.extend(
             object
@@ -83,7 +75,7 @@ impl SymbolTable {
                     Some(Symbol {
                         address: s.address(),
                         size: s.size(),
-                        name: s.name().ok().filter(|n| !n.is_empty())?.into(),
+                        name: s.name().ok().filter(|n| !n.is_empty())?,
                     })
                 }),
         );
@@ -130,7 +122,7 @@ impl SymbolTable {
             // Unsized symbols (hand-written assembly) extend to the next symbol.
             self.symbols.get(i).is_none_or(|next| vaddr < next.address)
         };
-        within.then_some((symbol.address, &*symbol.name))
+        within.then_some((symbol.address, symbol.name))
     }
 
     pub fn lookup_file_offset(&self, file_offset: u64) -> Option<&str> {
@@ -153,7 +145,9 @@ mod tests {
     #[test]
     fn resolves_own_function_through_file_offset() {
         let exe = std::env::current_exe().unwrap();
-        let table = SymbolTable::from_file(&File::open(&exe).unwrap()).unwrap();
+        // SAFETY: read-only mapping of our own executable, dropped at the end of the test.
+        let map = unsafe { memmap2::Mmap::map(&std::fs::File::open(&exe).unwrap()) }.unwrap();
+        let table = SymbolTable::parse(&map).unwrap();
         assert!(!table.is_empty());
         // Find our own mapping of this function to get its file offset.
         let here = resolves_own_function_through_file_offset as *const () as usize as u64;
@@ -200,7 +194,7 @@ mod tests {
             symbols: vec![Symbol {
                 address: u64::MAX - 0x10,
                 size: 0x100,
-                name: "near_the_top".into(),
+                name: "near_the_top",
             }],
             full_symtab: true,
         };

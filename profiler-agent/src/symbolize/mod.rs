@@ -325,6 +325,11 @@ impl Symbolizer for NativeSymbolizer {
         self.by_file.next_round();
         self.by_build_id.next_round();
         self.perf_maps.next_round();
+        // Every cached binary is in by_build_id or by_file (those without a build id).
+        let cached = self.by_build_id.values().cloned().map(Some);
+        for binary in cached.chain(self.by_file.values().cloned()).flatten() {
+            binary.release_resident_pages();
+        }
         if let Some(kernel) = &self.kernel {
             self.kernel_names.next_round(kernel);
         }

@@ -64,3 +64,31 @@ pub fn metric(text: &str, series: &str) -> Option<f64> {
     text.lines()
         .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
 }
+
+/// The sum of every series of metric `name` whose labels contain each of `labels` (each as
+/// `key="value"`); None when no series matches.
+pub fn metric_sum(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
+    let mut found = None;
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix(name) else {
+            continue;
+        };
+        let (label_set, value) = match rest.strip_prefix('{') {
+            Some(r) => match r.split_once("} ") {
+                Some(parts) => parts,
+                None => continue,
+            },
+            None => match rest.strip_prefix(' ') {
+                Some(v) => ("", v),
+                None => continue,
+            },
+        };
+        if !labels.iter().all(|l| label_set.contains(l)) {
+            continue;
+        }
+        if let Ok(v) = value.trim().parse::<f64>() {
+            *found.get_or_insert(0.0) += v;
+        }
+    }
+    found
+}

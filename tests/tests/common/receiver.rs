@@ -30,7 +30,12 @@ pub struct Receiver {
 
 impl Receiver {
     pub fn start() -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind receiver");
+        Self::start_on(0)
+    }
+
+    /// On a given port (0: any): an endpoint that comes back where the agent expects it.
+    pub fn start_on(port: u16) -> Self {
+        let listener = TcpListener::bind(("127.0.0.1", port)).expect("bind receiver");
         let port = listener.local_addr().unwrap().port();
         let requests = Arc::new(Mutex::new(Vec::new()));
         let kept = requests.clone();

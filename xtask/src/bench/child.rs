@@ -106,6 +106,10 @@ impl Child {
         })
     }
 
+    pub fn pid(&self) -> libc::pid_t {
+        self.pid
+    }
+
     /// Time since spawn.
     pub fn elapsed(&self) -> Duration {
         self.started.elapsed()

@@ -2,11 +2,15 @@
 //! under its own `## <name>` section so reruns replace only their own numbers.
 mod agent;
 mod child;
+mod churn;
 mod criterion;
+mod daemon;
 mod overhead;
 mod pprof;
 mod receiver;
 mod report;
+mod scale;
+mod soak;
 mod symbolize;
 
 use anyhow::Result;
@@ -38,10 +42,61 @@ pub enum Bench {
         #[arg(long, default_value_t = 200)]
         idle: usize,
     },
+    /// RSS and CPU of the daemon at 10, 100 and 1000 live processes and at 10, 100 and 500
+    /// distinct binaries.
+    Scale {
+        /// Seconds the daemon runs per case.
+        #[arg(long, default_value_t = 45)]
+        seconds: u64,
+    },
+    /// Short-lived processes: `--rate` per second under the daemon: no crash, bounded RSS,
+    /// their samples named.
+    Churn {
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        #[arg(long, default_value_t = 300)]
+        rate: u32,
+    },
+    /// The daemon under steady load for `--minutes`: the RSS slope (goal: under 1 MiB per 10
+    /// minutes).
+    Soak {
+        #[arg(long, default_value_t = 30)]
+        minutes: u64,
+        #[arg(long, default_value_t = 200)]
+        idle: usize,
+    },
+    /// Every benchmark above with its defaults, one after another (about an hour).
+    All,
 }
 
-pub fn bench(bench: Bench) -> Result<()> {
-    match bench {
+pub fn bench(which: Bench) -> Result<()> {
+    match which {
+        Bench::All => {
+            for each in [
+                Bench::Agent {
+                    seconds: 60,
+                    idle: 200,
+                },
+                Bench::Overhead { seconds: 30 },
+                Bench::Scale { seconds: 45 },
+                Bench::Churn {
+                    seconds: 60,
+                    rate: 300,
+                },
+                Bench::Pprof,
+                Bench::Symbolize,
+                Bench::Soak {
+                    minutes: 30,
+                    idle: 200,
+                },
+            ] {
+                bench(each)?;
+            }
+            Ok(())
+        }
+        Bench::Scale { seconds } => scale::scale(seconds),
+        Bench::Churn { seconds, rate } => churn::churn(seconds, rate),
+        Bench::Soak { minutes, idle } => soak::soak(minutes, idle),
         Bench::Overhead { seconds } => overhead::overhead(seconds),
         Bench::Symbolize => symbolize::symbolize(),
         Bench::Pprof => pprof::pprof(),

@@ -228,12 +228,12 @@ const BPF_STATS_SYSCTL: &str = "/proc/sys/kernel/bpf_stats_enabled";
 
 /// `kernel.bpf_stats_enabled=1` for as long as this lives; the old value is restored on drop
 /// because the stats add a little cost to every BPF program on the host.
-struct BpfStatsSysctl {
+pub(super) struct BpfStatsSysctl {
     previous: String,
 }
 
 impl BpfStatsSysctl {
-    fn enable() -> Result<Self> {
+    pub(super) fn enable() -> Result<Self> {
         let previous = fs::read_to_string(BPF_STATS_SYSCTL)
             .with_context(|| format!("reading {BPF_STATS_SYSCTL}"))?;
         fs::write(BPF_STATS_SYSCTL, "1").with_context(|| format!("writing {BPF_STATS_SYSCTL}"))?;
@@ -253,7 +253,7 @@ impl Drop for BpfStatsSysctl {
 
 /// Sums `run_time_ns` and `run_cnt` over the programs named `name` (one program attached to
 /// every CPU, but a sum is also right if the agent ever loads one per CPU).
-fn read_bpf_stats(name: &str) -> Result<BpfStats> {
+pub(super) fn read_bpf_stats(name: &str) -> Result<BpfStats> {
     let out = Command::new("bpftool")
         .args(["prog", "show", "name", name, "--json"])
         .output()

@@ -33,7 +33,7 @@ pub struct BpfStats {
 }
 
 impl BpfStats {
-    fn ns_per_sample(&self) -> f64 {
+    pub fn ns_per_sample(&self) -> f64 {
         self.run_time_ns as f64 / self.run_cnt as f64
     }
 }
