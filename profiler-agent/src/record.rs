@@ -102,7 +102,7 @@ pub fn run(args: &RecordArgs) -> Result<(), RecordError> {
             Scope::Threads(args.pids.clone())
         },
     };
-    let kernel = KernelSampler::start(&options).inspect_err(|_| {
+    let mut kernel = KernelSampler::start(&options).inspect_err(|_| {
         // Leave no empty file behind for a recording that never started.
         let _ = std::fs::remove_file(&args.output);
     })?;
@@ -118,7 +118,15 @@ pub fn run(args: &RecordArgs) -> Result<(), RecordError> {
             request_stop as *const () as libc::sighandler_t,
         );
     }
+    let early = crate::process::early::for_kernel(
+        &mut kernel,
+        crate::process::DEFAULT_CONTAINER_ID_CACHE_SIZE,
+    );
     let mut sampler = Sampler::new(kernel, ProcfsProcesses::default())?;
+    let _early_snapshots = early.map(|(thread, snapshots)| {
+        sampler.set_early_snapshots(snapshots);
+        thread
+    });
     eprintln!(
         "recording {} for {:?} at {} Hz on {} CPUs (kernel maps: {} KiB)",
         if args.pids.is_empty() {

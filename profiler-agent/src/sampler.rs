@@ -80,7 +80,13 @@ pub trait StackSource {
     fn counters(&self) -> Result<CounterSnapshot, Self::Error>;
     /// Stops sampling; what was counted before stays available to [`StackSource::drain`].
     fn stop(&mut self) -> Result<(), Self::Error>;
+    /// An interval ended (after its last drain).
+    fn next_interval(&mut self) {}
 }
+
+/// Snapshots taken early (when the kernel announced a process's first sample) are kept this
+/// many drains, as the fallback for a process that has exited by its drain.
+const EARLY_SNAPSHOT_DRAINS: u64 = 30;
 
 /// Samples and process snapshots gathered over a time window.
 #[derive(Debug, Default)]
@@ -105,6 +111,13 @@ pub struct Sampler<S, P> {
     processes: P,
     recording: Recording,
     started: Instant,
+    /// Where early snapshots arrive from, if anything takes them.
+    early_snapshots: Option<std::sync::mpsc::Receiver<ProcessInfo>>,
+    /// pid -> (early snapshot, drain it arrived in).
+    early: HashMap<u32, (ProcessInfo, u64)>,
+    drains_total: u64,
+    /// Processes gone by their drain that an early snapshot still named.
+    pub early_snapshots_used: u64,
 }
 
 impl<S: StackSource, P: ProcessSource> Sampler<S, P> {
@@ -119,7 +132,17 @@ impl<S: StackSource, P: ProcessSource> Sampler<S, P> {
                 ..Recording::default()
             },
             started: Instant::now(),
+            early_snapshots: None,
+            early: HashMap::new(),
+            drains_total: 0,
+            early_snapshots_used: 0,
         })
+    }
+
+    /// Takes snapshots made as soon as a process was first sampled (see
+    /// [`crate::process::early`]): a process that exits before its drain keeps its names.
+    pub fn set_early_snapshots(&mut self, snapshots: std::sync::mpsc::Receiver<ProcessInfo>) {
+        self.early_snapshots = Some(snapshots);
     }
 
     /// Drains once, snapshotting processes seen for the first time, and again (once per drain)
@@ -127,6 +150,12 @@ impl<S: StackSource, P: ProcessSource> Sampler<S, P> {
     pub fn drain(&mut self) -> Result<usize, S::Error> {
         let samples = self.source.drain()?;
         self.recording.drains += 1;
+        self.drains_total += 1;
+        if let Some(snapshots) = &self.early_snapshots {
+            for info in snapshots.try_iter() {
+                self.early.insert(info.pid, (info, self.drains_total));
+            }
+        }
         let n = samples.len();
         let mut refreshed = std::collections::HashSet::new();
         for sample in &samples {
@@ -143,7 +172,16 @@ impl<S: StackSource, P: ProcessSource> Sampler<S, P> {
                 }
             };
             if stale {
-                let info = self.processes.snapshot(sample.pid, &sample.comm);
+                let mut info = self.processes.snapshot(sample.pid, &sample.comm);
+                if info.vanished
+                    && let Some((early, _)) = self.early.get(&sample.pid)
+                {
+                    info = ProcessInfo {
+                        comm: sample.comm.clone(),
+                        ..early.clone()
+                    };
+                    self.early_snapshots_used += 1;
+                }
                 // A process that exited meanwhile keeps the snapshot it had.
                 if !info.vanished || !self.recording.processes.contains_key(&sample.pid) {
                     self.recording.processes.insert(sample.pid, info);
@@ -189,6 +227,9 @@ impl<S: StackSource, P: ProcessSource> Sampler<S, P> {
         let mut done = std::mem::replace(&mut self.recording, next);
         done.duration = now.duration_since(self.started);
         done.counters = self.source.counters()?;
+        self.source.next_interval();
+        let oldest = self.drains_total.saturating_sub(EARLY_SNAPSHOT_DRAINS);
+        self.early.retain(|_, (_, drain)| *drain >= oldest);
         self.started = now;
         Ok(done)
     }
@@ -284,6 +325,37 @@ mod tests {
         assert_eq!(recording.total_samples(), 6);
         assert_eq!(recording.counters.get(Counter::Recorded), 6);
         assert_eq!(recording.drains, 3, "two explicit drains and the final one");
+    }
+
+    #[test]
+    fn an_early_snapshot_names_a_process_gone_by_its_drain() {
+        let source = ScriptedSource {
+            drains: vec![vec![sample(1, 3), sample(2, 1)]],
+            recorded: 0,
+        };
+        // CountingProcesses finds every process gone, as for one that lived a few ms.
+        let mut sampler = Sampler::new(source, CountingProcesses(Vec::new())).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        sampler.set_early_snapshots(rx);
+        tx.send(ProcessInfo {
+            pid: 1,
+            exe: Some("/bin/short".into()),
+            mappings: vec![crate::process::Mapping {
+                start: 0x1000,
+                end: 0x3000,
+                offset: 0,
+                path: "/bin/short".into(),
+                kind: crate::process::MappingKind::Anonymous,
+            }],
+            ..ProcessInfo::default()
+        })
+        .unwrap();
+        sampler.drain().unwrap();
+        let recording = sampler.finish().unwrap();
+        let one = &recording.processes[&1];
+        assert!(!one.vanished && one.mapping_for(0x2000).is_some());
+        assert_eq!(one.comm, "p1", "the comm is the sample's");
+        assert!(recording.processes[&2].vanished, "no early snapshot for 2");
     }
 
     #[test]

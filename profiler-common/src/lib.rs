@@ -13,6 +13,17 @@ pub const GENERATION_MAP: &str = "GENERATION";
 pub const COUNTERS_MAP: &str = "COUNTERS";
 /// Hash map `tgid -> u8`; consulted only when [`SamplerConfig::FILTER_PIDS`] is set.
 pub const PID_FILTER_MAP: &str = "PID_FILTER";
+/// Ring buffer of `u32` pids: the first sample of each process since user space last cleared
+/// [`SEEN_PROCESSES_MAP`], so user space reads its mappings while it still runs.
+pub const NEW_PROCESSES_MAP: &str = "NEW_PROCESSES";
+/// Size of [`NEW_PROCESSES_MAP`] in bytes (a power of two, a multiple of the page size): room
+/// for 4096 announcements (4-byte pid plus the 8-byte record header, rounded to 16).
+pub const NEW_PROCESSES_BYTES: u32 = 64 * 1024;
+/// LRU hash map `tgid -> u8` of processes already announced in [`NEW_PROCESSES_MAP`].
+pub const SEEN_PROCESSES_MAP: &str = "SEEN_PROCESSES";
+/// Entries of [`SEEN_PROCESSES_MAP`]; past this many processes per interval the oldest are
+/// announced again, which costs a snapshot, not a sample.
+pub const SEEN_PROCESSES_ENTRIES: u32 = 16384;
 /// Read-only global holding the [`SamplerConfig`] set at load time.
 pub const CONFIG_GLOBAL: &str = "CONFIG";
 /// Name of the `perf_event` program.
@@ -98,10 +109,13 @@ pub enum Counter {
     CountsMapFullError = 10,
     /// `task_struct.flags` could not be read.
     TaskReadError = 11,
+    /// The new-process ring buffer was full: that process is snapshotted at the next drain
+    /// instead, and its samples go unnamed if it has exited by then.
+    NewProcessLostError = 12,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 12;
+    pub const COUNT: u32 = 13;
 
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Counter::Recorded,
@@ -116,6 +130,7 @@ impl Counter {
         Counter::KernelStackReadError,
         Counter::CountsMapFullError,
         Counter::TaskReadError,
+        Counter::NewProcessLostError,
     ];
 
     /// The snake_case name used in logs and metric labels.
@@ -133,6 +148,7 @@ impl Counter {
             Counter::KernelStackReadError => "kernel_stack_read",
             Counter::CountsMapFullError => "counts_map_full",
             Counter::TaskReadError => "task_read",
+            Counter::NewProcessLostError => "new_process_lost",
         }
     }
 
@@ -165,7 +181,7 @@ mod tests {
     #[test]
     fn error_counters_are_exactly_the_failures() {
         let errors = Counter::ALL.iter().filter(|c| c.is_error()).count();
-        assert_eq!(errors, 8);
+        assert_eq!(errors, 9);
         assert!(!Counter::SkippedFiltered.is_error());
         assert!(Counter::UserStackCollisionError.is_error());
     }

@@ -13,11 +13,12 @@ use aya_ebpf::{
         generated::bpf_get_current_task,
     },
     macros::{map, perf_event},
-    maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, StackTrace},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf, StackTrace},
     programs::{PerfEventContext, tracing::StackIdContext as _},
 };
 use profiler_common::{
-    Counter, PF_KTHREAD, STACK_LOST, STACK_NOT_COLLECTED, SampleKey, SamplerConfig,
+    Counter, NEW_PROCESSES_BYTES, PF_KTHREAD, SEEN_PROCESSES_ENTRIES, STACK_LOST,
+    STACK_NOT_COLLECTED, SampleKey, SamplerConfig,
 };
 
 // Sizes below are placeholders: user space sets every size at load time from the sample rate,
@@ -37,6 +38,11 @@ static GENERATION: Array<u32> = Array::with_max_entries(1, 0);
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT, 0);
 #[map]
 static PID_FILTER: HashMap<u32, u8> = HashMap::with_max_entries(1, 0);
+#[map]
+static NEW_PROCESSES: RingBuf = RingBuf::with_byte_size(NEW_PROCESSES_BYTES, 0);
+#[map]
+static SEEN_PROCESSES: LruHashMap<u32, u8> =
+    LruHashMap::with_max_entries(SEEN_PROCESSES_ENTRIES, 0);
 
 /// Set by user space at load time (`.rodata`).
 #[unsafe(no_mangle)]
@@ -76,6 +82,8 @@ fn try_profile_cpu(ctx: &PerfEventContext) -> Result<Counter, Counter> {
         return Ok(Counter::SkippedFiltered);
     }
 
+    announce_new_process(pid);
+
     let generation = match GENERATION.get(0) {
         Some(g) => *g,
         None => 0,
@@ -95,6 +103,22 @@ fn try_profile_cpu(ctx: &PerfEventContext) -> Result<Counter, Counter> {
         count(&COUNTS_0, &key)
     } else {
         count(&COUNTS_1, &key)
+    }
+}
+
+/// The first sample of a process (since user space last cleared SEEN_PROCESSES) announces its
+/// pid, so user space reads its mappings within milliseconds, while it still runs, rather than
+/// at the next drain, after a short-lived process has exited.
+fn announce_new_process(pid: u32) {
+    if SEEN_PROCESSES.get_ptr(pid).is_some() {
+        return;
+    }
+    // Two CPUs may both miss and both announce: user space takes the second as a refresh.
+    if SEEN_PROCESSES.insert(pid, 0, 0).is_err() {
+        return;
+    }
+    if NEW_PROCESSES.output::<u32>(pid, 0).is_err() {
+        bump(Counter::NewProcessLostError);
     }
 }
 

@@ -6,6 +6,7 @@
 
 pub mod btf;
 mod loader;
+mod new_processes;
 pub mod sizing;
 
 use std::{
@@ -17,7 +18,10 @@ use std::{
 
 use aya::{
     Ebpf,
-    maps::{Array, HashMap, IterableMap as _, MapData, PerCpuArray, PerCpuHashMap, StackTraceMap},
+    maps::{
+        Array, HashMap, IterableMap as _, MapData, PerCpuArray, PerCpuHashMap, RingBuf,
+        StackTraceMap,
+    },
     programs::{
         PerfEvent,
         perf_event::{
@@ -25,9 +29,11 @@ use aya::{
         },
     },
 };
+pub use new_processes::NewProcesses;
 use profiler_common::{
-    CONFIG_GLOBAL, COUNTERS_MAP, COUNTS_MAPS, Counter, GENERATION_MAP, PID_FILTER_MAP,
-    PROGRAM_NAME, STACK_LOST, STACK_MAPS, STACK_NOT_COLLECTED, SampleKey, SamplerConfig,
+    CONFIG_GLOBAL, COUNTERS_MAP, COUNTS_MAPS, Counter, GENERATION_MAP, NEW_PROCESSES_MAP,
+    PID_FILTER_MAP, PROGRAM_NAME, SEEN_PROCESSES_MAP, STACK_LOST, STACK_MAPS, STACK_NOT_COLLECTED,
+    SampleKey, SamplerConfig,
 };
 pub use sizing::MapSizes;
 
@@ -118,6 +124,9 @@ pub struct KernelSampler {
     generation_map: Array<MapData, u32>,
     counters: PerCpuArray<MapData, u64>,
     memlock_fds: Vec<i32>,
+    /// Processes announced this interval; cleared at each interval's end.
+    seen_processes: HashMap<MapData, u32, u8>,
+    new_processes: Option<NewProcesses>,
     generation: u32,
     sizes: MapSizes,
     cpus: usize,
@@ -187,6 +196,9 @@ impl KernelSampler {
         ];
         let generation_map = typed(&mut ebpf, GENERATION_MAP)?;
         let counters: PerCpuArray<MapData, u64> = typed(&mut ebpf, COUNTERS_MAP)?;
+        let seen_processes = typed(&mut ebpf, SEEN_PROCESSES_MAP)?;
+        let new_processes =
+            NewProcesses::new(typed::<RingBuf<MapData>>(&mut ebpf, NEW_PROCESSES_MAP)?);
         let mut memlock_fds: Vec<i32> = counts
             .iter()
             .map(|m| m.map().fd().as_fd().as_raw_fd())
@@ -217,10 +229,17 @@ impl KernelSampler {
             generation_map,
             counters,
             memlock_fds,
+            seen_processes,
+            new_processes: Some(new_processes),
             generation: 0,
             sizes,
             cpus: cpus.len(),
         })
+    }
+
+    /// The kernel's announcements of newly sampled processes, for a reader thread (once).
+    pub fn take_new_processes(&mut self) -> Option<NewProcesses> {
+        self.new_processes.take()
     }
 
     pub fn sizes(&self) -> MapSizes {
@@ -313,6 +332,15 @@ impl StackSource for KernelSampler {
         self.generation = new;
         std::thread::sleep(GENERATION_GRACE);
         self.drain_generation(old)
+    }
+
+    /// Forgets which processes were announced, so that each process sampled in the next
+    /// interval is announced (and snapshotted) afresh, as the drain snapshots them afresh.
+    fn next_interval(&mut self) {
+        let pids: Vec<u32> = self.seen_processes.keys().filter_map(Result::ok).collect();
+        for pid in pids {
+            let _ = self.seen_processes.remove(&pid);
+        }
     }
 
     fn counters(&self) -> Result<CounterSnapshot, BpfError> {

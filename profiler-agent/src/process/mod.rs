@@ -13,6 +13,7 @@ use std::{
 };
 
 pub mod cgroup;
+pub mod early;
 pub mod maps;
 pub mod procfs;
 

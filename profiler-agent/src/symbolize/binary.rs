@@ -164,10 +164,14 @@ impl Binary {
         })
     }
 
-    /// Lets go of the file pages that lookups touched. Mapped ELF and DWARF bytes count in the
+    /// Lets go of what this round's lookups left behind, keeping their answers: the parsed
+    /// DWARF units, and the file pages they touched. Mapped ELF and DWARF bytes count in the
     /// agent's RSS (and its cgroup's memory) while resident: a large binary's debug info read
     /// once would otherwise stay there as long as the binary is cached.
-    pub fn release_resident_pages(&self) {
+    pub fn release_memory(&self) {
+        if let Some(dwarf) = &self.dwarf {
+            dwarf.release_parsed_units();
+        }
         for owner in &self._owners {
             owner.release_resident_pages();
         }
@@ -427,7 +431,7 @@ mod tests {
         assert!(outer.file.as_deref().unwrap().ends_with("binary.rs"));
         assert!(outer.line > 0);
         // Released pages read back the same bytes.
-        binary.release_resident_pages();
+        binary.release_memory();
         assert_eq!(binary.resolve(vaddr), frames);
         assert_eq!(
             Binary::load(&File::open(&exe).unwrap(), &mut ())

@@ -131,6 +131,15 @@ impl LazyDwarf {
     }
 }
 
+impl LazyDwarf {
+    /// Drops the parsed units. One unit of a large Rust or C++ binary parses into megabytes
+    /// of rows and scopes; kept across rounds, each cached binary would hold up to
+    /// PARSED_UNITS of them long after its addresses were answered.
+    pub fn release_parsed_units(&self) {
+        self.parsed.borrow_mut().clear();
+    }
+}
+
 /// Frames found in DWARF for one address.
 #[derive(Default)]
 pub struct DwarfFrames {

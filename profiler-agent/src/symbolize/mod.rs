@@ -328,7 +328,7 @@ impl Symbolizer for NativeSymbolizer {
         // Every cached binary is in by_build_id or by_file (those without a build id).
         let cached = self.by_build_id.values().cloned().map(Some);
         for binary in cached.chain(self.by_file.values().cloned()).flatten() {
-            binary.release_resident_pages();
+            binary.release_memory();
         }
         if let Some(kernel) = &self.kernel {
             self.kernel_names.next_round(kernel);

@@ -1,0 +1,129 @@
+//! Early snapshots: a thread that snapshots each process the kernel announces at its first
+//! sample, within milliseconds, so that a process living a few milliseconds (a shell
+//! script's commands, a cron job) still has its mappings when the drain, up to a second
+//! later, finds it gone. The drain prefers its own fresh snapshot and falls back to these.
+
+use std::{
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+        mpsc,
+    },
+    thread::JoinHandle,
+    time::Duration,
+};
+
+use super::{ProcessInfo, ProcessSource, ProcfsProcesses};
+
+/// How long the thread waits for an announcement before checking whether to stop.
+const POLL: Duration = Duration::from_millis(200);
+
+/// Where announced pids come from: the kernel's ring buffer, or a test double.
+pub trait Announcements: Send + 'static {
+    fn wait(&mut self, timeout: Duration) -> Vec<u32>;
+}
+
+impl Announcements for crate::bpf::NewProcesses {
+    fn wait(&mut self, timeout: Duration) -> Vec<u32> {
+        crate::bpf::NewProcesses::wait(self, timeout)
+    }
+}
+
+/// The snapshotting thread; stops when dropped.
+pub struct EarlySnapshots {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl EarlySnapshots {
+    /// Starts the thread; snapshots of live processes arrive on the returned receiver.
+    pub fn start(
+        mut announcements: impl Announcements,
+        proc_root: impl Into<PathBuf>,
+        container_id_cache_size: usize,
+    ) -> std::io::Result<(Self, mpsc::Receiver<ProcessInfo>)> {
+        let (tx, rx) = mpsc::channel();
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut processes =
+            ProcfsProcesses::with_container_id_cache(proc_root, container_id_cache_size);
+        let thread = {
+            let stop = stop.clone();
+            std::thread::Builder::new()
+                .name("early-snapshots".into())
+                .spawn(move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        for pid in announcements.wait(POLL) {
+                            let info = processes.snapshot(pid, "");
+                            if !info.vanished && tx.send(info).is_err() {
+                                return;
+                            }
+                        }
+                    }
+                })?
+        };
+        Ok((
+            Self {
+                stop,
+                thread: Some(thread),
+            },
+            rx,
+        ))
+    }
+}
+
+/// Early snapshots of the processes `kernel` announces, for [`crate::sampler::Sampler`];
+/// None (with a warning) when the thread cannot start or the announcements were taken.
+pub fn for_kernel(
+    kernel: &mut crate::bpf::KernelSampler,
+    container_id_cache_size: usize,
+) -> Option<(EarlySnapshots, mpsc::Receiver<ProcessInfo>)> {
+    let announcements = kernel.take_new_processes()?;
+    EarlySnapshots::start(announcements, "/proc", container_id_cache_size)
+        .inspect_err(|e| {
+            tracing::warn!(
+                error = %e,
+                "no early snapshots: short-lived processes may go unnamed"
+            )
+        })
+        .ok()
+}
+
+impl Drop for EarlySnapshots {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Scripted(Vec<Vec<u32>>);
+
+    impl Announcements for Scripted {
+        fn wait(&mut self, timeout: Duration) -> Vec<u32> {
+            if self.0.is_empty() {
+                std::thread::sleep(timeout.min(Duration::from_millis(10)));
+                return Vec::new();
+            }
+            self.0.remove(0)
+        }
+    }
+
+    #[test]
+    fn snapshots_live_announced_processes_and_skips_gone_ones() {
+        let me = std::process::id();
+        let gone = u32::MAX - 1;
+        let (snapshots, rx) =
+            EarlySnapshots::start(Scripted(vec![vec![gone, me]]), "/proc", 16).unwrap();
+        let info = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        assert_eq!(info.pid, me);
+        assert!(!info.mappings.is_empty());
+        drop(snapshots);
+        assert!(rx.try_recv().is_err(), "nothing for the gone pid");
+    }
+}
