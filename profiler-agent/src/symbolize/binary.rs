@@ -442,6 +442,44 @@ mod tests {
     }
 
     #[test]
+    fn parsed_dwarf_stays_within_its_byte_budget_and_is_released() {
+        let exe = std::env::current_exe().unwrap();
+        let mut binary = Binary::load(&File::open(&exe).unwrap(), &mut ()).unwrap();
+        binary.dwarf.as_mut().unwrap().set_budget(1);
+        // Two functions from different compilation units: this crate's and std's.
+        let here = parsed_dwarf_stays_within_its_byte_budget_and_is_released as *const () as u64;
+        let there = std::process::id as *const () as u64;
+        for address in [here, there] {
+            let vaddr = binary
+                .vaddr_of_file_offset(file_offset_of(address))
+                .unwrap();
+            assert!(!binary.resolve(vaddr).is_empty());
+            let (units, _) = binary.dwarf.as_ref().unwrap().parsed_units();
+            assert_eq!(units, 1, "over budget: only the unit just parsed is kept");
+        }
+        binary.release_memory();
+        assert_eq!(binary.dwarf.as_ref().unwrap().parsed_units(), (0, 0));
+    }
+
+    /// The file offset our own code at `address` is mapped from, per /proc/self/maps.
+    fn file_offset_of(address: u64) -> u64 {
+        let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+        maps.lines()
+            .find_map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                let (a, b) = f[0].split_once('-')?;
+                let (a, b) = (
+                    u64::from_str_radix(a, 16).ok()?,
+                    u64::from_str_radix(b, 16).ok()?,
+                );
+                (a..b)
+                    .contains(&address)
+                    .then(|| address - a + u64::from_str_radix(f[2], 16).unwrap())
+            })
+            .unwrap()
+    }
+
+    #[test]
     fn limited_writer_stops_bombs() {
         let mut w = LimitedWriter {
             inner: Vec::new(),

@@ -15,6 +15,10 @@ pub type Slice = gimli::EndianSlice<'static, gimli::RunTimeEndian>;
 
 /// Parsed units kept per binary; a profile's addresses cluster in few units.
 const PARSED_UNITS: usize = 8;
+/// Bytes of parsed rows and scopes kept per binary. One unit of a large instrumented binary
+/// (a fuzzer's, a Rust crate in one codegen unit) parses into tens of MiB: eight of those
+/// would make the agent's RSS follow the binaries it meets rather than its caches.
+const PARSED_BYTES: usize = 16 << 20;
 /// Bounds on what hostile DWARF can make us do.
 const MAX_INLINE_DEPTH: usize = 64;
 const MAX_REFERENCE_HOPS: usize = 8;
@@ -36,6 +40,9 @@ pub struct LazyDwarf {
     /// (begin, end, unit) sorted by begin.
     unit_ranges: Vec<(u64, u64, DebugInfoOffset)>,
     parsed: RefCell<LruCache<DebugInfoOffset, Rc<ParsedUnit>>>,
+    /// Sum of the parsed units' [`ParsedUnit::weight`], kept under `budget`.
+    parsed_bytes: std::cell::Cell<usize>,
+    budget: usize,
 }
 
 struct ParsedUnit {
@@ -44,6 +51,14 @@ struct ParsedUnit {
     rows: Vec<Row>,
     /// Subprograms and inlined subroutines: (begin, end, depth, die), sorted by begin.
     scopes: Vec<Scope>,
+}
+
+impl ParsedUnit {
+    /// Heap bytes of the index (the unit's abbreviations and header are small beside it).
+    fn weight(&self) -> usize {
+        self.rows.capacity() * std::mem::size_of::<Row>()
+            + self.scopes.capacity() * std::mem::size_of::<Scope>()
+    }
 }
 
 #[derive(Clone, Copy)]
@@ -127,6 +142,8 @@ impl LazyDwarf {
             parsed: RefCell::new(LruCache::new(
                 NonZeroUsize::new(PARSED_UNITS).expect("nonzero"),
             )),
+            parsed_bytes: std::cell::Cell::new(0),
+            budget: PARSED_BYTES,
         })
     }
 }
@@ -137,6 +154,17 @@ impl LazyDwarf {
     /// PARSED_UNITS of them long after its addresses were answered.
     pub fn release_parsed_units(&self) {
         self.parsed.borrow_mut().clear();
+        self.parsed_bytes.set(0);
+    }
+
+    #[cfg(test)]
+    pub fn set_budget(&mut self, bytes: usize) {
+        self.budget = bytes;
+    }
+
+    #[cfg(test)]
+    pub fn parsed_units(&self) -> (usize, usize) {
+        (self.parsed.borrow().len(), self.parsed_bytes.get())
     }
 }
 
@@ -177,7 +205,18 @@ impl LazyDwarf {
         let header = self.dwarf.unit_header(offset).ok()?;
         let unit = self.dwarf.unit(header).ok()?;
         let parsed = Rc::new(ParsedUnit::parse(&self.dwarf, unit));
-        self.parsed.borrow_mut().put(offset, parsed.clone());
+        let mut cache = self.parsed.borrow_mut();
+        let mut bytes = self.parsed_bytes.get() + parsed.weight();
+        // Make room by bytes as well as by count; a unit larger than the budget alone is
+        // still kept, until the next one.
+        while bytes > self.budget || cache.len() >= cache.cap().get() {
+            match cache.pop_lru() {
+                Some((_, evicted)) => bytes -= evicted.weight(),
+                None => break,
+            }
+        }
+        cache.put(offset, parsed.clone());
+        self.parsed_bytes.set(bytes);
         Some(parsed)
     }
 }

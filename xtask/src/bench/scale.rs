@@ -107,7 +107,14 @@ pub fn scale(seconds: u64) -> Result<()> {
             "[write]\ndirectory = \"{}\"\n",
             tmp.path().join("profiles").display()
         );
-        let config = daemon::config(daemon::free_port()?, COLLECT_INTERVAL_S, &write);
+        // Only this benchmark's processes are targets (and so symbolized): what else runs on
+        // the host must not decide the figures.
+        let write = format!(
+            "{write}\n[[relabel]]\nsource_labels = [\"__meta_process_exe\"]\n\
+             regex = \".*/xtask-bench-scale-.*\"\naction = \"keep\"\n"
+        );
+        let config = daemon::config(daemon::free_port()?, COLLECT_INTERVAL_S, &write)
+            .replace("targets_only = false", "targets_only = true");
         let run = daemon::run(
             "scale",
             &config,
@@ -168,8 +175,8 @@ fn section(seconds: u64, rows: &[Row]) -> Result<String> {
     writeln!(
         s,
         "`cargo xtask bench scale` ({}, kernel {}, {}): the daemon (release build, 97 Hz, \
-         {COLLECT_INTERVAL_S} s interval, process discovery every 5 s, every process a target, \
-         directory sink) for {seconds} s per case. Each process is tests/fixtures/tick.c \
+         {COLLECT_INTERVAL_S} s interval, process discovery every 5 s, the benchmark's processes \
+         the only targets, directory sink) for {seconds} s per case. Each process is tests/fixtures/tick.c \
          burning {WORK_MS} ms per wake-up, paced so all of them together keep about one CPU \
          busy; distinct binaries are the same object linked with distinct build ids. Cached \
          binaries are the symbolizer's build-id and same-file cache entries at the end \
