@@ -53,7 +53,14 @@ pub fn soak(minutes: u64, idle: usize) -> Result<()> {
         "[write]\n[[write.endpoint]]\nname = \"bench\"\nurl = \"{}\"\nprotocol = \"push\"\n",
         receiver.url()
     );
-    let config = daemon::config(daemon::free_port()?, COLLECT_INTERVAL_S, &write);
+    // The load is this benchmark's: its workload and sleepers are the targets, and nothing
+    // else running on the host is symbolized, so the slope is the agent's alone.
+    let write = format!(
+        "{write}\n[[relabel]]\nsource_labels = [\"__meta_process_exe\"]\n\
+         regex = \".*/(xtask-bench-soak-.*|sleep)\"\naction = \"keep\"\n"
+    );
+    let config = daemon::config(daemon::free_port()?, COLLECT_INTERVAL_S, &write)
+        .replace("targets_only = false", "targets_only = true");
     // The workload is a deep chain at the agent benchmark's depth, on every CPU, at normal
     // priority: the agent must keep up while competing for CPU.
     let workload = start_workload(&chain, seconds + 60, cpus)?;
@@ -93,7 +100,7 @@ pub fn soak(minutes: u64, idle: usize) -> Result<()> {
         s,
         "`{command}` ({}, kernel {}, {cpus} CPUs, {}): the daemon (release build, 97 Hz, \
          {COLLECT_INTERVAL_S} s interval) for {minutes} min with every CPU busy with the \
-         deep-stack workload and {idle} idle targets, pushing to a loopback receiver ({requests} \
+         deep-stack workload and {idle} idle `sleep` processes, these the only targets, pushing to a loopback receiver ({requests} \
          requests). VmRSS every 10 s; the slope is a least-squares fit after the first {} \
          minutes.\n",
         today(),
