@@ -1,1 +1,4 @@
-//! End-to-end tests live in tests/.
+//! End-to-end tests live in tests/. The library holds what is worth fuzzing: the decoders
+//! for what the agent sends.
+
+pub mod decode;

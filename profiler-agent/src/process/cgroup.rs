@@ -15,7 +15,8 @@ use lru::LruCache;
 
 use crate::cache::CacheStats;
 
-/// Container id in a whole /proc/PID/cgroup file: the first line that names one.
+/// Container id in a whole /proc/PID/cgroup file: the first line that names one. An id is
+/// 64 lowercase hex digits, the form every runtime above writes.
 pub fn container_id(cgroup_file: &str) -> Option<String> {
     cgroup_file.lines().find_map(container_id_in_line)
 }

@@ -16,7 +16,6 @@ use std::{
 };
 
 pub use profiler_agent::profile::pprof::Profile;
-use prost::Message as _;
 
 pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -307,11 +306,7 @@ pub fn finish_record(out: Output, output: &Path) -> Recorded {
 
 pub fn read_profile(path: &Path) -> Profile {
     let gz = std::fs::read(path).expect("read profile");
-    let mut raw = Vec::new();
-    flate2::read::GzDecoder::new(&gz[..])
-        .read_to_end(&mut raw)
-        .expect("gunzip profile");
-    Profile::decode(&raw[..]).expect("decode pprof")
+    profiler_tests::decode::gzip_pprof(&gz).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
 /// Function names of a sample's stack, leaf first (one per location line).

@@ -1,6 +1,7 @@
 //! A write endpoint for end-to-end tests: a plain HTTP/1.1 server on a loopback port that
 //! keeps every request, and decoders for what the agent sends there (Pyroscope push
-//! protobuf with gzipped pprof inside).
+//! protobuf with gzipped pprof inside). The decoders are `profiler_tests::decode`'s, which
+//! return errors (they are fuzzed); these wrappers panic, as test assertions.
 
 use std::{
     collections::BTreeMap,
@@ -11,7 +12,10 @@ use std::{
 };
 
 use profiler_agent::profile::pprof::Profile;
-use prost::Message as _;
+use profiler_tests::decode::{self, gzip_pprof, ingest_request, push_series};
+// Each test crate compiles common/ and uses only some of these.
+#[allow(unused_imports)]
+pub use profiler_tests::decode::{Ingested, PushRequest, PushedSeries};
 
 /// One request as received.
 #[derive(Clone, Debug)]
@@ -140,70 +144,17 @@ fn serve(stream: TcpStream, kept: &Mutex<Vec<Request>>) {
     }
 }
 
-// Pyroscope's push.v1 messages, as DESIGN.md gives them.
-#[derive(Clone, PartialEq, prost::Message)]
-pub struct PushRequest {
-    #[prost(message, repeated, tag = "1")]
-    pub series: Vec<RawProfileSeries>,
-}
-
-#[derive(Clone, PartialEq, prost::Message)]
-pub struct RawProfileSeries {
-    #[prost(message, repeated, tag = "1")]
-    pub labels: Vec<LabelPair>,
-    #[prost(message, repeated, tag = "2")]
-    pub samples: Vec<RawSample>,
-}
-
-#[derive(Clone, PartialEq, prost::Message)]
-pub struct LabelPair {
-    #[prost(string, tag = "1")]
-    pub name: String,
-    #[prost(string, tag = "2")]
-    pub value: String,
-}
-
-#[derive(Clone, PartialEq, prost::Message)]
-pub struct RawSample {
-    #[prost(bytes = "vec", tag = "1")]
-    pub raw_profile: Vec<u8>,
-    #[prost(string, tag = "2")]
-    pub id: String,
-}
-
-/// One pushed series: its labels and its decoded profiles.
-pub struct PushedSeries {
-    pub labels: BTreeMap<String, String>,
-    pub profiles: Vec<Profile>,
-}
-
 /// Every series of every push request received.
 pub fn pushed_series(requests: &[Request]) -> Vec<PushedSeries> {
     requests
         .iter()
         .filter(|r| r.path.ends_with("/push.v1.PusherService/Push"))
-        .flat_map(|r| {
-            PushRequest::decode(r.body.as_slice())
-                .expect("push body is a PushRequest")
-                .series
-        })
-        .map(|s| PushedSeries {
-            labels: s.labels.into_iter().map(|l| (l.name, l.value)).collect(),
-            profiles: s
-                .samples
-                .iter()
-                .map(|raw| decode_gzip_pprof(&raw.raw_profile))
-                .collect(),
-        })
+        .flat_map(|r| push_series(&r.body).unwrap_or_else(|e| panic!("{}: {e}", r.path)))
         .collect()
 }
 
 pub fn decode_gzip_pprof(bytes: &[u8]) -> Profile {
-    let mut raw = Vec::new();
-    flate2::read::GzDecoder::new(bytes)
-        .read_to_end(&mut raw)
-        .expect("gzipped pprof");
-    Profile::decode(raw.as_slice()).expect("pprof")
+    gzip_pprof(bytes).unwrap_or_else(|e| panic!("gzipped pprof: {e}"))
 }
 
 /// Every function name of a profile.
@@ -214,95 +165,13 @@ pub fn function_names(p: &Profile) -> Vec<&str> {
         .collect()
 }
 
-/// Percent-decoding of a query component (`+` is a space).
-pub fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'%' if i + 2 < bytes.len() => {
-                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap_or("");
-                match u8::from_str_radix(hex, 16) {
-                    Ok(b) => {
-                        out.push(b);
-                        i += 3;
-                        continue;
-                    }
-                    Err(_) => out.push(b'%'),
-                }
-            }
-            b'+' => out.push(b' '),
-            b => out.push(b),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-/// The query parameters of a request path.
-pub fn query(path: &str) -> BTreeMap<String, String> {
-    path.split_once('?')
-        .map(|(_, q)| q)
-        .unwrap_or("")
-        .split('&')
-        .filter_map(|kv| kv.split_once('='))
-        .map(|(k, v)| (percent_decode(k), percent_decode(v)))
-        .collect()
-}
-
 /// The parts of a `multipart/form-data` body: (field name, content).
 pub fn multipart_parts(request: &Request) -> Vec<(String, Vec<u8>)> {
     let content_type = request
         .headers
         .get("content-type")
-        .cloned()
-        .unwrap_or_default();
-    let boundary = content_type
-        .split(';')
-        .find_map(|p| p.trim().strip_prefix("boundary="))
-        .map(|b| b.trim_matches('"').to_owned())
-        .expect("multipart boundary");
-    let delimiter = format!("--{boundary}").into_bytes();
-    let body = &request.body;
-    let mut starts = Vec::new();
-    let mut i = 0;
-    while i + delimiter.len() <= body.len() {
-        if body[i..].starts_with(&delimiter) {
-            starts.push(i);
-            i += delimiter.len();
-        } else {
-            i += 1;
-        }
-    }
-    starts
-        .windows(2)
-        .filter_map(|w| {
-            let part = &body[w[0] + delimiter.len()..w[1]];
-            let part = part.strip_prefix(b"\r\n")?;
-            let split = part.windows(4).position(|x| x == b"\r\n\r\n")?;
-            let head = String::from_utf8_lossy(&part[..split]).into_owned();
-            let content = part[split + 4..].strip_suffix(b"\r\n")?.to_vec();
-            let name = head
-                .split(';')
-                .find_map(|p| p.trim().strip_prefix("name="))
-                .map(|n| {
-                    n.split(['\r', '\n'])
-                        .next()
-                        .unwrap_or(n)
-                        .trim_matches('"')
-                        .to_owned()
-                })?;
-            Some((name, content))
-        })
-        .collect()
-}
-
-/// A legacy `/ingest` request: its query and its profile.
-pub struct Ingested {
-    pub query: BTreeMap<String, String>,
-    pub profile: Profile,
-    pub raw_gzip: Vec<u8>,
+        .map_or("", String::as_str);
+    decode::multipart_parts(content_type, &request.body).unwrap_or_else(|e| panic!("{e}"))
 }
 
 pub fn ingested(requests: &[Request]) -> Vec<Ingested> {
@@ -310,15 +179,9 @@ pub fn ingested(requests: &[Request]) -> Vec<Ingested> {
         .iter()
         .filter(|r| r.path.starts_with("/ingest?"))
         .map(|r| {
-            let (_, bytes) = multipart_parts(r)
-                .into_iter()
-                .find(|(name, _)| name == "profile")
-                .expect("profile part");
-            Ingested {
-                query: query(&r.path),
-                profile: decode_gzip_pprof(&bytes),
-                raw_gzip: bytes,
-            }
+            let content_type = r.headers.get("content-type").map_or("", String::as_str);
+            ingest_request(&r.path, content_type, &r.body)
+                .unwrap_or_else(|e| panic!("{}: {e}", r.path))
         })
         .collect()
 }
