@@ -49,6 +49,15 @@ impl KernelSymbols {
 
     /// The symbol (`name` or `name [module]`) containing each address that has one.
     pub fn resolve(&self, addresses: &[u64]) -> Result<HashMap<u64, String>, KallsymsError> {
+        Ok(self
+            .resolve_symbols(addresses)?
+            .into_iter()
+            .map(|(address, symbol)| (address, symbol.name))
+            .collect())
+    }
+
+    /// The symbol containing each address that has one, with its extent.
+    fn resolve_symbols(&self, addresses: &[u64]) -> Result<HashMap<u64, Symbol>, KallsymsError> {
         let file = std::fs::File::open(&self.path).map_err(|source| self.read_error(source))?;
         resolve_lines(std::io::BufReader::new(file), addresses).map_err(|e| match e {
             ResolveError::Io(source) => self.read_error(source),
@@ -81,10 +90,25 @@ impl KernelSymbols {
     }
 }
 
-/// Kernel address names (or their absence) found so far.
+/// One kernel symbol: `[start, end)`, where `end` is the next symbol's start (or just past the
+/// looked-up address when nothing follows).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Symbol {
+    start: u64,
+    end: u64,
+    name: String,
+}
+
+/// Kernel symbols (and addresses without one) found so far. Symbols are kept as ranges: a busy
+/// kernel is sampled at new instruction addresses every interval, nearly all of them inside
+/// functions already named, and each unknown address would cost a stream of the whole file
+/// (the kernel formats 200k lines: tens of ms).
 #[derive(Debug, Default)]
 pub struct KernelNames {
-    names: HashMap<u64, Option<String>>,
+    /// By start address.
+    ranges: std::collections::BTreeMap<u64, (u64, String)>,
+    /// Addresses no symbol contains.
+    unnamed: std::collections::HashSet<u64>,
     modules: u64,
 }
 
@@ -95,7 +119,15 @@ const MAX_KERNEL_NAMES: usize = 65_536;
 impl KernelNames {
     /// `None` if the address was never resolved; `Some(None)` if it has no symbol.
     pub fn get(&self, address: u64) -> Option<Option<&str>> {
-        self.names.get(&address).map(Option::as_deref)
+        if let Some(name) = self.range_of(address) {
+            return Some(Some(name));
+        }
+        self.unnamed.contains(&address).then_some(None)
+    }
+
+    fn range_of(&self, address: u64) -> Option<&str> {
+        let (_, (end, name)) = self.ranges.range(..=address).next_back()?;
+        (address < *end).then_some(name.as_str())
     }
 
     /// Resolves the addresses not resolved before, streaming the file once if there are any.
@@ -107,16 +139,23 @@ impl KernelNames {
         let mut missing: Vec<u64> = addresses
             .iter()
             .copied()
-            .filter(|a| !self.names.contains_key(a))
+            .filter(|a| self.get(*a).is_none())
             .collect();
         if missing.is_empty() {
             return Ok(());
         }
         missing.sort_unstable();
         missing.dedup();
-        let mut found = symbols.resolve(&missing)?;
+        let mut found = symbols.resolve_symbols(&missing)?;
         for address in missing {
-            self.names.insert(address, found.remove(&address));
+            match found.remove(&address) {
+                Some(symbol) => {
+                    self.ranges.insert(symbol.start, (symbol.end, symbol.name));
+                }
+                None => {
+                    self.unnamed.insert(address);
+                }
+            }
         }
         Ok(())
     }
@@ -126,21 +165,21 @@ impl KernelNames {
     /// programs are always forgotten, as programs come and go at the same addresses.
     pub fn next_round(&mut self, symbols: &KernelSymbols) {
         let modules = symbols.modules_fingerprint();
-        if modules != self.modules || self.names.len() > MAX_KERNEL_NAMES {
-            self.names.clear();
+        if modules != self.modules || self.len() > MAX_KERNEL_NAMES {
+            self.ranges.clear();
+            self.unnamed.clear();
             self.modules = modules;
         } else {
-            self.names
-                .retain(|_, name| name.as_deref().is_none_or(|n| !n.ends_with("[bpf]")));
+            self.ranges.retain(|_, (_, name)| !name.ends_with("[bpf]"));
         }
     }
 
     pub fn len(&self) -> usize {
-        self.names.len()
+        self.ranges.len() + self.unnamed.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.names.is_empty()
+        self.len() == 0
     }
 }
 
@@ -153,12 +192,15 @@ enum ResolveError {
 fn resolve_lines(
     mut reader: impl std::io::BufRead,
     addresses: &[u64],
-) -> Result<HashMap<u64, String>, ResolveError> {
+) -> Result<HashMap<u64, Symbol>, ResolveError> {
     let mut wanted = addresses.to_vec();
     wanted.sort_unstable();
     wanted.dedup();
     // best[i]: the best symbol whose start lies in (wanted[i-1], wanted[i]].
     let mut best: Vec<Option<(u64, String)>> = vec![None; wanted.len()];
+    // next[i]: the lowest symbol start in (wanted[i], wanted[i+1]], any kind: where the
+    // function containing wanted[i] ends.
+    let mut next: Vec<u64> = vec![u64::MAX; wanted.len()];
     let mut any_address = false;
     let mut line = String::new();
     loop {
@@ -175,10 +217,13 @@ fn resolve_lines(
             continue;
         };
         any_address |= start != 0;
+        let i = wanted.partition_point(|&a| a < start);
+        if let Some(end) = i.checked_sub(1).and_then(|before| next.get_mut(before)) {
+            *end = (*end).min(start);
+        }
         if !matches!(kind, "t" | "T") {
             continue;
         }
-        let i = wanted.partition_point(|&a| a < start);
         let Some(slot) = best.get_mut(i) else {
             continue;
         };
@@ -202,10 +247,23 @@ fn resolve_lines(
             best[i] = best[i - 1].clone();
         }
     }
+    for i in (0..next.len().saturating_sub(1)).rev() {
+        next[i] = next[i].min(next[i + 1]);
+    }
     Ok(wanted
         .into_iter()
         .zip(best)
-        .filter_map(|(a, b)| Some((a, b?.1)))
+        .zip(next)
+        .filter_map(|((address, best), end)| {
+            let (start, name) = best?;
+            // Nothing after the symbol: it is known to reach this address, no further.
+            let end = if end == u64::MAX {
+                address.saturating_add(1)
+            } else {
+                end
+            };
+            Some((address, Symbol { start, end, name }))
+        })
         .collect())
 }
 
@@ -221,7 +279,54 @@ ffffffffc0000000 t ext4_read [ext4]
 ";
 
     fn resolve(text: &str, addresses: &[u64]) -> Result<HashMap<u64, String>, ResolveError> {
-        resolve_lines(text.as_bytes(), addresses)
+        Ok(resolve_lines(text.as_bytes(), addresses)?
+            .into_iter()
+            .map(|(a, s)| (a, s.name))
+            .collect())
+    }
+
+    #[test]
+    fn symbols_end_where_the_next_one_starts() {
+        let found = resolve_lines(
+            SAMPLE.as_bytes(),
+            &[0xffffffff81000010, 0xffffffff81001004, 0xffffffffc0000004],
+        )
+        .ok()
+        .unwrap();
+        assert_eq!(found[&0xffffffff81000010].end, 0xffffffff81001000);
+        // do_one_initcall ends at the data symbol that follows it.
+        assert_eq!(found[&0xffffffff81001004].start, 0xffffffff81001000);
+        assert_eq!(found[&0xffffffff81001004].end, 0xffffffff81002000);
+        // The last symbol: known only up to the address looked up.
+        assert_eq!(found[&0xffffffffc0000004].end, 0xffffffffc0000005);
+    }
+
+    #[test]
+    fn another_address_in_a_known_function_needs_no_stream() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kallsyms");
+        std::fs::write(&path, SAMPLE).unwrap();
+        let symbols = KernelSymbols::load_from(&path).unwrap();
+        let mut names = KernelNames::default();
+        names
+            .resolve_missing(&symbols, &[0xffffffff81001004])
+            .unwrap();
+        // With the file gone, a stream would fail: only the kept range can answer.
+        std::fs::remove_file(&path).unwrap();
+        names
+            .resolve_missing(&symbols, &[0xffffffff81001ff0, 0xffffffff81001000])
+            .unwrap();
+        assert_eq!(names.get(0xffffffff81001ff0), Some(Some("do_one_initcall")));
+        assert_eq!(
+            names.get(0xffffffff81002000),
+            None,
+            "past its end: not known"
+        );
+        assert!(
+            names
+                .resolve_missing(&symbols, &[0xffffffff81002000])
+                .is_err()
+        );
     }
 
     #[test]
