@@ -125,7 +125,27 @@ pub fn soak(minutes: u64, idle: usize) -> Result<()> {
         "| RSS at the end, MiB | {:.1} |",
         run.rss.last().map_or(f64::NAN, |r| r.1 as f64 / 1024.0)
     )?;
-    writeln!(s, "| RSS slope, MiB per 10 min | {per_10_min:.3} |\n")?;
+    writeln!(s, "| RSS slope, MiB per 10 min | {per_10_min:.3} |")?;
+    // Per window, to tell a leak (every window climbs) from a one-time settling.
+    let mut start = WARM_UP_S;
+    while start + 300.0 <= seconds as f64 {
+        let window: Vec<(f64, f64)> = settled
+            .iter()
+            .copied()
+            .filter(|(t, _)| *t >= start && *t < start + 600.0)
+            .collect();
+        if let Some(w) = slope(&window) {
+            writeln!(
+                s,
+                "| ... from {:.0} to {:.0} min | {:.3} |",
+                start / 60.0,
+                (start / 60.0 + 10.0).min(seconds as f64 / 60.0),
+                w * 600.0
+            )?;
+        }
+        start += 600.0;
+    }
+    writeln!(s)?;
     writeln!(
         s,
         "Goal: under {GOAL_MIB_PER_10_MIN} MiB per 10 minutes: {}.",
