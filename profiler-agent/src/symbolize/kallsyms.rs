@@ -1,12 +1,12 @@
-//! Kernel text symbols from /proc/kallsyms, with module names. The file is streamed once per
-//! batch of addresses and only the names those addresses need are kept: holding the whole
-//! table (100k+ symbols) would cost more memory than the rest of the agent. When the kernel
-//! hides addresses (kptr_restrict) every address reads as zero: then nothing resolves and
-//! kernel frames stay `[unknown]` rather than getting wrong names.
+//! Kernel text symbols from /proc/kallsyms, with module names. When the kernel hides
+//! addresses (kptr_restrict) every address reads as zero: then nothing resolves and kernel
+//! frames stay `[unknown]` rather than getting wrong names.
 //!
-//! [`KernelNames`] keeps the names found across intervals while the module layout stays the
-//! same, so a steady host streams the file only when it samples a kernel address it has not
-//! seen before.
+//! [`KernelNames`] reads the file once into a compact table (5 MiB for 120k functions) and
+//! keeps it while the module layout stays the same and no BPF program is sampled: reading
+//! the file costs the kernel 150-230 ms of formatting, and a busy host keeps being sampled in
+//! functions it has not seen before, so a read per new function was a read per interval.
+//! [`KernelSymbols::resolve`] streams the file for one batch of addresses.
 
 use std::{
     collections::HashMap,
@@ -90,8 +90,8 @@ impl KernelSymbols {
     }
 }
 
-/// One kernel symbol: `[start, end)`, where `end` is the next symbol's start (or just past the
-/// looked-up address when nothing follows).
+/// One kernel text symbol: `[start, end)`, where `end` is the next text symbol's start (or
+/// just past the looked-up address when nothing follows).
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Symbol {
     start: u64,
@@ -99,83 +99,122 @@ struct Symbol {
     name: String,
 }
 
-/// Kernel symbols (and addresses without one) found so far. Symbols are kept as ranges: a busy
-/// kernel is sampled at new instruction addresses every interval, nearly all of them inside
-/// functions already named, and each unknown address would cost a stream of the whole file
-/// (the kernel formats 200k lines: tens of ms).
+/// Every kernel text symbol, sorted by address, names packed in one string: about 16 bytes a
+/// symbol plus its name (5 MiB for a distribution kernel's 120k functions).
 #[derive(Debug, Default)]
-pub struct KernelNames {
-    /// By start address.
-    ranges: std::collections::BTreeMap<u64, (u64, String)>,
-    /// Addresses no symbol contains.
-    unnamed: std::collections::HashSet<u64>,
-    modules: u64,
+struct KernelTable {
+    /// (start, name start, name end in `names`), sorted by start.
+    symbols: Vec<(u64, u32, u32)>,
+    names: String,
 }
 
-/// Past this many addresses the names are dropped at the next round rather than kept: a
-/// bound on memory whatever the kernel runs.
-const MAX_KERNEL_NAMES: usize = 65_536;
+impl KernelTable {
+    fn read(mut reader: impl std::io::BufRead) -> Result<Self, ResolveError> {
+        let mut table = Self::default();
+        let mut any_address = false;
+        let mut line = String::new();
+        loop {
+            line.clear();
+            if reader.read_line(&mut line).map_err(ResolveError::Io)? == 0 {
+                break;
+            }
+            let mut fields = line.split_whitespace();
+            let (Some(addr), Some(kind), Some(name)) =
+                (fields.next(), fields.next(), fields.next())
+            else {
+                continue;
+            };
+            let Ok(start) = u64::from_str_radix(addr, 16) else {
+                continue;
+            };
+            any_address |= start != 0;
+            if !matches!(kind, "t" | "T") {
+                continue;
+            }
+            let name_start = table.names.len();
+            table.names.push_str(name);
+            if let Some(module) = fields.next() {
+                table.names.push(' ');
+                table.names.push_str(module);
+            }
+            let (Ok(from), Ok(to)) = (u32::try_from(name_start), u32::try_from(table.names.len()))
+            else {
+                break;
+            };
+            table.symbols.push((start, from, to));
+        }
+        if !any_address {
+            return Err(ResolveError::Hidden);
+        }
+        table.symbols.sort_by_key(|s| s.0);
+        table.symbols.shrink_to_fit();
+        table.names.shrink_to_fit();
+        Ok(table)
+    }
+
+    /// The text symbol with the greatest start at or below `address`.
+    fn lookup(&self, address: u64) -> Option<&str> {
+        let i = self.symbols.partition_point(|s| s.0 <= address);
+        let &(_, from, to) = self.symbols[..i].last()?;
+        self.names.get(from as usize..to as usize)
+    }
+}
+
+/// The kernel's text symbols, read once and kept while the module layout stays the same. A
+/// busy kernel is sampled in functions not seen before for a long time (a dozen a minute on
+/// an idle-ish host), and reading /proc/kallsyms costs the kernel 150-230 ms of formatting
+/// each time: a compact table of every symbol costs 5 MiB instead.
+#[derive(Debug, Default)]
+pub struct KernelNames {
+    table: Option<KernelTable>,
+    modules: u64,
+    /// A lookup landed in a JIT-compiled BPF program: programs come and go at the same
+    /// addresses, so the table is read again next round.
+    stale: std::cell::Cell<bool>,
+}
 
 impl KernelNames {
-    /// `None` if the address was never resolved; `Some(None)` if it has no symbol.
+    /// `None` if the table is not read yet; `Some(None)` if the address has no symbol.
     pub fn get(&self, address: u64) -> Option<Option<&str>> {
-        if let Some(name) = self.range_of(address) {
-            return Some(Some(name));
+        let name = self.table.as_ref()?.lookup(address);
+        if name.is_some_and(|n| n.ends_with("[bpf]")) {
+            self.stale.set(true);
         }
-        self.unnamed.contains(&address).then_some(None)
+        Some(name)
     }
 
-    fn range_of(&self, address: u64) -> Option<&str> {
-        let (_, (end, name)) = self.ranges.range(..=address).next_back()?;
-        (address < *end).then_some(name.as_str())
-    }
-
-    /// Resolves the addresses not resolved before, streaming the file once if there are any.
+    /// Reads the table if it is not read yet and there is an address to name.
     pub fn resolve_missing(
         &mut self,
         symbols: &KernelSymbols,
         addresses: &[u64],
     ) -> Result<(), KallsymsError> {
-        let mut missing: Vec<u64> = addresses
-            .iter()
-            .copied()
-            .filter(|a| self.get(*a).is_none())
-            .collect();
-        if missing.is_empty() {
+        if self.table.is_some() || addresses.is_empty() {
             return Ok(());
         }
-        missing.sort_unstable();
-        missing.dedup();
-        let mut found = symbols.resolve_symbols(&missing)?;
-        for address in missing {
-            match found.remove(&address) {
-                Some(symbol) => {
-                    self.ranges.insert(symbol.start, (symbol.end, symbol.name));
-                }
-                None => {
-                    self.unnamed.insert(address);
-                }
-            }
-        }
+        let file = std::fs::File::open(&symbols.path).map_err(|e| symbols.read_error(e))?;
+        let table = KernelTable::read(std::io::BufReader::new(file)).map_err(|e| match e {
+            ResolveError::Io(source) => symbols.read_error(source),
+            ResolveError::Hidden => KallsymsError::Hidden,
+        })?;
+        tracing::debug!(symbols = table.symbols.len(), "read kallsyms");
+        self.table = Some(table);
         Ok(())
     }
 
-    /// End of an interval: everything is forgotten if a module loaded or unloaded (module
-    /// text may have moved) or the table grew past its bound; names inside JIT-compiled BPF
-    /// programs are always forgotten, as programs come and go at the same addresses.
+    /// End of an interval: the table is dropped if a module loaded or unloaded (module text
+    /// may have moved) or a BPF program was sampled (see `stale`).
     pub fn next_round(&mut self, symbols: &KernelSymbols) {
         let modules = symbols.modules_fingerprint();
-        if modules != self.modules || self.len() > MAX_KERNEL_NAMES {
-            self.ranges.clear();
-            self.unnamed.clear();
+        if modules != self.modules || self.stale.replace(false) {
+            self.table = None;
             self.modules = modules;
-        } else {
-            self.ranges.retain(|_, (_, name)| !name.ends_with("[bpf]"));
         }
     }
 
+    /// Symbols held.
     pub fn len(&self) -> usize {
-        self.ranges.len() + self.unnamed.len()
+        self.table.as_ref().map_or(0, |t| t.symbols.len())
     }
 
     pub fn is_empty(&self) -> bool {
@@ -198,8 +237,9 @@ fn resolve_lines(
     wanted.dedup();
     // best[i]: the best symbol whose start lies in (wanted[i-1], wanted[i]].
     let mut best: Vec<Option<(u64, String)>> = vec![None; wanted.len()];
-    // next[i]: the lowest symbol start in (wanted[i], wanted[i+1]], any kind: where the
-    // function containing wanted[i] ends.
+    // next[i]: the lowest text symbol start in (wanted[i], wanted[i+1]]: where the range
+    // named by the text symbol containing wanted[i] ends (data symbols in between do not
+    // end it, as they do not change the name an address gets).
     let mut next: Vec<u64> = vec![u64::MAX; wanted.len()];
     let mut any_address = false;
     let mut line = String::new();
@@ -217,12 +257,12 @@ fn resolve_lines(
             continue;
         };
         any_address |= start != 0;
+        if !matches!(kind, "t" | "T") {
+            continue;
+        }
         let i = wanted.partition_point(|&a| a < start);
         if let Some(end) = i.checked_sub(1).and_then(|before| next.get_mut(before)) {
             *end = (*end).min(start);
-        }
-        if !matches!(kind, "t" | "T") {
-            continue;
         }
         let Some(slot) = best.get_mut(i) else {
             continue;
@@ -294,15 +334,15 @@ ffffffffc0000000 t ext4_read [ext4]
         .ok()
         .unwrap();
         assert_eq!(found[&0xffffffff81000010].end, 0xffffffff81001000);
-        // do_one_initcall ends at the data symbol that follows it.
+        // A data symbol does not end do_one_initcall's range; the next text symbol does.
         assert_eq!(found[&0xffffffff81001004].start, 0xffffffff81001000);
-        assert_eq!(found[&0xffffffff81001004].end, 0xffffffff81002000);
+        assert_eq!(found[&0xffffffff81001004].end, 0xffffffffc0000000);
         // The last symbol: known only up to the address looked up.
         assert_eq!(found[&0xffffffffc0000004].end, 0xffffffffc0000005);
     }
 
     #[test]
-    fn another_address_in_a_known_function_needs_no_stream() {
+    fn one_read_names_every_later_address() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("kallsyms");
         std::fs::write(&path, SAMPLE).unwrap();
@@ -311,22 +351,14 @@ ffffffffc0000000 t ext4_read [ext4]
         names
             .resolve_missing(&symbols, &[0xffffffff81001004])
             .unwrap();
-        // With the file gone, a stream would fail: only the kept range can answer.
+        // With the file gone, a read would fail: only the table can answer.
         std::fs::remove_file(&path).unwrap();
-        names
-            .resolve_missing(&symbols, &[0xffffffff81001ff0, 0xffffffff81001000])
-            .unwrap();
-        assert_eq!(names.get(0xffffffff81001ff0), Some(Some("do_one_initcall")));
-        assert_eq!(
-            names.get(0xffffffff81002000),
-            None,
-            "past its end: not known"
-        );
-        assert!(
-            names
-                .resolve_missing(&symbols, &[0xffffffff81002000])
-                .is_err()
-        );
+        let later = [0xffffffff81001ff0, 0xffffffff81002010, 0xffffffffc0000010];
+        names.resolve_missing(&symbols, &later).unwrap();
+        assert_eq!(names.get(later[0]), Some(Some("do_one_initcall")));
+        assert_eq!(names.get(later[1]), Some(Some("do_one_initcall")));
+        assert_eq!(names.get(later[2]), Some(Some("ext4_read [ext4]")));
+        assert_eq!(names.get(0x1000), Some(None));
     }
 
     #[test]
@@ -361,7 +393,7 @@ ffffffffc0000000 t ext4_read [ext4]
         .unwrap();
         names.next_round(&symbols);
         assert_eq!(names.get(core), Some(Some("_stext")));
-        assert_eq!(names.len(), 3);
+        assert_eq!(names.len(), 3, "the SAMPLE's text symbols");
 
         // A module loaded: everything is resolved afresh.
         std::fs::write(
@@ -389,10 +421,19 @@ ffffffffc0000000 t ext4_read [ext4]
         names
             .resolve_missing(&symbols, &[0xffffffffa0000010, 0xffffffff81000010])
             .unwrap();
-        assert_eq!(names.len(), 2);
+        assert_eq!(
+            names.get(0xffffffffa0000010),
+            Some(Some("bpf_prog_6deef7357e7b4530_x [bpf]"))
+        );
+        assert_eq!(names.len(), 4);
         names.next_round(&symbols);
-        assert_eq!(names.get(0xffffffffa0000010), None);
+        assert_eq!(names.get(0xffffffffa0000010), None, "read again next time");
+        names
+            .resolve_missing(&symbols, &[0xffffffff81000010])
+            .unwrap();
         assert_eq!(names.get(0xffffffff81000010), Some(Some("_stext")));
+        names.next_round(&symbols);
+        assert!(!names.is_empty(), "kept: no BPF program was sampled");
     }
 
     #[test]
