@@ -404,22 +404,7 @@ mod tests {
         assert!(binary.build_id().is_some());
         let here = own_binary_has_dwarf_lines_for_this_function as *const () as u64;
         // Our own code: runtime address -> file offset -> vaddr through /proc/self/maps.
-        let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
-        let (start, offset) = maps
-            .lines()
-            .find_map(|l| {
-                let f: Vec<&str> = l.split_whitespace().collect();
-                let (a, b) = f[0].split_once('-')?;
-                let (a, b) = (
-                    u64::from_str_radix(a, 16).ok()?,
-                    u64::from_str_radix(b, 16).ok()?,
-                );
-                (a..b)
-                    .contains(&here)
-                    .then(|| (a, u64::from_str_radix(f[2], 16).unwrap()))
-            })
-            .unwrap();
-        let vaddr = binary.vaddr_of_file_offset(here - start + offset).unwrap();
+        let vaddr = binary.vaddr_of_file_offset(file_offset_of(here)).unwrap();
         let frames = binary.frames(vaddr);
         let outer = frames.last().unwrap();
         assert!(

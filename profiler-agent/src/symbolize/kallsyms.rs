@@ -6,7 +6,8 @@
 //! keeps it while the module layout stays the same and no BPF program is sampled: reading
 //! the file costs the kernel 150-230 ms of formatting, and a busy host keeps being sampled in
 //! functions it has not seen before, so a read per new function was a read per interval.
-//! [`KernelSymbols::resolve`] streams the file for one batch of addresses.
+//! [`KernelSymbols::resolve`] reads the file for one batch of addresses (and, at load, to
+//! detect hidden addresses).
 
 use std::{
     collections::HashMap,
@@ -49,17 +50,16 @@ impl KernelSymbols {
 
     /// The symbol (`name` or `name [module]`) containing each address that has one.
     pub fn resolve(&self, addresses: &[u64]) -> Result<HashMap<u64, String>, KallsymsError> {
-        Ok(self
-            .resolve_symbols(addresses)?
-            .into_iter()
-            .map(|(address, symbol)| (address, symbol.name))
+        let table = self.read_table()?;
+        Ok(addresses
+            .iter()
+            .filter_map(|&a| Some((a, table.lookup(a)?.to_owned())))
             .collect())
     }
 
-    /// The symbol containing each address that has one, with its extent.
-    fn resolve_symbols(&self, addresses: &[u64]) -> Result<HashMap<u64, Symbol>, KallsymsError> {
+    fn read_table(&self) -> Result<KernelTable, KallsymsError> {
         let file = std::fs::File::open(&self.path).map_err(|source| self.read_error(source))?;
-        resolve_lines(std::io::BufReader::new(file), addresses).map_err(|e| match e {
+        KernelTable::read(std::io::BufReader::new(file)).map_err(|e| match e {
             ResolveError::Io(source) => self.read_error(source),
             ResolveError::Hidden => KallsymsError::Hidden,
         })
@@ -88,15 +88,6 @@ impl KernelSymbols {
             source,
         }
     }
-}
-
-/// One kernel text symbol: `[start, end)`, where `end` is the next text symbol's start (or
-/// just past the looked-up address when nothing follows).
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Symbol {
-    start: u64,
-    end: u64,
-    name: String,
 }
 
 /// Every kernel text symbol, sorted by address, names packed in one string: about 16 bytes a
@@ -192,11 +183,7 @@ impl KernelNames {
         if self.table.is_some() || addresses.is_empty() {
             return Ok(());
         }
-        let file = std::fs::File::open(&symbols.path).map_err(|e| symbols.read_error(e))?;
-        let table = KernelTable::read(std::io::BufReader::new(file)).map_err(|e| match e {
-            ResolveError::Io(source) => symbols.read_error(source),
-            ResolveError::Hidden => KallsymsError::Hidden,
-        })?;
+        let table = symbols.read_table()?;
         tracing::debug!(symbols = table.symbols.len(), "read kallsyms");
         self.table = Some(table);
         Ok(())
@@ -227,86 +214,6 @@ enum ResolveError {
     Hidden,
 }
 
-/// For every address, the text symbol with the greatest start at or below it.
-fn resolve_lines(
-    mut reader: impl std::io::BufRead,
-    addresses: &[u64],
-) -> Result<HashMap<u64, Symbol>, ResolveError> {
-    let mut wanted = addresses.to_vec();
-    wanted.sort_unstable();
-    wanted.dedup();
-    // best[i]: the best symbol whose start lies in (wanted[i-1], wanted[i]].
-    let mut best: Vec<Option<(u64, String)>> = vec![None; wanted.len()];
-    // next[i]: the lowest text symbol start in (wanted[i], wanted[i+1]]: where the range
-    // named by the text symbol containing wanted[i] ends (data symbols in between do not
-    // end it, as they do not change the name an address gets).
-    let mut next: Vec<u64> = vec![u64::MAX; wanted.len()];
-    let mut any_address = false;
-    let mut line = String::new();
-    loop {
-        line.clear();
-        if reader.read_line(&mut line).map_err(ResolveError::Io)? == 0 {
-            break;
-        }
-        let mut fields = line.split_whitespace();
-        let (Some(addr), Some(kind), Some(name)) = (fields.next(), fields.next(), fields.next())
-        else {
-            continue;
-        };
-        let Ok(start) = u64::from_str_radix(addr, 16) else {
-            continue;
-        };
-        any_address |= start != 0;
-        if !matches!(kind, "t" | "T") {
-            continue;
-        }
-        let i = wanted.partition_point(|&a| a < start);
-        if let Some(end) = i.checked_sub(1).and_then(|before| next.get_mut(before)) {
-            *end = (*end).min(start);
-        }
-        let Some(slot) = best.get_mut(i) else {
-            continue;
-        };
-        if slot.as_ref().is_none_or(|(s, _)| start >= *s) {
-            let module = fields.next();
-            let entry = slot.get_or_insert_with(|| (start, String::new()));
-            entry.0 = start;
-            entry.1.clear();
-            entry.1.push_str(name);
-            if let Some(module) = module {
-                entry.1.push(' ');
-                entry.1.push_str(module);
-            }
-        }
-    }
-    if !any_address {
-        return Err(ResolveError::Hidden);
-    }
-    for i in 1..best.len() {
-        if best[i].is_none() {
-            best[i] = best[i - 1].clone();
-        }
-    }
-    for i in (0..next.len().saturating_sub(1)).rev() {
-        next[i] = next[i].min(next[i + 1]);
-    }
-    Ok(wanted
-        .into_iter()
-        .zip(best)
-        .zip(next)
-        .filter_map(|((address, best), end)| {
-            let (start, name) = best?;
-            // Nothing after the symbol: it is known to reach this address, no further.
-            let end = if end == u64::MAX {
-                address.saturating_add(1)
-            } else {
-                end
-            };
-            Some((address, Symbol { start, end, name }))
-        })
-        .collect())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -319,26 +226,11 @@ ffffffffc0000000 t ext4_read [ext4]
 ";
 
     fn resolve(text: &str, addresses: &[u64]) -> Result<HashMap<u64, String>, ResolveError> {
-        Ok(resolve_lines(text.as_bytes(), addresses)?
-            .into_iter()
-            .map(|(a, s)| (a, s.name))
+        let table = KernelTable::read(text.as_bytes())?;
+        Ok(addresses
+            .iter()
+            .filter_map(|&a| Some((a, table.lookup(a)?.to_owned())))
             .collect())
-    }
-
-    #[test]
-    fn symbols_end_where_the_next_one_starts() {
-        let found = resolve_lines(
-            SAMPLE.as_bytes(),
-            &[0xffffffff81000010, 0xffffffff81001004, 0xffffffffc0000004],
-        )
-        .ok()
-        .unwrap();
-        assert_eq!(found[&0xffffffff81000010].end, 0xffffffff81001000);
-        // A data symbol does not end do_one_initcall's range; the next text symbol does.
-        assert_eq!(found[&0xffffffff81001004].start, 0xffffffff81001000);
-        assert_eq!(found[&0xffffffff81001004].end, 0xffffffffc0000000);
-        // The last symbol: known only up to the address looked up.
-        assert_eq!(found[&0xffffffffc0000004].end, 0xffffffffc0000005);
     }
 
     #[test]
