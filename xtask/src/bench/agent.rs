@@ -82,13 +82,7 @@ pub fn agent(seconds: u64, idle: usize) -> Result<()> {
     let cpus = thread::available_parallelism().map_or(1, |n| n.get());
     child::install_interrupt_handler();
 
-    let mut sleepers = Vec::with_capacity(idle);
-    for i in 0..idle {
-        let mut cmd = Command::new("sleep");
-        cmd.arg((6 * seconds + 120).to_string())
-            .stdin(Stdio::null());
-        sleepers.push(Child::spawn(&format!("idle process {i}"), &mut cmd)?);
-    }
+    let sleepers = daemon::spawn_sleepers(idle, 6 * seconds + 120)?;
 
     eprintln!(
         "bench: profiler-agent run for {seconds} s: {cpus} busy threads, {idle} idle processes"
@@ -116,11 +110,12 @@ fn measure_agent(
     tmp: &Path,
 ) -> Result<(Cost, AgentFigures)> {
     let receiver = Receiver::start()?;
-    let write = format!(
-        "[write]\n[[write.endpoint]]\nname = \"bench\"\nurl = \"{}\"\nprotocol = \"push\"\n",
-        receiver.url()
+    let config = daemon::config(
+        daemon::free_port()?,
+        COLLECT_INTERVAL_S,
+        daemon::Targets::All,
+        &daemon::push_to(&receiver.url()),
     );
-    let config = daemon::config(daemon::free_port()?, COLLECT_INTERVAL_S, &write);
     let workload = start_workload(chain, seconds + 30, cpus)?;
     let stats = BpfStatsSysctl::enable()?;
     // The BPF counters are read from a thread while the program is attached, near the end.

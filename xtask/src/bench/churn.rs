@@ -54,7 +54,12 @@ pub fn churn(seconds: u64, rate: u32) -> Result<()> {
     child::install_interrupt_handler();
     let profiles = tmp.path().join("profiles");
     let write = format!("[write]\ndirectory = \"{}\"\n", profiles.display());
-    let config = daemon::config(daemon::free_port()?, COLLECT_INTERVAL_S, &write);
+    let config = daemon::config(
+        daemon::free_port()?,
+        COLLECT_INTERVAL_S,
+        daemon::Targets::All,
+        &write,
+    );
 
     eprintln!("bench: {rate} short-lived processes per second for {seconds} s under the agent");
     let mut cmd = Command::new(&churn);

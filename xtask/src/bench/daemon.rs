@@ -43,12 +43,31 @@ pub struct DaemonRun {
     pub log: PathBuf,
 }
 
-/// The config every benchmark daemon shares: every process a target named after its
-/// executable (as the embedded default names processes outside containers), discovery every
-/// 5 s, the server on `port`; `write` is the `[write]` table and anything after it.
-pub fn config(port: u16, collect_interval_s: u64, write: &str) -> String {
+/// Which processes a benchmark daemon profiles.
+pub enum Targets<'a> {
+    /// Every process on the host (as the embedded default).
+    All,
+    /// Only processes whose executable path matches this regex: the benchmark's own load,
+    /// so that whatever else runs on the host is not symbolized and cannot skew the figures.
+    Only(&'a str),
+}
+
+/// The config every benchmark daemon shares: targets named after their executable (as the
+/// embedded default names processes outside containers), discovery every 5 s, the server on
+/// `port`; `write` is the `[write]` table and anything after it.
+pub fn config(port: u16, collect_interval_s: u64, targets: Targets, write: &str) -> String {
+    let (targets_only, keep) = match targets {
+        Targets::All => (false, String::new()),
+        Targets::Only(regex) => (
+            true,
+            format!(
+                "\n[[relabel]]\nsource_labels = [\"__meta_process_exe\"]\nregex = \"{regex}\"\n\
+                 action = \"keep\"\n"
+            ),
+        ),
+    };
     format!(
-        r#"targets_only = false
+        r#"targets_only = {targets_only}
 sample_rate = 97
 collect_interval = "{collect_interval_s}s"
 
@@ -60,13 +79,29 @@ source_labels = ["__meta_process_exe"]
 regex = ".*/([^/]+?)( \\(deleted\\))?"
 target_label = "service_name"
 action = "replace"
-
+{keep}
 [server]
 listen_address = "127.0.0.1:{port}"
 
 {write}
 "#
     )
+}
+
+/// The `[write]` table that pushes every profile to `url` (a loopback receiver).
+pub fn push_to(url: &str) -> String {
+    format!("[write]\n[[write.endpoint]]\nname = \"bench\"\nurl = \"{url}\"\nprotocol = \"push\"\n")
+}
+
+/// `n` idle `sleep` processes living `seconds`, each a target for process discovery.
+pub fn spawn_sleepers(n: usize, seconds: u64) -> Result<Vec<Child>> {
+    (0..n)
+        .map(|i| {
+            let mut cmd = Command::new("sleep");
+            cmd.arg(seconds.to_string()).stdin(Stdio::null());
+            Child::spawn(&format!("idle process {i}"), &mut cmd)
+        })
+        .collect()
 }
 
 /// Runs the daemon with `config` for `seconds`, then SIGTERM (its final flush counts).
@@ -221,7 +256,16 @@ mod tests {
 
     #[test]
     fn port_from_the_config() {
-        let c = config(4123, 15, "");
+        let c = config(4123, 15, Targets::All, "");
         assert_eq!(config_port(&c).unwrap(), 4123);
+    }
+
+    #[test]
+    fn only_the_given_executables_are_targets() {
+        let all = config(1, 15, Targets::All, "");
+        assert!(all.starts_with("targets_only = false") && !all.contains("\"keep\""));
+        let only = config(1, 15, Targets::Only(".*/bench-.*"), "");
+        assert!(only.starts_with("targets_only = true"));
+        assert!(only.contains("regex = \".*/bench-.*\"\naction = \"keep\""));
     }
 }

@@ -107,14 +107,12 @@ pub fn scale(seconds: u64) -> Result<()> {
             "[write]\ndirectory = \"{}\"\n",
             tmp.path().join("profiles").display()
         );
-        // Only this benchmark's processes are targets (and so symbolized): what else runs on
-        // the host must not decide the figures.
-        let write = format!(
-            "{write}\n[[relabel]]\nsource_labels = [\"__meta_process_exe\"]\n\
-             regex = \".*/xtask-bench-scale-.*\"\naction = \"keep\"\n"
+        let config = daemon::config(
+            daemon::free_port()?,
+            COLLECT_INTERVAL_S,
+            daemon::Targets::Only(".*/xtask-bench-scale-.*"),
+            &write,
         );
-        let config = daemon::config(daemon::free_port()?, COLLECT_INTERVAL_S, &write)
-            .replace("targets_only = false", "targets_only = true");
         let run = daemon::run(
             "scale",
             &config,

@@ -3,17 +3,12 @@
 //! profiles pushed to a loopback receiver), VmRSS read every 10 s. The slope of a
 //! least-squares line through the readings after the first 5 minutes (caches filled,
 //! allocator settled) is the leak figure. Goal: under 1 MiB per 10 minutes.
-use std::{
-    fmt::Write as _,
-    process::{Command, Stdio},
-    thread,
-    time::Duration,
-};
+use std::{fmt::Write as _, thread, time::Duration};
 
 use anyhow::{Result, bail, ensure};
 
 use super::{
-    child::{self, Child},
+    child,
     daemon::{self, slope},
     overhead::{compile_workload, start_workload},
     receiver::Receiver,
@@ -42,25 +37,16 @@ pub fn soak(minutes: u64, idle: usize) -> Result<()> {
     let cpus = thread::available_parallelism().map_or(1, |n| n.get());
     child::install_interrupt_handler();
     let seconds = minutes * 60;
-    let mut sleepers = Vec::with_capacity(idle);
-    for i in 0..idle {
-        let mut cmd = Command::new("sleep");
-        cmd.arg((seconds + 120).to_string()).stdin(Stdio::null());
-        sleepers.push(Child::spawn(&format!("idle process {i}"), &mut cmd)?);
-    }
+    let sleepers = daemon::spawn_sleepers(idle, seconds + 120)?;
     let receiver = Receiver::start()?;
-    let write = format!(
-        "[write]\n[[write.endpoint]]\nname = \"bench\"\nurl = \"{}\"\nprotocol = \"push\"\n",
-        receiver.url()
-    );
     // The load is this benchmark's: its workload and sleepers are the targets, and nothing
     // else running on the host is symbolized, so the slope is the agent's alone.
-    let write = format!(
-        "{write}\n[[relabel]]\nsource_labels = [\"__meta_process_exe\"]\n\
-         regex = \".*/(xtask-bench-soak-.*|sleep)\"\naction = \"keep\"\n"
+    let config = daemon::config(
+        daemon::free_port()?,
+        COLLECT_INTERVAL_S,
+        daemon::Targets::Only(".*/(xtask-bench-soak-.*|sleep)"),
+        &daemon::push_to(&receiver.url()),
     );
-    let config = daemon::config(daemon::free_port()?, COLLECT_INTERVAL_S, &write)
-        .replace("targets_only = false", "targets_only = true");
     // The workload is a deep chain at the agent benchmark's depth, on every CPU, at normal
     // priority: the agent must keep up while competing for CPU.
     let workload = start_workload(&chain, seconds + 60, cpus)?;
