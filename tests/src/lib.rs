@@ -1,4 +1,5 @@
-//! End-to-end tests live in tests/. The library holds what is worth fuzzing: the decoders
-//! for what the agent sends.
+//! End-to-end tests live in tests/. The library holds the decoders for what the agent sends
+//! (worth fuzzing) and the reader of `go tool pprof -raw`.
 
 pub mod decode;
+pub mod go_pprof;

@@ -316,7 +316,7 @@ fn assert_distinct<T: Ord + std::fmt::Debug>(values: &[T], what: &str) {
 fn check_with_go_pprof(path: &std::path::Path, p: &profiler_agent::profile::pprof::Profile) {
     let raw = go_pprof_raw(path);
     let (_, samples) = raw.split_once("Samples:").expect("Samples: section");
-    let (samples, locations) = samples.split_once("Locations").expect("Locations section");
+    let (samples, _) = samples.split_once("Locations").expect("Locations section");
     let mut total = 0;
     for line in samples.lines().skip(2) {
         let Some((values, _)) = line.split_once(':') else {
@@ -333,18 +333,30 @@ fn check_with_go_pprof(path: &std::path::Path, p: &profiler_agent::profile::ppro
     }
     let ours: i64 = p.sample.iter().map(|s| s.value[0]).sum();
     assert_eq!(total, ours, "go tool pprof sample total:\n{raw}");
-    let (locations, _) = locations.split_once("Mappings").expect("Mappings section");
-    for line in locations.lines().filter(|l| {
-        l.trim_start()
-            .split(':')
-            .next()
-            .is_some_and(|n| n.parse::<u64>().is_ok())
-    }) {
-        assert!(
-            line.split_whitespace()
-                .any(|w| w.strip_prefix("M=").is_some_and(|m| m != "0")),
-            "location without a mapping: {line}"
+    let locations = profiler_tests::go_pprof::locations(&raw);
+    assert_eq!(
+        locations.len(),
+        p.location.len(),
+        "go tool pprof locations:\n{raw}"
+    );
+    for location in &locations {
+        assert_ne!(
+            location.mapping, 0,
+            "location without a mapping: {location:?}"
         );
+        // The reader's lines are ours, innermost inline level first (the reader's format
+        // separates fields by spaces, so a name counts up to its first one).
+        let ours = &p.location[location.id as usize - 1];
+        let names: Vec<&str> = ours
+            .line
+            .iter()
+            .map(|l| {
+                let f = &p.function[l.function_id as usize - 1];
+                let name = p.string_table[f.name as usize].as_str();
+                name.split_whitespace().next().unwrap_or_default()
+            })
+            .collect();
+        assert_eq!(location.functions, names, "{raw}");
     }
 }
 

@@ -801,6 +801,15 @@ fn check_inline_fixture(dir: &Path, name: &str, binary: &Path) {
         check.max_depth
     );
     assert!(check.with_file_line >= MIN_CHECKED);
+    // The independent reader sees the inline levels innermost first.
+    let raw = go_pprof_raw(&dir.join(format!("{name}.pb.gz")));
+    let hot = ["mix", "scramble", "hot_loop"];
+    assert!(
+        profiler_tests::go_pprof::locations(&raw)
+            .iter()
+            .any(|l| l.functions.windows(3).any(|w| w == hot)),
+        "{name}: go tool pprof -raw shows no location with {hot:?} in this order:\n{raw}"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
