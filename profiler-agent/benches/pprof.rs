@@ -26,9 +26,9 @@ use criterion::{Criterion, Throughput};
 use flate2::{Compression, write::GzEncoder};
 use profiler_agent::{
     process::{Mapping, MappingKind, ProcessInfo},
-    profile::{BuildOptions, BuiltProfile, build_samples},
+    profile::{BuildOptions, BuiltProfile, GZIP_LEVEL, build_samples},
     sampler::{RawSample, Stack},
-    symbolize::{Frame, SymbolizeStats, Symbolizer},
+    symbolize::{Frame, Frames, SymbolizeStats, Symbolizer},
 };
 use prost::Message as _;
 
@@ -119,18 +119,25 @@ fn mix(mut x: u64) -> u64 {
 }
 
 /// Names call sites from a table built once: site `k` is in function `k / 10`; every fourth
-/// site has an inlined callee first.
+/// site has an inlined callee first. Like the real symbolizer's warm caches, it answers with
+/// shared frames, and every call site of a function shares the function's strings.
 struct TableSymbolizer {
-    sites: Vec<Vec<Frame>>,
+    sites: Vec<Frames>,
 }
 
 impl TableSymbolizer {
     fn new() -> Self {
+        let functions: Vec<Frame> = (0..FUNCTIONS)
+            .map(|n| Frame {
+                name: format!("fn_{n}").into(),
+                system_name: format!("_ZN5bench4fn_{n}17h{:016x}E", mix(n)).into(),
+                file: Some(format!("src/module_{}.rs", n / 20).into()),
+                line: 0,
+            })
+            .collect();
         let function = |n: u64, line: u64| Frame {
-            name: format!("fn_{n}"),
-            system_name: format!("_ZN5bench4fn_{n}17h{:016x}E", mix(n)),
-            file: Some(format!("src/module_{}.rs", n / 20)),
             line: line as u32,
+            ..functions[n as usize].clone()
         };
         let sites = (0..CALL_SITES)
             .map(|k| {
@@ -140,7 +147,7 @@ impl TableSymbolizer {
                     frames.push(function(mix(k) % FUNCTIONS, 10 + k % 7));
                 }
                 frames.push(function(caller, 100 + k % 10 * 3));
-                frames
+                frames.into()
             })
             .collect();
         Self { sites }
@@ -148,7 +155,7 @@ impl TableSymbolizer {
 }
 
 impl Symbolizer for TableSymbolizer {
-    fn user_frames(&mut self, _: &ProcessInfo, address: u64) -> Vec<Frame> {
+    fn user_frames(&mut self, _: &ProcessInfo, address: u64) -> Frames {
         let site = (address - BASE) / SITE;
         self.sites[site as usize].clone()
     }
@@ -256,7 +263,7 @@ fn figures(input: &mut Input) -> BuiltProfile {
         "pprof-figures samples={} frames={} locations={} functions={} strings={} \
          build_allocations={build_allocs} build_bytes={build_bytes} build_peak_bytes={build_peak} \
          encode_allocations={encode_allocs} encode_bytes={encode_bytes} \
-         encode_peak_bytes={encode_peak} raw_bytes={} gzip_bytes={}",
+         encode_peak_bytes={encode_peak} raw_bytes={} gzip_level={GZIP_LEVEL} gzip_bytes={}",
         p.sample.len(),
         p.sample.iter().map(|s| s.location_id.len()).sum::<usize>(),
         p.location.len(),

@@ -70,8 +70,9 @@ fn ours(sets: &[AddressSet], binaries: &mut Vec<Option<Binary>>) -> Vec<Option<S
     let mut names = Vec::new();
     for (set, binary) in sets.iter().zip(binaries.iter()) {
         for &vaddr in &set.vaddrs {
-            let frames = binary.as_ref().map(|b| b.frames(vaddr)).unwrap_or_default();
-            names.push(frames.last().map(|f| Demangle::Full.apply(&f.name)));
+            let frames = binary.as_ref().map(|b| b.frames(vaddr));
+            let outer = frames.as_ref().and_then(|f| f.last());
+            names.push(outer.map(|f| Demangle::Full.apply(&f.system_name)));
         }
     }
     names

@@ -74,10 +74,7 @@ fn mini_debug_info_names_static_functions_of_a_stripped_binary() {
     );
     let binary = Binary::load(&File::open(dir.path().join("prog")).unwrap(), &mut ()).unwrap();
     let frames = binary.frames(addr + 1);
-    assert_eq!(
-        frames.last().map(|f| f.name.as_str()),
-        Some("hidden_static")
-    );
+    assert_eq!(frames.last().map(|f| &*f.name), Some("hidden_static"));
 }
 
 #[test]
@@ -97,7 +94,7 @@ fn debuglink_finds_lines_in_the_dot_debug_directory() {
     assert!(binary.has_debug_file());
     let frames = binary.frames(addr + 1);
     let outer = frames.last().expect("frames");
-    assert_eq!(outer.name, "hidden_static");
+    assert_eq!(&*outer.name, "hidden_static");
     assert!(
         outer
             .file

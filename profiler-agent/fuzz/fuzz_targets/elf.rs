@@ -27,10 +27,10 @@ fuzz_target!(|data: &[u8]| {
     );
     vaddrs.extend([0, 1, u64::MAX, u64::MAX - 1]);
     for vaddr in vaddrs {
-        for frame in binary.frames(vaddr) {
+        for frame in binary.frames(vaddr).iter() {
             let _ = (
                 frame.name.len(),
-                frame.file.as_ref().map(String::len),
+                frame.file.as_ref().map(|f| f.len()),
                 frame.line,
             );
         }

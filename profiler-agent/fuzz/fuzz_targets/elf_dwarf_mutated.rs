@@ -107,10 +107,10 @@ fuzz_target!(|data: &[u8]| {
         vaddrs.extend(binary.vaddr_of_file_offset(offset));
     }
     for vaddr in vaddrs {
-        for frame in binary.frames(vaddr) {
+        for frame in binary.frames(vaddr).iter() {
             let _ = (
                 frame.name.len(),
-                frame.file.as_ref().map(String::len),
+                frame.file.as_ref().map(|f| f.len()),
                 frame.line,
             );
         }

@@ -213,9 +213,9 @@ struct ArithmeticSymbolizer;
 impl ArithmeticSymbolizer {
     fn frame(prefix: &str, address: u64, level: u64) -> Frame {
         let mut frame = Frame::named(format!("{prefix}_{}", (address / 16 + level) % 23));
-        frame.system_name = format!("_Z{}", frame.name);
+        frame.system_name = format!("_Z{}", frame.name).into();
         if !address.is_multiple_of(5) {
-            frame.file = Some(format!("src/{}.c", address % 7));
+            frame.file = Some(format!("src/{}.c", address % 7).into());
         }
         frame.line = (address % 97) as u32;
         frame
@@ -223,7 +223,7 @@ impl ArithmeticSymbolizer {
 }
 
 impl Symbolizer for ArithmeticSymbolizer {
-    fn user_frames(&mut self, _: &ProcessInfo, address: u64) -> Vec<Frame> {
+    fn user_frames(&mut self, _: &ProcessInfo, address: u64) -> Frames {
         (0..address % 3 + 1)
             .map(|level| Self::frame("fn", address, level))
             .collect()

@@ -12,7 +12,7 @@ use crate::{
 struct TableSymbolizer(HashMap<u64, &'static str>, Vec<u64>);
 
 impl Symbolizer for TableSymbolizer {
-    fn user_frames(&mut self, _: &ProcessInfo, address: u64) -> Vec<Frame> {
+    fn user_frames(&mut self, _: &ProcessInfo, address: u64) -> Frames {
         let name = self.0.get(&address).copied().unwrap_or(UNKNOWN);
         let mut frame = Frame::named(name);
         frame.file = Some("app.c".into());
@@ -21,9 +21,9 @@ impl Symbolizer for TableSymbolizer {
             // leaf is inlined into `inlined_into` at the same address.
             let mut outer = Frame::named("inlined_into");
             outer.line = 7;
-            return vec![frame, outer];
+            return Arc::new([frame, outer]);
         }
-        vec![frame]
+        Arc::new([frame])
     }
     fn kernel_frame(&mut self, address: u64) -> Frame {
         Frame::named(self.0.get(&address).copied().unwrap_or(UNKNOWN))
@@ -281,4 +281,64 @@ fn every_location_has_a_mapping_and_comm_can_be_the_root_frame() {
             "no pid label unless asked"
         );
     }
+}
+
+/// Answers `shared` for every address below 0x3000 (one function's strings, as the real
+/// symbolizer hands them out) and a fresh copy of the same text above it.
+struct SharingSymbolizer {
+    shared: Frame,
+}
+
+impl Symbolizer for SharingSymbolizer {
+    fn user_frames(&mut self, _: &ProcessInfo, address: u64) -> Frames {
+        let mut frame = if address < 0x3000 {
+            self.shared.clone()
+        } else {
+            Frame {
+                name: (*self.shared.name).into(),
+                system_name: (*self.shared.system_name).into(),
+                file: self.shared.file.as_deref().map(Into::into),
+                line: 0,
+            }
+        };
+        frame.line = address as u32;
+        Arc::new([frame])
+    }
+    fn kernel_frame(&mut self, _: u64) -> Frame {
+        Frame::named(UNKNOWN)
+    }
+    fn build_id(&mut self, _: &ProcessInfo, _: &Mapping) -> Option<String> {
+        None
+    }
+    fn stats(&self) -> SymbolizeStats {
+        SymbolizeStats::default()
+    }
+}
+
+#[test]
+fn one_function_per_text_whether_or_not_the_symbolizer_shares_strings() {
+    let mut rec = recording();
+    rec.samples = [0x1500u64, 0x2500, 0x4500, 0x5500]
+        .iter()
+        .map(|&leaf| RawSample {
+            pid: 42,
+            comm: "app".into(),
+            user: Stack::Frames(vec![leaf]),
+            kernel: Stack::NotCollected,
+            count: 1,
+        })
+        .collect();
+    let mut symbolizer = SharingSymbolizer {
+        shared: Frame {
+            name: "work".into(),
+            system_name: "_Z4workv".into(),
+            file: Some("work.c".into()),
+            line: 0,
+        },
+    };
+    let p = build(&rec, &mut symbolizer, &BuildOptions::record(100)).profile;
+    assert_eq!(p.location.len(), 4);
+    assert_eq!(p.function.len(), 1, "{:?}", p.function);
+    let lines: Vec<i64> = p.location.iter().map(|l| l.line[0].line).collect();
+    assert_eq!(lines, [0x1500, 0x2500, 0x4500, 0x5500]);
 }

@@ -2,11 +2,12 @@
 //! its Go function table, and its DWARF (from the file itself or a separate debug file), all
 //! answering the same question: what is at this virtual address.
 
-use std::{cell::RefCell, collections::HashMap, fs::File};
+use std::{cell::RefCell, collections::HashMap, fs::File, sync::Arc};
 
 use object::{Object as _, ObjectSection as _};
 
 use super::{
+    Demangle, Frame, Frames,
     dwarf::{LazyDwarf, Slice},
     elf::{ElfError, SymbolTable},
     gopclntab::Pclntab,
@@ -63,7 +64,7 @@ impl Bytes {
     }
 }
 
-/// One frame at an address, innermost inline level first when there are several.
+/// One frame at an address as the binary names it, before demangling.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RawFrame {
     /// The symbol as the binary names it (mangled for C++ and Rust).
@@ -90,8 +91,45 @@ pub struct Binary {
     symbols: SymbolTable<'static>,
     build_id: Option<Vec<u8>>,
     has_debug_file: bool,
-    resolved: RefCell<HashMap<u64, Vec<RawFrame>>>,
+    demangle: Demangle,
+    resolved: RefCell<Resolved>,
     _owners: Vec<Bytes>,
+}
+
+/// Answers given so far, and the names and files they share: every address of a function
+/// holds the same name, demangled once, so a profile builder can tell functions apart by
+/// pointer instead of comparing strings.
+#[derive(Default)]
+struct Resolved {
+    frames: HashMap<u64, Frames>,
+    /// Symbol as found in the binary -> its demangled name.
+    names: HashMap<Arc<str>, Arc<str>>,
+    files: std::collections::HashSet<Arc<str>>,
+}
+
+impl Resolved {
+    fn name(&mut self, symbol: String, demangle: Demangle) -> (Arc<str>, Arc<str>) {
+        if let Some((system, name)) = self.names.get_key_value(symbol.as_str()) {
+            return (name.clone(), system.clone());
+        }
+        let name: Arc<str> = demangle.apply(&symbol).into();
+        let system: Arc<str> = if *name == *symbol {
+            name.clone()
+        } else {
+            symbol.into()
+        };
+        self.names.insert(system.clone(), name.clone());
+        (name, system)
+    }
+
+    fn file(&mut self, file: String) -> Arc<str> {
+        if let Some(known) = self.files.get(file.as_str()) {
+            return known.clone();
+        }
+        let file: Arc<str> = file.into();
+        self.files.insert(file.clone());
+        file
+    }
 }
 
 impl Binary {
@@ -159,9 +197,16 @@ impl Binary {
             symbols,
             build_id,
             has_debug_file,
+            demangle: Demangle::default(),
             resolved: RefCell::default(),
             _owners: owners,
         })
+    }
+
+    /// How [`Binary::frames`] names functions (default: [`Demangle::default`]).
+    pub fn with_demangle(mut self, demangle: Demangle) -> Self {
+        self.demangle = demangle;
+        self
     }
 
     /// Lets go of what this round's lookups left behind, keeping their answers: the parsed
@@ -204,17 +249,30 @@ impl Binary {
     }
 
     /// Frames at `vaddr`, innermost first; empty when nothing names it. Answers are kept
-    /// (bounded): a profiler asks about the same hot addresses every interval.
-    pub fn frames(&self, vaddr: u64) -> Vec<RawFrame> {
-        if let Some(frames) = self.resolved.borrow().get(&vaddr) {
+    /// (bounded), so a warm lookup is a reference count: a profiler asks about the same hot
+    /// addresses every interval.
+    pub fn frames(&self, vaddr: u64) -> Frames {
+        if let Some(frames) = self.resolved.borrow().frames.get(&vaddr) {
             return frames.clone();
         }
-        let frames = self.resolve(vaddr);
+        let raw = self.resolve(vaddr);
         let mut resolved = self.resolved.borrow_mut();
-        if resolved.len() >= RESOLVED_PER_BINARY {
-            resolved.clear();
+        if resolved.frames.len() >= RESOLVED_PER_BINARY {
+            *resolved = Resolved::default();
         }
-        resolved.insert(vaddr, frames.clone());
+        let frames: Frames = raw
+            .into_iter()
+            .map(|f| {
+                let (name, system_name) = resolved.name(f.name, self.demangle);
+                Frame {
+                    name,
+                    system_name,
+                    file: f.file.map(|file| resolved.file(file)),
+                    line: f.line,
+                }
+            })
+            .collect();
+        resolved.frames.insert(vaddr, frames.clone());
         frames
     }
 
@@ -408,16 +466,20 @@ mod tests {
         let frames = binary.frames(vaddr);
         let outer = frames.last().unwrap();
         assert!(
-            crate::symbolize::Demangle::Full
-                .apply(&outer.name)
+            outer
+                .name
                 .ends_with("own_binary_has_dwarf_lines_for_this_function"),
             "{frames:?}"
         );
         assert!(outer.file.as_deref().unwrap().ends_with("binary.rs"));
         assert!(outer.line > 0);
+        // Every address of a function shares its name.
+        let again = binary.frames(vaddr + 1);
+        assert!(Arc::ptr_eq(&again.last().unwrap().name, &outer.name));
         // Released pages read back the same bytes.
+        let raw = binary.resolve(vaddr);
         binary.release_memory();
-        assert_eq!(binary.resolve(vaddr), frames);
+        assert_eq!(binary.resolve(vaddr), raw);
         assert_eq!(
             Binary::load(&File::open(&exe).unwrap(), &mut ())
                 .unwrap()

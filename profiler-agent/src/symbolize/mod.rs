@@ -15,14 +15,11 @@ pub mod gopclntab;
 pub mod kallsyms;
 pub mod perfmap;
 
-use std::{fs::File, path::PathBuf, rc::Rc};
+use std::{fs::File, path::PathBuf, rc::Rc, sync::Arc};
 
 pub use demangle::Demangle;
 
-use self::{
-    binary::{Binary, RawFrame},
-    perfmap::PerfMap,
-};
+use self::{binary::Binary, perfmap::PerfMap};
 use crate::{
     cache::{CacheStats, RoundLru},
     process::{FileId, Mapping, MappingKind, ProcessInfo},
@@ -38,20 +35,24 @@ const SYSCALL_INSTRUCTION: [u8; 4] = [0x01, 0x00, 0x00, 0xd4];
 /// The name given to a frame nothing could identify.
 pub const UNKNOWN: &str = "[unknown]";
 
-/// One line of a location: a function, possibly inlined into the next frame.
+/// One line of a location: a function, possibly inlined into the next frame. The strings
+/// are shared: a symbolizer hands out the same name for every address of a function.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Frame {
     /// Display name after demangling.
-    pub name: String,
+    pub name: Arc<str>,
     /// The symbol as found in the binary (mangled).
-    pub system_name: String,
-    pub file: Option<String>,
+    pub system_name: Arc<str>,
+    pub file: Option<Arc<str>>,
     /// 0 when unknown.
     pub line: u32,
 }
 
+/// The frames at one address, innermost inline level first; cheap to clone.
+pub type Frames = Arc<[Frame]>;
+
 impl Frame {
-    pub fn named(name: impl Into<String>) -> Self {
+    pub fn named(name: impl Into<Arc<str>>) -> Self {
         let name = name.into();
         Self {
             system_name: name.clone(),
@@ -77,7 +78,7 @@ pub struct SymbolizeStats {
 /// The seam between the profile builder and symbol sources.
 pub trait Symbolizer {
     /// Frames at `address`, innermost inline level first; never empty.
-    fn user_frames(&mut self, process: &ProcessInfo, address: u64) -> Vec<Frame>;
+    fn user_frames(&mut self, process: &ProcessInfo, address: u64) -> Frames;
     /// Whether the instruction just before `address` is a system call instruction, so that a
     /// user pc saved on kernel entry is a return address rather than an interrupted one.
     fn follows_syscall(&mut self, _process: &ProcessInfo, _address: u64) -> bool {
@@ -180,7 +181,7 @@ impl NativeSymbolizer {
         let mut finder = debuginfo::RootedDebugFinder::new(root, &mapping.path);
         match Binary::load(file, &mut finder) {
             Ok(binary) => {
-                let binary = Rc::new(binary);
+                let binary = Rc::new(binary.with_demangle(self.demangle));
                 if let Some(id) = binary.build_id() {
                     self.by_build_id.insert(id.to_vec(), binary.clone());
                 }
@@ -199,7 +200,7 @@ impl NativeSymbolizer {
             .get_or_insert_with(|| {
                 read_own_vdso()
                     .and_then(|bytes| Binary::from_vec(bytes).ok())
-                    .map(Rc::new)
+                    .map(|b| Rc::new(b.with_demangle(self.demangle)))
             })
             .clone()
     }
@@ -216,26 +217,14 @@ impl NativeSymbolizer {
         map
     }
 
-    fn finish(&mut self, raw: Vec<RawFrame>) -> Vec<Frame> {
-        self.stats.known_frames += 1;
-        raw.into_iter()
-            .map(|f| Frame {
-                name: self.demangle.apply(&f.name),
-                system_name: f.name,
-                file: f.file,
-                line: f.line,
-            })
-            .collect()
-    }
-
-    fn unknown(&mut self, name: String) -> Vec<Frame> {
+    fn unknown(&mut self, name: String) -> Frames {
         self.stats.unknown_frames += 1;
-        vec![Frame::named(name)]
+        Arc::new([Frame::named(name)])
     }
 }
 
 impl Symbolizer for NativeSymbolizer {
-    fn user_frames(&mut self, process: &ProcessInfo, address: u64) -> Vec<Frame> {
+    fn user_frames(&mut self, process: &ProcessInfo, address: u64) -> Frames {
         let Some(mapping) = process.mapping_for(address) else {
             return self.unknown(UNKNOWN.to_owned());
         };
@@ -244,12 +233,14 @@ impl Symbolizer for NativeSymbolizer {
             return match self.perf_map(process.pid) {
                 Some(map) => match map.lookup(address) {
                     Some(name) => {
-                        let name = name.to_owned();
-                        self.finish(vec![RawFrame {
-                            name,
+                        self.stats.known_frames += 1;
+                        let frame = Frame {
+                            name: self.demangle.apply(name).into(),
+                            system_name: name.into(),
                             file: None,
                             line: 0,
-                        }])
+                        };
+                        Arc::new([frame])
                     }
                     None => self.unknown("[jit]".to_owned()),
                 },
@@ -259,11 +250,13 @@ impl Symbolizer for NativeSymbolizer {
         let frames = self
             .binary_for(process, mapping)
             .and_then(|b| Some(b.frames(b.vaddr_of_file_offset(file_offset)?)))
-            .unwrap_or_default();
-        if frames.is_empty() {
-            self.unknown(format!("{}+0x{file_offset:x}", mapping.module_name()))
-        } else {
-            self.finish(frames)
+            .filter(|frames| !frames.is_empty());
+        match frames {
+            Some(frames) => {
+                self.stats.known_frames += 1;
+                frames
+            }
+            None => self.unknown(format!("{}+0x{file_offset:x}", mapping.module_name())),
         }
     }
 
@@ -299,7 +292,7 @@ impl Symbolizer for NativeSymbolizer {
         match self.kernel_names.get(address).flatten() {
             Some(name) => {
                 self.stats.known_frames += 1;
-                Frame::named(name.to_owned())
+                Frame::named(name)
             }
             None => {
                 self.stats.unknown_frames += 1;
@@ -417,8 +410,8 @@ mod tests {
             ..ProcessInfo::default()
         };
         let mut s = NativeSymbolizer::new(Demangle::None, None);
-        assert_eq!(s.user_frames(&info, 0x10)[0].name, UNKNOWN);
-        assert_eq!(s.user_frames(&info, 0x1010)[0].name, "[anon]");
+        assert_eq!(&*s.user_frames(&info, 0x10)[0].name, UNKNOWN);
+        assert_eq!(&*s.user_frames(&info, 0x1010)[0].name, "[anon]");
         assert_eq!(s.stats().unknown_frames, 2);
     }
 }

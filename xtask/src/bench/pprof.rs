@@ -75,8 +75,9 @@ fn section(criterion_output: &str, figures: &str) -> Result<String> {
          shaped as a call tree (one root, branching with depth), from 20 000 call sites in \
          2000 functions with file and line, every fourth with an inlined callee: {} locations, \
          {} functions, {} strings. Built by `profile::build_samples` (pid, comm and \
-         container labels) with a symbolizer double answering from a table (frames cloned, as \
-         from the real one's warm caches), then `BuiltProfile::encode_gzip` (gzip level 3). \
+         container labels) with a symbolizer double answering from a table (shared frames whose \
+         functions share their strings, as from the real one's warm caches), then \
+         `BuiltProfile::encode_gzip` (gzip level {}, the agent's). \
          Times are criterion's median estimates per profile; allocations are allocator calls \
          (alloc and realloc) per profile, counted by a global allocator in the bench; peak is \
          the most memory live at once above what was live before.\n",
@@ -84,6 +85,7 @@ fn section(criterion_output: &str, figures: &str) -> Result<String> {
         f("locations")?,
         f("functions")?,
         f("strings")?,
+        f("gzip_level")?,
     )?;
     writeln!(
         s,
@@ -162,7 +164,7 @@ mod tests {
         let figures = "pprof-figures samples=10 frames=300 locations=5 functions=4 strings=9 \
                        build_allocations=100 build_bytes=2048 build_peak_bytes=1024 \
                        encode_allocations=7 encode_bytes=4096 encode_peak_bytes=4096 \
-                       raw_bytes=1000 gzip_bytes=200 gzip1_bytes=250 gzip1_ms=0.1 \
+                       raw_bytes=1000 gzip_level=1 gzip_bytes=200 gzip1_bytes=250 gzip1_ms=0.1 \
                        gzip3_bytes=220 gzip3_ms=0.2 gzip6_bytes=200 gzip6_ms=0.3";
         let s = section(criterion, figures).unwrap();
         assert!(s.starts_with("## pprof build and encode\n"));
