@@ -7,6 +7,8 @@
 //! external labels, and holds the container's functions; the directory sink has the same
 //! services; `/metrics` passes `promtool check metrics`; a stopped container leaves the
 //! active targets; SIGTERM flushes the partial interval (one more push) and exits 0.
+//! With a Docker socket that never answers, `/ready` is 503 until the first discovery round
+//! gives up, then 200.
 //!
 //! Root is needed (BPF, dockerd); under `CI=true` a missing prerequisite fails the test.
 
@@ -525,4 +527,69 @@ listen_address = "127.0.0.1:{port}"
     unsafe { libc::kill(agent.0.id() as i32, libc::SIGTERM) };
     let status = wait_until(SHOW_UP, "agent exits", || agent.0.try_wait().unwrap());
     assert!(status.success(), "{status:?}");
+}
+
+/// `/ready` is 503, saying what it waits for, until BPF is attached and the first discovery
+/// round answered, then 200. Docker's socket here accepts connections and never answers, so
+/// the first round can only end at its time limit: the 503 is certain to be seen, not a race
+/// against a fast start.
+#[test]
+fn ready_waits_for_bpf_and_the_first_discovery_round() {
+    const TEST: &str = "ready_waits_for_bpf_and_the_first_discovery_round";
+    if !require_root(TEST) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("silent-docker.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for connection in listener.incoming() {
+            held.push(connection);
+        }
+    });
+    let port = free_port();
+    let config = dir.path().join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+collect_interval = "3s"
+[discovery.docker]
+host = "unix://{socket}"
+[write]
+directory = "{profiles}"
+[server]
+listen_address = "127.0.0.1:{port}"
+"#,
+            socket = socket.display(),
+            profiles = dir.path().join("profiles").display(),
+        ),
+    )
+    .unwrap();
+    let log = std::fs::File::create(dir.path().join("agent.log")).unwrap();
+    let _agent = Agent(
+        Command::new(agent())
+            .args(["run", "--config"])
+            .arg(&config)
+            .stderr(log)
+            .spawn()
+            .expect("start the agent"),
+    );
+    let first = wait_until(SHOW_UP, "server up", || http_get_text(port, "/ready"));
+    eprintln!("first /ready: {first:?}");
+    assert_eq!(first.0, 503, "{first:?}");
+    assert!(first.1.starts_with("not ready: "), "{first:?}");
+    // BPF attaches within a second; discovery is what is still missing then.
+    let waiting = wait_until(SHOW_UP, "/ready waiting for discovery", || {
+        let answer = http_get_text(port, "/ready")?;
+        answer.1.contains("first discovery round").then_some(answer)
+    });
+    assert_eq!(waiting.0, 503, "{waiting:?}");
+    wait_until(
+        SHOW_UP,
+        "/ready 200 once the first round's time is up",
+        || (http_get_text(port, "/ready")?.0 == 200).then_some(()),
+    );
+    assert_eq!(http_get_text(port, "/healthz").map(|r| r.0), Some(200));
 }
