@@ -490,7 +490,7 @@ impl Builder {
             m.has_inline_frames |= frames.len() > 1;
         }
         self.locations.insert((mapping_id, address), id);
-        self.hold(frames);
+        self.held.push(frames);
         id
     }
 
@@ -546,7 +546,7 @@ impl Builder {
         }
         let frames: Frames = Arc::new([Frame::named(name)]);
         let function_id = self.function(&frames[0]);
-        self.hold(frames);
+        self.held.push(frames);
         let mapping_id = self.unknown_mapping();
         let id = self.profile.location.len() as u64 + 1;
         self.profile.location.push(pprof::Location {
@@ -560,10 +560,6 @@ impl Builder {
         });
         self.synthetic.insert(name.to_owned(), id);
         id
-    }
-
-    fn hold(&mut self, frames: Frames) {
-        self.held.push(frames);
     }
 
     /// The innermost function's name at a location (its first line's), or [`UNKNOWN`].
