@@ -6,13 +6,10 @@
 //! keeps it while the module layout stays the same and no BPF program is sampled: reading
 //! the file costs the kernel 150-230 ms of formatting, and a busy host keeps being sampled in
 //! functions it has not seen before, so a read per new function was a read per interval.
-//! [`KernelSymbols::resolve`] reads the file for one batch of addresses (and, at load, to
-//! detect hidden addresses).
+//! [`KernelSymbols::load`] reads only up to the first non-zero address to tell whether they are
+//! hidden.
 
-use std::{
-    collections::HashMap,
-    path::{Path, PathBuf},
-};
+use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
 pub enum KallsymsError {
@@ -43,18 +40,16 @@ impl KernelSymbols {
         let symbols = Self {
             path: path.to_owned(),
         };
-        // One probe address: resolving it reads the file and detects hidden addresses.
-        symbols.resolve(&[u64::MAX])?;
+        // Addresses are all shown or all zero (kernel.kptr_restrict), so reading up to the
+        // first non-zero one tells; the table itself is read at the first kernel frame, and
+        // the kernel formats the whole file once at start-up instead of twice.
+        let file = std::fs::File::open(path).map_err(|source| symbols.read_error(source))?;
+        if !addresses_shown(std::io::BufReader::new(file))
+            .map_err(|source| symbols.read_error(source))?
+        {
+            return Err(KallsymsError::Hidden);
+        }
         Ok(symbols)
-    }
-
-    /// The symbol (`name` or `name [module]`) containing each address that has one.
-    pub fn resolve(&self, addresses: &[u64]) -> Result<HashMap<u64, String>, KallsymsError> {
-        let table = self.read_table()?;
-        Ok(addresses
-            .iter()
-            .filter_map(|&a| Some((a, table.lookup(a)?.to_owned())))
-            .collect())
     }
 
     fn read_table(&self) -> Result<KernelTable, KallsymsError> {
@@ -97,6 +92,18 @@ struct KernelTable {
     /// (start, name start, name end in `names`), sorted by start.
     symbols: Vec<(u64, u32, u32)>,
     names: String,
+}
+
+/// Whether any line of a kallsyms file has a non-zero address; stops at the first.
+fn addresses_shown(reader: impl std::io::BufRead) -> std::io::Result<bool> {
+    for line in reader.lines() {
+        let line = line?;
+        let address = line.split_whitespace().next().unwrap_or_default();
+        if u64::from_str_radix(address, 16).is_ok_and(|a| a != 0) {
+            return Ok(true);
+        }
+    }
+    Ok(false)
 }
 
 impl KernelTable {
@@ -216,6 +223,8 @@ enum ResolveError {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::HashMap;
+
     use super::*;
 
     const SAMPLE: &str = "\
@@ -371,6 +380,17 @@ ffffffffc0000000 t ext4_read [ext4]
             resolve(&hidden, &[0xffffffff81000010]),
             Err(ResolveError::Hidden)
         ));
+        assert!(!addresses_shown(hidden.as_bytes()).unwrap());
+        // x86's first lines are per-CPU symbols, the very first at 0.
+        let per_cpu_first = format!("0000000000000000 A fixed_percpu_data\n{SAMPLE}");
+        assert!(addresses_shown(per_cpu_first.as_bytes()).unwrap());
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kallsyms");
+        std::fs::write(&path, hidden).unwrap();
+        assert!(matches!(
+            KernelSymbols::load_from(&path),
+            Err(KallsymsError::Hidden)
+        ));
     }
 
     #[test]
@@ -385,7 +405,8 @@ ffffffffc0000000 t ext4_read [ext4]
             .find(|l| l.ends_with(" do_syscall_64"))
             .and_then(|l| u64::from_str_radix(l.split(' ').next()?, 16).ok())
             .unwrap();
-        let r = k.resolve(&[entry + 4]).unwrap();
-        assert_eq!(r[&(entry + 4)], "do_syscall_64");
+        let mut names = KernelNames::default();
+        names.resolve_missing(&k, &[entry + 4]).unwrap();
+        assert_eq!(names.get(entry + 4), Some(Some("do_syscall_64")));
     }
 }
