@@ -1,6 +1,6 @@
-//! Reads the `Locations` section of `go tool pprof -raw`, the independent reader's view of a
-//! profile: each location's mapping id and its lines' function names in the order the reader
-//! gives them (innermost inline level first, as pprof defines).
+//! Reads `go tool pprof -raw`, the independent reader's view of a profile: each sample's
+//! values, and each location's mapping id and its lines' function names in the order the
+//! reader gives them (innermost inline level first, as pprof defines).
 
 /// One location as `go tool pprof -raw` prints it.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -9,6 +9,29 @@ pub struct RawLocation {
     /// 0 when the location has no mapping.
     pub mapping: u64,
     pub functions: Vec<String>,
+}
+
+/// Each sample's values, in the order of the `Samples` section, whose sample lines read
+/// `VALUE...: LOCATION_ID...` (label lines under them, `key:[value]`, are not samples).
+pub fn sample_values(raw: &str) -> Vec<Vec<i64>> {
+    let Some((_, section)) = raw.split_once("Samples:") else {
+        return Vec::new();
+    };
+    let section = section
+        .split_once("\nLocations\n")
+        .map_or(section, |(s, _)| s);
+    section
+        .lines()
+        .filter_map(|line| {
+            let (values, _) = line.split_once(':')?;
+            let values: Vec<i64> = values
+                .split_whitespace()
+                .map(str::parse)
+                .collect::<Result<_, _>>()
+                .ok()?;
+            (!values.is_empty()).then_some(values)
+        })
+        .collect()
 }
 
 /// Every location of the `-raw` output, in its order. The format is
@@ -82,5 +105,14 @@ mod tests {
             ]
         );
         assert!(locations("no such section").is_empty());
+        assert_eq!(sample_values(raw), [vec![3, 30]]);
+        let labelled = "Samples:\nsamples/count[dflt] cpu/nanoseconds\n\
+                        \x20         2   20: 1 2 \n\
+                        \x20               comm:[spin]\n\
+                        \x20               pid:[42]\n\
+                        \x20         5   50: 3 \n\
+                        Locations\n";
+        assert_eq!(sample_values(labelled), [vec![2, 20], vec![5, 50]]);
+        assert!(sample_values("no such section").is_empty());
     }
 }

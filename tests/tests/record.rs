@@ -100,15 +100,9 @@ fn records_a_known_call_chain_at_the_sampling_rate() {
 
     // The independent reader agrees on the sample total.
     let raw = go_pprof_raw(&out);
-    let (_, samples) = raw.split_once("Samples:").expect("Samples: section");
-    let go_total: i64 = samples
-        .lines()
-        .skip(1)
-        .filter_map(|l| {
-            let l = l.trim_start();
-            let (n, rest) = l.split_once(char::is_whitespace)?;
-            rest.contains(':').then(|| n.parse::<i64>().ok()).flatten()
-        })
+    let go_total: i64 = profiler_tests::go_pprof::sample_values(&raw)
+        .iter()
+        .map(|values| values[0])
         .sum();
     assert_eq!(go_total, total_samples(p), "go tool pprof -raw:\n{raw}");
 }
