@@ -204,11 +204,7 @@ fn agent_in_a_daemonset_like_container_profiles_another_container() {
     let imported = started.elapsed();
 
     let receiver = Receiver::start();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     // Mounted read-only at /etc/profiler-agent, as the DaemonSet mounts its ConfigMap.
     let config_dir = dir.path().join("config");
     std::fs::create_dir(&config_dir).unwrap();

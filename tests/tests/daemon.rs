@@ -16,8 +16,8 @@ mod common;
 
 use std::{
     collections::BTreeSet,
-    io::{Read as _, Write as _},
-    process::{Child, Command, Stdio},
+    io::Write as _,
+    process::{Command, Stdio},
     time::Duration,
 };
 
@@ -25,15 +25,6 @@ use common::{http::*, receiver::*, *};
 use prost::Message as _;
 
 const SHOW_UP: Duration = Duration::from_secs(30);
-
-struct Agent(Child);
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn running_containers() -> usize {
     docker_ok(&["ps", "-q"]).lines().count()
@@ -46,14 +37,11 @@ fn daemon_profiles_docker_containers_to_push_and_directory_sinks() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let spin = static_spin(dir.path());
-    let tarball = busybox_rootfs_tarball(dir.path(), &spin, "/spin");
-    let Some(_daemon) = DockerDaemon::get(&dir.path().join("dockerd.log")) else {
+    let Some(docker) = SpinImage::import(dir.path(), "profiler-daemon-test") else {
         return;
     };
-    let nonce = nonce();
-    let names = ["a", "b"].map(|n| format!("profiler-daemon-{n}-{nonce}"));
-    let image = format!("profiler-daemon-test:{nonce}");
+    let image = &docker.image;
+    let names = ["a", "b"].map(|n| format!("profiler-daemon-{n}-{}", docker.nonce));
     let _guards: Vec<ContainerGuard> = names
         .iter()
         .map(|n| ContainerGuard {
@@ -61,7 +49,6 @@ fn daemon_profiles_docker_containers_to_push_and_directory_sinks() {
             image: image.clone(),
         })
         .collect();
-    docker_ok(&["import", tarball.to_str().unwrap(), &image]);
     for name in &names {
         docker_ok(&[
             "run",
@@ -70,7 +57,7 @@ fn daemon_profiles_docker_containers_to_push_and_directory_sinks() {
             "none",
             "--name",
             name,
-            &image,
+            image,
             "/spin",
             "3600",
         ]);
@@ -113,14 +100,8 @@ listen_address = "127.0.0.1:{port}"
         .unwrap();
     assert!(check.status.success(), "{:?}", check);
 
-    let mut agent = Agent(
-        Command::new(agent())
-            .args(["run", "--config"])
-            .arg(&config)
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start the agent"),
-    );
+    let log = dir.path().join("agent.log");
+    let mut agent = Workload::run_agent(&config, &log);
     // /ready answers 503 first (the server is up before BPF is attached), then 200.
     let first = wait_until(SHOW_UP, "server up", || http_get_text(port, "/ready"));
     eprintln!("first /ready: {first:?}");
@@ -273,18 +254,11 @@ listen_address = "127.0.0.1:{port}"
     // Halfway into the next interval, which only the flush can then deliver.
     std::thread::sleep(Duration::from_millis(1500));
     // SAFETY: signalling our own child.
-    unsafe { libc::kill(agent.0.id() as i32, libc::SIGTERM) };
+    unsafe { libc::kill(agent.pid() as i32, libc::SIGTERM) };
     let status = wait_until(SHOW_UP, "agent exits after SIGTERM", || {
         agent.0.try_wait().unwrap()
     });
-    let mut stderr = String::new();
-    agent
-        .0
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut stderr)
-        .unwrap();
+    let stderr = std::fs::read_to_string(&log).unwrap_or_default();
     assert!(status.success(), "exit {status:?}; stderr:\n{stderr}");
     let flushed: Vec<i64> = pushed_series(&receiver.requests())
         .into_iter()
@@ -317,19 +291,10 @@ fn assert_distinct<T: Ord + std::fmt::Debug>(values: &[T], what: &str) {
 /// `go tool pprof -raw` reads the profile; sample values and mappings are consistent.
 fn check_with_go_pprof(path: &std::path::Path, p: &profiler_agent::profile::pprof::Profile) {
     let raw = go_pprof_raw(path);
-    let (_, samples) = raw.split_once("Samples:").expect("Samples: section");
-    let (samples, _) = samples.split_once("Locations").expect("Locations section");
     let mut total = 0;
-    for line in samples.lines().skip(2) {
-        let Some((values, _)) = line.split_once(':') else {
-            continue;
-        };
-        let v: Vec<i64> = values
-            .split_whitespace()
-            .filter_map(|x| x.parse().ok())
-            .collect();
+    for v in profiler_tests::go_pprof::sample_values(&raw) {
         if v.len() == 2 {
-            assert_eq!(v[1], v[0] * p.period, "value = count x period: {line}");
+            assert_eq!(v[1], v[0] * p.period, "value = count x period: {v:?}");
             total += v[0];
         }
     }
@@ -454,16 +419,9 @@ listen_address = "127.0.0.1:{port}"
         .unwrap();
     };
     write_config(&healthy.url());
-    let log = std::fs::File::create(dir.path().join("agent.log")).unwrap();
-    let mut agent = Agent(
-        Command::new(agent())
-            .args(["run", "--config"])
-            .arg(&config)
-            .stderr(log)
-            .spawn()
-            .expect("start the agent"),
-    );
-    eprintln!("agent log: {}", dir.path().join("agent.log").display());
+    let log = dir.path().join("agent.log");
+    let mut agent = Workload::run_agent(&config, &log);
+    eprintln!("agent log: {}", log.display());
     healthy.wait_for(SHOW_UP, "four intervals despite dead endpoints", |r| {
         pushed_intervals(r, "spin").len() >= 4
     });
@@ -502,7 +460,7 @@ listen_address = "127.0.0.1:{port}"
     // SIGHUP: the healthy endpoint is replaced; no interval is lost in between.
     write_config(&replacement.url());
     // SAFETY: signalling our own child.
-    unsafe { libc::kill(agent.0.id() as i32, libc::SIGHUP) };
+    unsafe { libc::kill(agent.pid() as i32, libc::SIGHUP) };
     replacement.wait_for(SHOW_UP, "two intervals at the new endpoint", |r| {
         pushed_intervals(r, "spin").len() >= 2
     });
@@ -524,7 +482,7 @@ listen_address = "127.0.0.1:{port}"
         );
     }
     // SAFETY: as above.
-    unsafe { libc::kill(agent.0.id() as i32, libc::SIGTERM) };
+    unsafe { libc::kill(agent.pid() as i32, libc::SIGTERM) };
     let status = wait_until(SHOW_UP, "agent exits", || agent.0.try_wait().unwrap());
     assert!(status.success(), "{status:?}");
 }
@@ -567,15 +525,7 @@ listen_address = "127.0.0.1:{port}"
         ),
     )
     .unwrap();
-    let log = std::fs::File::create(dir.path().join("agent.log")).unwrap();
-    let _agent = Agent(
-        Command::new(agent())
-            .args(["run", "--config"])
-            .arg(&config)
-            .stderr(log)
-            .spawn()
-            .expect("start the agent"),
-    );
+    let _agent = Workload::run_agent(&config, &dir.path().join("agent.log"));
     let first = wait_until(SHOW_UP, "server up", || http_get_text(port, "/ready"));
     eprintln!("first /ready: {first:?}");
     assert_eq!(first.0, 503, "{first:?}");

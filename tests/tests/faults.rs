@@ -387,19 +387,15 @@ fn docker_restart_brings_container_targets_back() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let spin = static_spin(dir.path());
-    let tarball = busybox_rootfs_tarball(dir.path(), &spin, "/spin");
-    let Some(mut daemon) = DockerDaemon::get(&dir.path().join("dockerd.log")) else {
+    let Some(mut docker) = SpinImage::import(dir.path(), "profiler-faults-test") else {
         return;
     };
-    let nonce = nonce();
-    let name = format!("profiler-faults-{nonce}");
-    let image = format!("profiler-faults-test:{nonce}");
+    let name = format!("profiler-faults-{}", docker.nonce);
+    let image = docker.image.clone();
     let _guard = ContainerGuard {
         container: name.clone(),
         image: image.clone(),
     };
-    docker_ok(&["import", tarball.to_str().unwrap(), &image]);
     docker_ok(&[
         "run",
         "-d",
@@ -448,7 +444,7 @@ listen_address = "127.0.0.1:{port}"
     };
     receiver.wait_for(SHOW_UP, "the container's profile", pushed_with_spin);
 
-    if !daemon.stop() {
+    if !docker.daemon.stop() {
         let why = "dockerd runs but was neither started by this test nor by systemd: \
                    cannot restart it";
         assert!(!in_ci(), "{why}");
@@ -462,7 +458,7 @@ listen_address = "127.0.0.1:{port}"
         "agent died with dockerd down; log:\n{}",
         log_text()
     );
-    daemon.start();
+    docker.daemon.start();
     wait_until(SHOW_UP, "the restart-always container runs again", || {
         let pid = container_pid();
         (pid != "0" && pid != pid_before).then_some(pid)
