@@ -45,10 +45,10 @@ pub struct BuiltProfile {
 }
 
 /// gzip level of the profiles the agent sends. On a profile of 10 000 stacks x 30 frames
-/// (benches/pprof.rs), level 3 is 4% larger than the default 6 in under half the time; level
-/// 1 halves the time again for 28% more bytes, but in the faults test's outage (profiles
-/// queued while the endpoint is down) the agent's RSS grew 7-8 MiB in 75 s with it against
-/// 3.7 MiB with level 3.
+/// (benches/pprof.rs, flate2's miniz_oxide), level 3 is 2% larger than the default 6 in a
+/// third of the time; level 1 takes a third of level 3's time for 15% more bytes. Level 1 was
+/// tried with zlib-rs, and in the faults test's outage the agent's RSS grew 7-8 MiB in 75 s
+/// against 3.7 MiB at level 3; not measured again with miniz_oxide.
 pub const GZIP_LEVEL: u32 = 3;
 
 impl BuiltProfile {

@@ -6,14 +6,14 @@ use anyhow::{Context as _, Result, bail};
 
 use crate::util::cargo;
 
-/// The compiled criterion bench `name` of profiler-agent, built (release, cargo's bench
+/// The compiled criterion bench `name` of `package`, built (release, cargo's bench
 /// profile) with `cargo bench --no-run`.
-pub fn bench_executable(name: &str) -> Result<PathBuf> {
+pub fn bench_executable(package: &str, name: &str) -> Result<PathBuf> {
     let out = cargo()
         .args([
             "bench",
             "-p",
-            "profiler-agent",
+            package,
             "--bench",
             name,
             "--no-run",

@@ -17,7 +17,7 @@ use crate::util::workspace_root;
 const GOAL_MS: f64 = 5.0;
 
 pub fn pprof() -> Result<()> {
-    let bench = bench_executable("pprof")?;
+    let bench = bench_executable("profiler-agent", "pprof")?;
     eprintln!("bench: criterion run, about a minute");
     let out = Command::new(&bench)
         .arg("--bench")
@@ -77,7 +77,7 @@ fn section(criterion_output: &str, figures: &str) -> Result<String> {
          {} functions, {} strings. Built by `profile::build_samples` (pid, comm and \
          container labels) with a symbolizer double answering from a table (shared frames whose \
          functions share their strings, as from the real one's warm caches), then \
-         `BuiltProfile::encode_gzip` (gzip level {}, the agent's). \
+         `BuiltProfile::encode_gzip` (gzip level {}, the agent's, with flate2's miniz_oxide). \
          Times are criterion's median estimates per profile; allocations are allocator calls \
          (alloc and realloc) per profile, counted by a global allocator in the bench; peak is \
          the most memory live at once above what was live before.\n",

@@ -1,5 +1,5 @@
 //! `cargo xtask bench symbolize`: our symbolizer against blazesym on the same address sets
-//! (profiler-agent/benches/symbolize.rs): addresses per second cold and warm from criterion,
+//! (peer-bench/benches/symbolize.rs): addresses per second cold and warm from criterion,
 //! peak RSS of one cold pass each in a fresh process, and how often the two name an address
 //! the same. Written to the `## symbolize` section of BENCHMARKS.md.
 use std::{fmt::Write as _, path::PathBuf, process::Command};
@@ -33,7 +33,7 @@ pub fn symbolize() -> Result<()> {
         .collect::<Vec<_>>()
         .join(":");
 
-    let bench = bench_executable("symbolize")?;
+    let bench = bench_executable("profiler-peer-bench", "symbolize")?;
     let run = |rss: Option<&str>, args: &[&str]| -> Result<String> {
         let mut cmd = Command::new(&bench);
         cmd.args(args).env("SYMBOLIZE_BENCH_BINARIES", &binaries);
