@@ -18,7 +18,9 @@ const BPF_LINKER_VERSION: &str = "0.10.0";
 /// programs are left behind, BPF run-time stats), binutils and gcc (build C fixtures),
 /// time (GNU `/usr/bin/time -v`), systemd (`systemd-analyze verify` checks the unit in
 /// config/), chromium and chromium-driver (headless Chromium, driven over WebDriver, loads
-/// the agent's flame graph page in tests/tests/page.rs).
+/// the agent's flame graph page in tests/tests/page.rs), xz-utils (the `.gnu_debugdata`
+/// decompression bomb in tests/tests/hostile.rs), libc6-dev (static glibc for the chrooted
+/// fixture there).
 const DEBIAN_PACKAGES: &[&str] = &[
     "docker.io",
     "busybox-static",
@@ -33,6 +35,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "systemd",
     "chromium",
     "chromium-driver",
+    "xz-utils",
+    "libc6-dev",
 ];
 
 pub fn setup() -> Result<()> {

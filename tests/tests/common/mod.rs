@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod docker;
+pub mod hostile;
 pub mod http;
 pub mod receiver;
 pub mod webdriver;
