@@ -269,6 +269,17 @@ impl AgentMetrics {
             .inc();
     }
 
+    /// Removes a service's series (the pipeline prunes services without samples for a few
+    /// intervals); they start again from zero if it comes back.
+    pub fn forget_service(&self, service_name: &str) {
+        let label = ServiceLabel {
+            service_name: service_name.to_owned(),
+        };
+        self.pprofs.remove(&label);
+        self.pprof_bytes.remove(&label);
+        self.pprof_samples.remove(&label);
+    }
+
     /// Reads the agent's own CPU time and RSS from /proc/self (on scrape).
     pub fn update_process(&self) {
         if let Some((cpu, rss)) = own_usage() {

@@ -2,12 +2,13 @@
 //! lifetimes: the HTTP server, discovery (restarted on SIGHUP), the writer (replaced on
 //! SIGHUP) and the pipeline thread (kept across reloads: BPF is loaded once).
 
+pub mod latest;
 pub mod pipeline;
 
 use std::{
     path::PathBuf,
     sync::{
-        Arc, Mutex, RwLock,
+        Arc, RwLock,
         atomic::{AtomicBool, Ordering},
     },
     time::Duration,
@@ -107,7 +108,7 @@ async fn run_async(source: ConfigSource, mut config: AgentConfig) -> Result<(), 
     let ready_tx = Arc::new(ready_tx);
     let bpf_attached = Arc::new(AtomicBool::new(false));
     let heartbeat = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let latest = Arc::new(Mutex::new(Default::default()));
+    let latest = pipeline::LatestProfiles::default();
 
     // Checked by validation already; read here once, as the file may hold a secret.
     let capture_token =
@@ -151,17 +152,14 @@ async fn run_async(source: ConfigSource, mut config: AgentConfig) -> Result<(), 
                 capturer,
                 token: capture_token,
             }),
+        listen_address: address,
     };
     let (server_stop_tx, mut server_stop_rx) = watch::channel(false);
     let server = tokio::spawn(async move {
-        let app = server::router(state);
         let shutdown = async move {
             let _ = server_stop_rx.wait_for(|stop| *stop).await;
         };
-        if let Err(error) = axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown)
-            .await
-        {
+        if let Err(error) = server::serve(listener, state, shutdown).await {
             tracing::error!(%error, "HTTP server failed");
         }
     });

@@ -8,7 +8,7 @@
 use std::{
     collections::{BTreeMap, HashMap},
     sync::{
-        Arc, Mutex,
+        Arc,
         atomic::{AtomicBool, AtomicU64, Ordering},
         mpsc,
     },
@@ -51,16 +51,7 @@ pub struct PipelineSettings {
 /// Where built profiles go: the daemon's current writer.
 pub type Submit = Arc<dyn Fn(Vec<ProfileSeries>) + Send + Sync>;
 
-/// The latest interval's stacks of each service, for the flame graph page.
-pub type LatestProfiles = Arc<Mutex<BTreeMap<String, ServiceProfile>>>;
-
-/// One service's stacks from its latest interval, root first, `;`-separated.
-#[derive(Clone, Debug, Default)]
-pub struct ServiceProfile {
-    pub collected_at: u64,
-    pub folded: Vec<(String, u64)>,
-    pub samples: u64,
-}
+pub use super::latest::{LatestProfiles, ServiceProfile};
 
 /// Handle on the running pipeline thread. Its heartbeat (unix seconds of the last loop
 /// turn) is what /healthz reads.
@@ -281,6 +272,12 @@ impl Worker {
             .container_ids(&self.metrics, &processes.container_id_stats());
     }
 
+    /// Hands the interval's flame graph stacks to the page; services pruned from it lose
+    /// their metric series too.
+    fn publish(&self, profiles: Vec<(String, ServiceProfile)>) {
+        publish(&self.latest, &self.metrics, profiles);
+    }
+
     fn collect_recording(&mut self, recording: Recording) {
         let started = Instant::now();
         self.cumulative.kernel(&self.metrics, &recording.counters);
@@ -310,6 +307,7 @@ impl Worker {
         }
         self.metrics.samples_untargeted.inc_by(untargeted);
         if groups.is_empty() {
+            self.publish(Vec::new());
             self.symbolizer.next_round();
             return_free_memory();
             return;
@@ -349,11 +347,11 @@ impl Worker {
                 .inc_by(built.total_samples);
             latest.push((
                 service.service_name,
-                ServiceProfile {
-                    collected_at: unix_now(),
-                    folded: profile::folded(&built.profile),
-                    samples: built.total_samples,
-                },
+                ServiceProfile::new(
+                    unix_now(),
+                    profile::folded(&built.profile),
+                    built.total_samples,
+                ),
             ));
             batch.push(ProfileSeries {
                 labels: labels.clone(),
@@ -367,15 +365,29 @@ impl Worker {
         self.symbolizer.next_round();
         self.cumulative
             .symbolize(&self.metrics, &self.symbolizer.stats());
-        if let Ok(mut page) = self.latest.lock() {
-            page.extend(latest);
-        }
+        self.publish(latest);
         self.metrics
             .interval_build_seconds
             .observe(started.elapsed().as_secs_f64());
         tracing::debug!(profiles = batch.len(), "interval built");
         (self.submit)(batch);
         return_free_memory();
+    }
+}
+
+/// Publishes one interval's flame graph stacks; the services pruned from the page (no
+/// samples for [`super::latest::STALE_INTERVALS`] intervals) lose their metric series too.
+fn publish(
+    latest: &LatestProfiles,
+    metrics: &AgentMetrics,
+    profiles: Vec<(String, ServiceProfile)>,
+) {
+    let pruned = latest.publish(profiles);
+    for service in &pruned {
+        metrics.forget_service(service);
+    }
+    if !pruned.is_empty() {
+        tracing::debug!(pruned = pruned.len(), "services without samples pruned");
     }
 }
 
@@ -411,6 +423,55 @@ fn merge(samples: Vec<RawSample>) -> Vec<RawSample> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::daemon::latest::STALE_INTERVALS;
+
+    #[test]
+    fn ever_new_services_leave_metrics_and_page_bounded() {
+        let mut registry = prometheus_client::registry::Registry::default();
+        let metrics = AgentMetrics::register(&mut registry);
+        let latest = LatestProfiles::default();
+        let series = |registry: &prometheus_client::registry::Registry| {
+            let mut text = String::new();
+            prometheus_client::encoding::text::encode(&mut text, registry).unwrap();
+            text.lines()
+                .filter(|l| l.starts_with("pyroscope_ebpf_pprofs_total{"))
+                .count()
+        };
+        let per_interval = 4;
+        let bound = per_interval * STALE_INTERVALS as usize;
+        for interval in 0..200 {
+            // What collect_recording does for each service with samples.
+            let profiles = (0..per_interval)
+                .map(|i| {
+                    let name = format!("container-{interval}-{i}");
+                    let label = ServiceLabel {
+                        service_name: name.clone(),
+                    };
+                    metrics.pprofs.get_or_create(&label).inc();
+                    metrics.pprof_bytes.get_or_create(&label).inc_by(10);
+                    metrics.pprof_samples.get_or_create(&label).inc_by(1);
+                    (name, ServiceProfile::new(0, Vec::new(), 1))
+                })
+                .collect();
+            publish(&latest, &metrics, profiles);
+            assert!(latest.len() <= bound && series(&registry) <= bound);
+        }
+        assert_eq!(latest.len(), bound);
+        assert_eq!(series(&registry), bound);
+        // The newest services are the ones kept, with their counts.
+        let text = {
+            let mut t = String::new();
+            prometheus_client::encoding::text::encode(&mut t, &registry).unwrap();
+            t
+        };
+        assert!(text.contains("service_name=\"container-199-0\"} 1"));
+        assert!(!text.contains("container-0-0"));
+        // Intervals with no samples at all empty both.
+        for _ in 0..STALE_INTERVALS {
+            publish(&latest, &metrics, Vec::new());
+        }
+        assert_eq!((latest.len(), series(&registry)), (0, 0));
+    }
 
     #[test]
     fn merge_sums_equal_stacks_across_drains() {

@@ -342,3 +342,51 @@ fn one_function_per_text_whether_or_not_the_symbolizer_shares_strings() {
     let lines: Vec<i64> = p.location.iter().map(|l| l.line[0].line).collect();
     assert_eq!(lines, [0x1500, 0x2500, 0x4500, 0x5500]);
 }
+
+#[test]
+fn hostile_names_stay_one_frame_in_folded_stacks() {
+    let mut rec = recording();
+    rec.samples.truncate(1);
+    rec.samples[0].comm = "a;b\nc".into();
+    let mut s = symbolizer();
+    // The leaf's caller: a `;`, a newline and a count-like tail in one name.
+    s.0.insert(0x2000, "x;y\nz 100");
+    let options = BuildOptions {
+        comm: CommMode::Stackframe,
+        ..BuildOptions::record(100)
+    };
+    let built = build(&rec, &mut s, &options);
+    let folded = folded(&built.profile);
+    assert_eq!(folded.len(), 1, "{folded:?}");
+    let (stack, count) = &folded[0];
+    assert_eq!(*count, 3);
+    assert!(!stack.contains('\n') && !stack.contains(' '), "{stack}");
+    let frames: Vec<&str> = stack.split(';').collect();
+    // comm (root), caller, then the inlined caller before its callee.
+    assert_eq!(
+        frames,
+        ["a\\x3bb\\nc", "x\\x3by\\nz\\x20100", "inlined_into", "leaf"],
+        "{stack}"
+    );
+}
+
+#[test]
+fn folded_frame_escapes_only_what_changes_the_line() {
+    for plain in [
+        "main",
+        "std::vector<int, std::allocator<int> >::push_back",
+        "λ",
+        "",
+    ] {
+        assert!(matches!(folded_frame(plain), Cow::Borrowed(_)), "{plain}");
+    }
+    assert_eq!(folded_frame("a;b\nc"), "a\\x3bb\\nc");
+    assert_eq!(
+        folded_frame("tab\there\r\u{7f}\u{85}"),
+        "tab\\there\\r\\u{7f}\\u{85}"
+    );
+    assert_eq!(folded_frame("f 12.5"), "f\\x2012.5");
+    assert_eq!(folded_frame("f "), "f\\x20");
+    assert_eq!(folded_frame("f 1 x"), "f 1 x");
+    assert_eq!(folded_frame("\u{fffe}"), "\\u{fffe}");
+}
