@@ -193,7 +193,7 @@ impl OpenedFile {
                 cap,
             }));
         }
-        read_with_hint(&self.file, cap, self.size, &self.path)
+        read_with_hint(&self.file, cap, self.size, &self.path).map_err(counted)
     }
 }
 
