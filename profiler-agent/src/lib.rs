@@ -13,6 +13,7 @@ pub mod daemon;
 pub mod discovery;
 pub mod metrics;
 pub mod process;
+pub mod procfile;
 pub mod profile;
 pub mod record;
 pub mod sampler;

@@ -10,8 +10,14 @@
 use std::sync::atomic::AtomicU64;
 
 use prometheus_client::{
-    encoding::EncodeLabelSet,
-    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric as _},
+    metrics::{
+        counter::{ConstCounter, Counter},
+        family::Family,
+        gauge::Gauge,
+        histogram::Histogram,
+    },
     registry::{Registry, Unit},
 };
 
@@ -237,6 +243,7 @@ impl AgentMetrics {
             Unit::Seconds,
             m.interval_build_seconds.clone(),
         );
+        r.register_collector(Box::new(UnsafeFiles));
         r.register_with_unit(
             "process_resident_memory",
             "Resident memory of the agent",
@@ -286,6 +293,34 @@ impl AgentMetrics {
             self.cpu_seconds.set(cpu);
             self.resident_memory.set(rss as i64);
         }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: String,
+}
+
+/// `profiler_unsafe_files_total{reason}`: files of profiled processes refused by
+/// `crate::procfile`, read from its process-wide counters on each scrape.
+#[derive(Debug)]
+struct UnsafeFiles;
+
+impl Collector for UnsafeFiles {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let mut family = encoder.encode_descriptor(
+            "profiler_unsafe_files",
+            "Files of profiled processes refused by reason (not_regular, too_large, escape, loop)",
+            None,
+            prometheus_client::metrics::MetricType::Counter,
+        )?;
+        for (reason, count) in crate::procfile::refusals() {
+            let label = ReasonLabel {
+                reason: reason.to_owned(),
+            };
+            ConstCounter::new(count).encode(family.encode_family(&label)?)?;
+        }
+        Ok(())
     }
 }
 
@@ -406,5 +441,27 @@ mod tests {
             })
             .get();
         assert_eq!(recorded, 8);
+    }
+
+    #[test]
+    fn unsafe_file_refusals_are_exported_by_reason() {
+        let mut registry = Registry::default();
+        AgentMetrics::register(&mut registry);
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::File::create(tmp.path().join("big"))
+            .unwrap()
+            .set_len(1 << 20)
+            .unwrap();
+        let root = crate::procfile::ProcRoot::new(tmp.path()).unwrap();
+        assert!(root.open(std::path::Path::new("big"), 1).is_err());
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("profiler_unsafe_files_total{reason=\"too_large\"}"))
+            .unwrap_or_else(|| panic!("{text}"));
+        let count: u64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+        assert!(count >= 1, "{line}");
+        assert!(text.contains("# TYPE profiler_unsafe_files counter"));
     }
 }

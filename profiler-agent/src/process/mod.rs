@@ -2,8 +2,9 @@
 //! container id (from /proc/PID/cgroup, see [`cgroup`]), the
 //! executable mappings from /proc/PID/maps and an open handle to every mapped file (through
 //! /proc/PID/map_files, so deleted and replaced binaries still resolve), shared between
-//! processes by device and inode. Processes that exit before their samples are turned into a
-//! profile keep their names.
+//! processes by device and inode. Mapped files are opened through [`crate::procfile`]: a
+//! process cannot make the agent open a FIFO, a device or a file outside its root. Processes
+//! that exit before their samples are turned into a profile keep their names.
 
 use std::{
     collections::HashMap,
@@ -18,6 +19,8 @@ pub mod maps;
 pub mod procfs;
 
 use std::os::unix::ffi::OsStrExt as _;
+
+use crate::procfile;
 
 /// Identity of a mapped file: the device and inode from /proc/PID/maps.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -157,15 +160,16 @@ impl ProcfsProcesses {
         if let Some(file) = self.open_files.get(&id).and_then(Weak::upgrade) {
             return Some(file);
         }
-        // map_files reaches the exact inode even if the path was deleted or replaced; the root
-        // link reaches files inside the process's mount namespace (containers).
+        // map_files reaches the exact inode even if the path was deleted or replaced (a magic
+        // link, followed on purpose); the fallback resolves the path inside the process's root
+        // (containers). Both go through crate::procfile: regular files only, size-capped.
         let via_map_files = self.root.join(format!("{pid}/map_files/{start:x}-{end:x}"));
-        let via_root = self
-            .root
-            .join(format!("{pid}/root"))
-            .join(path.strip_prefix("/").unwrap_or(path));
-        let file = File::open(&via_map_files)
-            .or_else(|_| File::open(&via_root))
+        let file = procfile::open_magic_link(&via_map_files, procfile::MAX_OBJECT_FILE_SIZE)
+            .or_else(|_| {
+                procfile::ProcRoot::of_pid(&self.root, pid)?
+                    .open(path, procfile::MAX_OBJECT_FILE_SIZE)
+            })
+            .map(|opened| opened.file)
             .ok()
             .filter(|f| same_inode(f, id))
             .map(Arc::new);
@@ -290,5 +294,67 @@ mod tests {
             info.mapping_for(0x3010).unwrap().file_offset(0x3010),
             0x1010
         );
+    }
+
+    /// A fake procfs with one process whose maps name `paths`, each with the inode of the
+    /// file `inodes_of` the same index; there is no map_files, so the root fallback is used.
+    fn fake_proc(proc: &Path, paths: &[&str], inodes_of: &[&Path]) -> ProcfsProcesses {
+        use std::os::unix::fs::MetadataExt as _;
+        let dir = proc.join("77");
+        std::fs::create_dir_all(dir.join("root")).unwrap();
+        let maps: String = paths
+            .iter()
+            .zip(inodes_of)
+            .enumerate()
+            .map(|(i, (path, file))| {
+                let inode = std::fs::metadata(file).map(|m| m.ino()).unwrap_or(1);
+                let start = 0x1000 * (i + 1);
+                format!(
+                    "{start:x}-{:x} r-xp 00000000 08:01 {inode} {path}\n",
+                    start + 0x1000
+                )
+            })
+            .collect();
+        std::fs::write(dir.join("maps"), maps).unwrap();
+        ProcfsProcesses::new(proc)
+    }
+
+    #[test]
+    fn the_root_fallback_opens_only_regular_files_inside_the_root() {
+        use std::os::unix::fs::symlink;
+        let tmp = tempfile::tempdir().unwrap();
+        let proc = tmp.path().join("proc");
+        let root = proc.join("77/root");
+        std::fs::create_dir_all(root.join("usr/lib")).unwrap();
+        // A host file, and a link to it inside the process's root (the inode even matches).
+        let host = tmp.path().join("host.so");
+        std::fs::write(&host, "host").unwrap();
+        symlink(&host, root.join("usr/lib/escape.so")).unwrap();
+        std::fs::write(root.join("usr/lib/good.so"), "good").unwrap();
+        let fifo = std::ffi::CString::new(root.join("usr/lib/fifo.so").to_str().unwrap()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o644) }, 0);
+        let good = root.join("usr/lib/good.so");
+        let fifo = root.join("usr/lib/fifo.so");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut procs = fake_proc(
+                &proc,
+                &["/usr/lib/good.so", "/usr/lib/escape.so", "/usr/lib/fifo.so"],
+                &[&good, &host, &fifo],
+            );
+            let info = procs.snapshot(77, "app");
+            let opened: Vec<bool> = info
+                .mappings
+                .iter()
+                .map(|m| matches!(&m.kind, MappingKind::File { file: Some(_), .. }))
+                .collect();
+            tx.send((opened, procs.unopenable_files)).unwrap();
+        });
+        let (opened, unopenable) = rx
+            .recv_timeout(std::time::Duration::from_secs(5))
+            .expect("snapshot blocked");
+        assert_eq!(opened, [true, false, false]);
+        assert_eq!(unopenable, 2);
     }
 }

@@ -1,19 +1,37 @@
 //! Separate debug files, looked up inside the process's root the way gdb and perf look them
 //! up on the host: by build id under `/usr/lib/debug/.build-id/`, then by `.gnu_debuglink`
-//! next to the binary, in its `.debug/` directory and under `/usr/lib/debug/`.
+//! next to the binary, in its `.debug/` directory and under `/usr/lib/debug/`. Every candidate
+//! is opened through [`crate::procfile`] (inside the process's root, regular files only) and
+//! its build id is read with [`read_build_id`]: a few bounded reads of headers and notes, no
+//! mapping, so a hostile candidate can neither block, escape the root nor fault the agent.
 
 use std::{
+    cell::OnceCell,
     fs::File,
+    os::unix::fs::FileExt as _,
     path::{Path, PathBuf},
 };
 
-use object::Object as _;
+use object::{
+    FileKind, ReadCache, ReadCacheOps, ReadRef,
+    elf::{ELF_NOTE_GNU, NT_GNU_BUILD_ID, SHT_NOTE},
+    read::elf::{FileHeader, SectionHeader as _},
+};
 
 use super::binary::DebugFileFinder;
+use crate::procfile::{MAX_OBJECT_FILE_SIZE, ProcFileError, ProcRoot};
+
+/// Bytes read from one file to find its build id, headers included.
+const BUILD_ID_READ_BUDGET: u64 = 2 << 20;
+/// Section header tables larger than this are not read (16 384 ELF64 headers).
+const MAX_SECTION_HEADERS: u64 = 1 << 20;
+/// Note sections larger than this are skipped: a build id note is a few dozen bytes.
+const MAX_NOTE_SECTION: u64 = 64 << 10;
 
 pub struct RootedDebugFinder {
-    /// The process's root, e.g. `/proc/PID/root`.
-    root: PathBuf,
+    /// The process's root, e.g. `/proc/PID/root`, opened on first use.
+    root_path: PathBuf,
+    root: OnceCell<Option<ProcRoot>>,
     /// The binary's path as the process sees it.
     binary: PathBuf,
 }
@@ -21,9 +39,31 @@ pub struct RootedDebugFinder {
 impl RootedDebugFinder {
     pub fn new(root: impl Into<PathBuf>, binary: impl Into<PathBuf>) -> Self {
         Self {
-            root: root.into(),
+            root_path: root.into(),
+            root: OnceCell::new(),
             binary: binary.into(),
         }
+    }
+
+    /// A finder on an already opened root.
+    pub fn with_root(root: ProcRoot, binary: impl Into<PathBuf>) -> Self {
+        Self {
+            root_path: root.path().to_owned(),
+            root: OnceCell::from(Some(root)),
+            binary: binary.into(),
+        }
+    }
+
+    fn root(&self) -> Option<&ProcRoot> {
+        self.root
+            .get_or_init(|| match ProcRoot::new(&self.root_path) {
+                Ok(root) => Some(root),
+                Err(error) => {
+                    tracing::debug!(%error, "process root not openable");
+                    None
+                }
+            })
+            .as_ref()
     }
 
     fn candidates(&self, build_id: Option<&[u8]>, debuglink: Option<&str>) -> Vec<PathBuf> {
@@ -53,24 +93,27 @@ impl RootedDebugFinder {
 
 impl DebugFileFinder for RootedDebugFinder {
     fn find(&mut self, build_id: Option<&[u8]>, debuglink: Option<&str>) -> Option<File> {
+        let root = self.root()?;
         for candidate in self.candidates(build_id, debuglink) {
-            let path = self
-                .root
-                .join(candidate.strip_prefix("/").unwrap_or(&candidate));
-            if path
-                == self
-                    .root
-                    .join(self.binary.strip_prefix("/").unwrap_or(&self.binary))
-            {
+            if candidate == self.binary {
                 continue; // a debuglink naming the binary itself
             }
-            let Ok(file) = File::open(&path) else {
-                continue;
+            let file = match root.open(&candidate, MAX_OBJECT_FILE_SIZE) {
+                Ok(opened) => opened.file,
+                Err(ProcFileError::Open { source, .. })
+                    if source.kind() == std::io::ErrorKind::NotFound =>
+                {
+                    continue;
+                }
+                Err(error) => {
+                    tracing::debug!(%error, reason = error.reason(), "debug file not used");
+                    continue;
+                }
             };
             if matches_build_id(&file, build_id) {
                 return Some(file);
             }
-            tracing::debug!(path = %path.display(), "debug file with another build id");
+            tracing::debug!(path = %candidate.display(), "debug file with another build id");
         }
         None
     }
@@ -81,14 +124,131 @@ fn matches_build_id(file: &File, expected: Option<&[u8]>) -> bool {
     let Some(expected) = expected else {
         return true;
     };
-    // SAFETY: read-only mapping, dropped before returning.
-    let Ok(map) = (unsafe { memmap2::Mmap::map(file) }) else {
-        return false;
+    match read_build_id(file) {
+        BuildId::Found(id) => id == expected,
+        BuildId::Missing => true,
+        BuildId::Unreadable => false,
+    }
+}
+
+/// What [`read_build_id`] found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum BuildId {
+    Found(Vec<u8>),
+    /// An ELF file without a build id note.
+    Missing,
+    /// Not ELF, malformed, or over the read budget.
+    Unreadable,
+}
+
+impl BuildId {
+    pub fn found(self) -> Option<Vec<u8>> {
+        match self {
+            Self::Found(id) => Some(id),
+            _ => None,
+        }
+    }
+}
+
+/// The GNU build id note of an ELF file, from its section headers and note sections only:
+/// positional reads (the file's offset is untouched) of at most 2 MiB in all, nothing
+/// mapped, so a file truncated or grown meanwhile yields an error, never a fault.
+pub fn read_build_id(file: &File) -> BuildId {
+    let Ok(metadata) = file.metadata() else {
+        return BuildId::Unreadable;
     };
-    match object::File::parse(&*map).map(|o| o.build_id()) {
-        Ok(Ok(Some(id))) => id == expected,
-        Ok(Ok(None)) => true,
-        _ => false,
+    let cache = ReadCache::new(BudgetedReads {
+        file,
+        len: metadata.len(),
+        pos: 0,
+        budget: BUILD_ID_READ_BUDGET,
+    });
+    let data = &cache;
+    let found = match FileKind::parse(data) {
+        Ok(FileKind::Elf32) => {
+            elf_build_id::<object::elf::FileHeader32<object::Endianness>, _>(data)
+        }
+        Ok(FileKind::Elf64) => {
+            elf_build_id::<object::elf::FileHeader64<object::Endianness>, _>(data)
+        }
+        _ => None,
+    };
+    match found {
+        Some(Some(id)) => BuildId::Found(id),
+        Some(None) => BuildId::Missing,
+        None => BuildId::Unreadable,
+    }
+}
+
+/// `None` when unreadable, `Some(None)` when there is no build id.
+fn elf_build_id<'d, H, R>(data: R) -> Option<Option<Vec<u8>>>
+where
+    H: FileHeader<Endian = object::Endianness>,
+    R: ReadRef<'d>,
+{
+    let header = H::parse(data).ok()?;
+    let endian = header.endian().ok()?;
+    let count = header.shnum(endian, data).ok()? as u64;
+    if count.saturating_mul(std::mem::size_of::<H::SectionHeader>() as u64) > MAX_SECTION_HEADERS {
+        return None;
+    }
+    for section in header.section_headers(endian, data).ok()? {
+        if section.sh_type(endian) != SHT_NOTE || section.sh_size(endian).into() > MAX_NOTE_SECTION
+        {
+            continue;
+        }
+        let Ok(Some(mut notes)) = section.notes(endian, data) else {
+            continue;
+        };
+        while let Ok(Some(note)) = notes.next() {
+            if note.name() == ELF_NOTE_GNU && note.n_type(endian) == NT_GNU_BUILD_ID {
+                return Some(Some(note.desc().to_vec()));
+            }
+        }
+    }
+    Some(None)
+}
+
+/// [`ReadCacheOps`] over a shared file: positional reads, failing once `budget` is spent.
+struct BudgetedReads<'a> {
+    file: &'a File,
+    len: u64,
+    pos: u64,
+    budget: u64,
+}
+
+impl ReadCacheOps for BudgetedReads<'_> {
+    fn len(&mut self) -> Result<u64, ()> {
+        Ok(self.len)
+    }
+
+    fn seek(&mut self, pos: u64) -> Result<u64, ()> {
+        self.pos = pos;
+        Ok(pos)
+    }
+
+    fn read(&mut self, buf: &mut [u8]) -> Result<usize, ()> {
+        let want = (buf.len() as u64).min(self.budget) as usize;
+        if want == 0 && !buf.is_empty() {
+            return Err(());
+        }
+        let n = self
+            .file
+            .read_at(&mut buf[..want], self.pos)
+            .map_err(|_| ())?;
+        self.pos += n as u64;
+        self.budget -= n as u64;
+        Ok(n)
+    }
+
+    fn read_exact(&mut self, buf: &mut [u8]) -> Result<(), ()> {
+        if buf.len() as u64 > self.budget {
+            return Err(());
+        }
+        self.file.read_exact_at(buf, self.pos).map_err(|_| ())?;
+        self.pos += buf.len() as u64;
+        self.budget -= buf.len() as u64;
+        Ok(())
     }
 }
 
@@ -118,5 +278,95 @@ mod tests {
         assert!(f.candidates(None, Some("../../etc/shadow")).is_empty());
         assert!(f.candidates(None, Some("")).is_empty());
         assert!(f.candidates(Some(&[1]), None).is_empty());
+    }
+
+    use std::{os::unix::fs::symlink, sync::mpsc, time::Duration};
+
+    /// A small ELF with a build id that every test machine has.
+    const SAMPLE_ELF: &str = "/usr/bin/true";
+
+    fn sample_build_id() -> Vec<u8> {
+        use object::Object as _;
+        let bytes = std::fs::read(SAMPLE_ELF).unwrap();
+        let object = object::File::parse(&*bytes).unwrap();
+        object.build_id().unwrap().expect("a build id").to_vec()
+    }
+
+    fn build_id_path(id: &[u8]) -> PathBuf {
+        let f = RootedDebugFinder::new("/", "/x");
+        f.candidates(Some(id), None).remove(0)
+    }
+
+    #[test]
+    fn reads_the_same_build_id_as_object_without_mapping() {
+        let file = File::open(SAMPLE_ELF).unwrap();
+        assert_eq!(read_build_id(&file), BuildId::Found(sample_build_id()));
+        let text = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(text.path(), "not an ELF file").unwrap();
+        assert_eq!(read_build_id(text.as_file()), BuildId::Unreadable);
+    }
+
+    #[test]
+    fn a_huge_section_header_table_is_not_read() {
+        // Our sample's ELF header, claiming 65 535 sections right after it (4 MiB of headers).
+        let mut bytes = std::fs::read(SAMPLE_ELF).unwrap()[..64].to_vec();
+        assert_eq!(bytes[4], 2, "ELF64 sample");
+        bytes[0x28..0x30].copy_from_slice(&64u64.to_le_bytes()); // e_shoff
+        bytes[0x3c..0x3e].copy_from_slice(&u16::MAX.to_le_bytes()); // e_shnum
+        bytes[0x3e..0x40].copy_from_slice(&0u16.to_le_bytes()); // e_shstrndx
+        let file = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(file.path(), &bytes).unwrap();
+        file.as_file().set_len(8 << 20).unwrap();
+        assert_eq!(read_build_id(file.as_file()), BuildId::Unreadable);
+        // Within the limits, the same layout reads as an ELF file without a build id.
+        bytes[0x3c..0x3e].copy_from_slice(&16u16.to_le_bytes());
+        std::fs::write(file.path(), &bytes).unwrap();
+        file.as_file().set_len(8 << 20).unwrap();
+        assert_eq!(read_build_id(file.as_file()), BuildId::Missing);
+    }
+
+    #[test]
+    fn a_fifo_at_the_debuglink_path_does_not_block() {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(tmp.path().join("tmp")).unwrap();
+        let fifo =
+            std::ffi::CString::new(tmp.path().join("tmp/app.debug").to_str().unwrap()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o644) }, 0);
+        let root = tmp.path().to_owned();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut f = RootedDebugFinder::new(root, "/tmp/app");
+            tx.send(f.find(None, Some("app.debug")).is_some())
+        });
+        let found = rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("find blocked");
+        assert!(!found);
+    }
+
+    #[test]
+    fn a_build_id_link_to_a_host_file_does_not_reach_it() {
+        let id = sample_build_id();
+        let tmp = tempfile::tempdir().unwrap();
+        let link = tmp
+            .path()
+            .join(build_id_path(&id).strip_prefix("/").unwrap());
+        std::fs::create_dir_all(link.parent().unwrap()).unwrap();
+        // The attack: an absolute link naming a host file with the wanted build id.
+        symlink(SAMPLE_ELF, &link).unwrap();
+        let mut f = RootedDebugFinder::new(tmp.path(), "/usr/bin/app");
+        assert!(f.find(Some(&id), None).is_none(), "host file reached");
+        // The same file inside the root is found through the same absolute link.
+        let inside = tmp.path().join(SAMPLE_ELF.trim_start_matches('/'));
+        std::fs::create_dir_all(inside.parent().unwrap()).unwrap();
+        std::fs::copy(SAMPLE_ELF, &inside).unwrap();
+        let found = f.find(Some(&id), None).expect("found inside the root");
+        let found = found.metadata().unwrap();
+        let inside = std::fs::metadata(&inside).unwrap();
+        use std::os::unix::fs::MetadataExt as _;
+        assert_eq!((found.dev(), found.ino()), (inside.dev(), inside.ino()));
+        // Another build id is not accepted.
+        assert!(f.find(Some(&[0xab; 20]), Some("true")).is_none());
     }
 }

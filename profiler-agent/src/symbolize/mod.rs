@@ -209,10 +209,17 @@ impl NativeSymbolizer {
         if let Some(cached) = self.perf_maps.get(&pid) {
             return cached;
         }
-        let path = self
-            .proc_root
-            .join(format!("{pid}/root/tmp/perf-{pid}.map"));
-        let map = PerfMap::load(&path).map(Rc::new);
+        // The runtime names the file by its pid in its own namespace, inside its own root.
+        let ns_pid = perfmap::namespace_pid_of(&self.proc_root, pid);
+        let map = crate::procfile::ProcRoot::of_pid(&self.proc_root, pid)
+            .and_then(|root| PerfMap::open(&root, ns_pid))
+            .inspect_err(|error| {
+                if error.is_refusal() {
+                    tracing::debug!(pid, %error, reason = error.reason(), "perf map refused");
+                }
+            })
+            .ok()
+            .map(Rc::new);
         self.perf_maps.insert(pid, map.clone());
         map
     }
@@ -329,13 +336,9 @@ impl Symbolizer for NativeSymbolizer {
     }
 }
 
-/// The build id note, read without loading symbol tables.
+/// The build id note, read without loading symbol tables or mapping the file.
 fn quick_build_id(file: &File) -> Option<Vec<u8>> {
-    use object::Object as _;
-    // SAFETY: read-only mapping, dropped before returning.
-    let map = unsafe { memmap2::Mmap::map(file) }.ok()?;
-    let object = object::File::parse(&*map).ok()?;
-    object.build_id().ok().flatten().map(<[u8]>::to_vec)
+    debuginfo::read_build_id(file).found()
 }
 
 /// The vdso image of this process: every process on the host maps the same one.

@@ -1,11 +1,20 @@
 //! JIT symbol maps in perf's format (`/tmp/perf-PID.map`: `START SIZE name` in hex), written
 //! by runtimes such as the JVM with perf-map-agent, V8 `--perf-basic-prof` and .NET. They name
 //! anonymous executable memory that no ELF file describes.
+//!
+//! The file is written by the profiled process, so it is opened inside the process's root
+//! through [`crate::procfile`] (a FIFO, a device or a file over [`MAX_PERF_MAP_BYTES`] is
+//! refused unread) and named by the pid the process sees: the last `NSpid` of
+//! `/proc/PID/status`, which differs from the host pid inside a pid namespace.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+
+use crate::procfile::{ProcFileError, ProcRoot};
 
 /// Entries past this are ignored: the file is written by the profiled process.
 const MAX_ENTRIES: usize = 1 << 20;
+/// Larger perf maps are refused unread.
+pub const MAX_PERF_MAP_BYTES: u64 = 64 << 20;
 
 #[derive(Debug, Default)]
 pub struct PerfMap {
@@ -14,9 +23,16 @@ pub struct PerfMap {
 }
 
 impl PerfMap {
-    pub fn load(path: &Path) -> Option<Self> {
-        let text = std::fs::read_to_string(path).ok()?;
-        Some(Self::parse(&text))
+    /// The path of the perf map of a process whose own pid (in its namespace) is `ns_pid`.
+    pub fn path_for(ns_pid: u32) -> PathBuf {
+        PathBuf::from(format!("/tmp/perf-{ns_pid}.map"))
+    }
+
+    /// Reads `/tmp/perf-<ns_pid>.map` inside `root`, at most [`MAX_PERF_MAP_BYTES`].
+    pub fn open(root: &ProcRoot, ns_pid: u32) -> Result<Self, ProcFileError> {
+        let opened = root.open(&Self::path_for(ns_pid), MAX_PERF_MAP_BYTES)?;
+        let bytes = opened.read_capped(MAX_PERF_MAP_BYTES)?;
+        Ok(Self::parse(&String::from_utf8_lossy(&bytes)))
     }
 
     pub fn parse(text: &str) -> Self {
@@ -42,6 +58,27 @@ impl PerfMap {
     }
 }
 
+/// The pid `pid` has in its own pid namespace: the last field of the `NSpid:` line of
+/// `/proc/PID/status` (`status` is that file's text).
+pub fn namespace_pid(status: &str) -> Option<u32> {
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("NSpid:"))?
+        .split_whitespace()
+        .last()?
+        .parse()
+        .ok()
+}
+
+/// [`namespace_pid`] of process `pid` under the procfs mount `proc`, or `pid` itself when
+/// the kernel does not say (before 4.1) or the process is gone.
+pub fn namespace_pid_of(proc: &Path, pid: u32) -> u32 {
+    std::fs::read_to_string(proc.join(format!("{pid}/status")))
+        .ok()
+        .and_then(|status| namespace_pid(&status))
+        .unwrap_or(pid)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -55,5 +92,78 @@ mod tests {
         assert_eq!(m.lookup(0x7f00_0000_103f), Some("LInterpreter;"));
         assert_eq!(m.lookup(0x7f00_0000_1040), None);
         assert_eq!(m.lookup(0x7f00_0000_2008), Some("Lcom/x/Y;.run()V"));
+    }
+
+    use std::os::unix::fs::symlink;
+
+    /// /proc/PID/status of a process that is pid 7 in its container, 4242 on the host.
+    const STATUS: &str = "Name:\tjava\nUmask:\t0022\nState:\tS (sleeping)\nTgid:\t4242\n\
+        Ngid:\t0\nPid:\t4242\nPPid:\t4200\nTracerPid:\t0\nNStgid:\t4242\t7\n\
+        NSpid:\t4242\t7\nNSpgid:\t4242\t7\nNSsid:\t4200\t1\nThreads:\t12\n";
+
+    #[test]
+    fn namespace_pid_is_the_last_nspid() {
+        assert_eq!(namespace_pid(STATUS), Some(7));
+        assert_eq!(namespace_pid("Pid:\t9\nNSpid:\t9\n"), Some(9));
+        assert_eq!(namespace_pid("Pid:\t9\n"), None);
+        // This process has a status file; a vanished pid falls back to itself.
+        let me = std::process::id();
+        let proc = Path::new("/proc");
+        assert!(namespace_pid_of(proc, me) > 0);
+        assert_eq!(namespace_pid_of(proc, u32::MAX - 3), u32::MAX - 3);
+    }
+
+    #[test]
+    fn reads_the_map_named_by_the_namespace_pid_inside_the_root() {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::create_dir(tmp.path().join("tmp")).unwrap();
+        let ns_pid = namespace_pid(STATUS).unwrap();
+        std::fs::write(
+            tmp.path().join(format!("tmp/perf-{ns_pid}.map")),
+            "1000 10 jitted\n",
+        )
+        .unwrap();
+        let root = ProcRoot::new(tmp.path()).unwrap();
+        let map = PerfMap::open(&root, ns_pid).unwrap();
+        assert_eq!(map.lookup(0x1008), Some("jitted"));
+        assert!(
+            PerfMap::open(&root, 4242).is_err(),
+            "the host pid names no map"
+        );
+    }
+
+    #[test]
+    fn hostile_perf_maps_are_refused_unread() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("tmp");
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::File::create(dir.join("perf-1.map"))
+            .unwrap()
+            .set_len(64 << 30)
+            .unwrap();
+        symlink("/dev/zero", dir.join("perf-2.map")).unwrap();
+        let fifo = std::ffi::CString::new(dir.join("perf-3.map").to_str().unwrap()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o644) }, 0);
+        std::fs::create_dir_all(tmp.path().join("dev")).unwrap();
+        let zero = std::ffi::CString::new(tmp.path().join("dev/zero").to_str().unwrap()).unwrap();
+        // SAFETY: a valid NUL-terminated path; the test runs as root (mknod needs it).
+        let made =
+            unsafe { libc::mknod(zero.as_ptr(), libc::S_IFCHR | 0o666, libc::makedev(1, 5)) };
+        let root = ProcRoot::new(tmp.path()).unwrap();
+        let started = std::time::Instant::now();
+        assert_eq!(PerfMap::open(&root, 1).unwrap_err().reason(), "too_large");
+        let zero = PerfMap::open(&root, 2).unwrap_err().reason();
+        // The link resolves to the root's own /dev/zero: a device when mknod worked.
+        assert_eq!(
+            zero,
+            if made == 0 {
+                "not_regular"
+            } else {
+                "open_failed"
+            }
+        );
+        assert_eq!(PerfMap::open(&root, 3).unwrap_err().reason(), "not_regular");
+        assert!(started.elapsed() < std::time::Duration::from_secs(1));
     }
 }
