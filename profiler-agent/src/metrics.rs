@@ -21,7 +21,11 @@ use prometheus_client::{
     registry::{Registry, Unit},
 };
 
-use crate::{cache::CacheStats, sampler::CounterSnapshot, symbolize::SymbolizeStats};
+use crate::{
+    cache::CacheStats,
+    sampler::CounterSnapshot,
+    symbolize::{SymbolizeStats, budget::Degraded},
+};
 use profiler_common::Counter as KernelCounter;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -37,6 +41,11 @@ pub struct NameLabel {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CacheLabel {
     pub cache: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -81,6 +90,10 @@ pub struct AgentMetrics {
     pub frames_known: Counter,
     pub frames_unknown: Counter,
     pub elf_errors: Counter,
+    /// Binaries, tables and DWARF units left out of symbolization, by reason.
+    pub symbols_degraded: Family<ReasonLabel, Counter>,
+    /// Bytes of symbol data held now (`symbol_memory_limit` bounds it).
+    pub symbol_memory: Gauge,
     pub cache_hits: Family<CacheLabel, Counter>,
     pub cache_misses: Family<CacheLabel, Counter>,
     pub cache_evictions: Family<CacheLabel, Counter>,
@@ -112,6 +125,8 @@ impl AgentMetrics {
             frames_known: Counter::default(),
             frames_unknown: Counter::default(),
             elf_errors: Counter::default(),
+            symbols_degraded: Family::default(),
+            symbol_memory: Gauge::default(),
             cache_hits: Family::default(),
             cache_misses: Family::default(),
             cache_evictions: Family::default(),
@@ -189,6 +204,17 @@ impl AgentMetrics {
             "profiler_symbolize_elf_errors",
             "Mapped files that could not be read as ELF",
             m.elf_errors.clone(),
+        );
+        r.register(
+            "profiler_symbols_degraded",
+            "Symbol data left out (DWARF, symbol table or whole binary) by reason",
+            m.symbols_degraded.clone(),
+        );
+        r.register_with_unit(
+            "profiler_symbol_memory",
+            "Symbol data held by loaded binaries, bounded by symbol_memory_limit",
+            Unit::Bytes,
+            m.symbol_memory.clone(),
         );
         r.register("profiler_cache_hits", "Cache hits", m.cache_hits.clone());
         r.register(
@@ -362,6 +388,18 @@ impl Cumulative {
         cache(m, "same_file", &was.same_file_cache, &now.same_file_cache);
         cache(m, "build_id", &was.build_id_cache, &now.build_id_cache);
         cache(m, "pid", &was.pid_cache, &now.pid_cache);
+        for reason in Degraded::ALL {
+            m.symbols_degraded
+                .get_or_create(&ReasonLabel {
+                    reason: reason.reason().to_owned(),
+                })
+                .inc_by(
+                    now.symbols
+                        .degraded(reason)
+                        .saturating_sub(was.symbols.degraded(reason)),
+                );
+        }
+        m.symbol_memory.set(now.symbols.used as i64);
         self.symbolize = *now;
     }
 
@@ -463,5 +501,26 @@ mod tests {
         let count: u64 = line.rsplit(' ').next().unwrap().parse().unwrap();
         assert!(count >= 1, "{line}");
         assert!(text.contains("# TYPE profiler_unsafe_files counter"));
+    }
+
+    #[test]
+    fn degraded_symbols_and_budget_use_reach_the_metrics() {
+        let mut registry = Registry::default();
+        let m = AgentMetrics::register(&mut registry);
+        let mut c = Cumulative::default();
+        let mut now = SymbolizeStats::default();
+        now.symbols.degraded[Degraded::TooManySymbols as usize] = 2;
+        now.symbols.used = 4096;
+        c.symbolize(&m, &now);
+        now.symbols.degraded[Degraded::TooManySymbols as usize] = 3;
+        c.symbolize(&m, &now);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        assert!(
+            text.contains("profiler_symbols_degraded_total{reason=\"too_many_symbols\"} 3"),
+            "{text}"
+        );
+        assert!(text.contains("profiler_symbols_degraded_total{reason=\"budget\"} 0"));
+        assert!(text.contains("profiler_symbol_memory_bytes 4096"), "{text}");
     }
 }

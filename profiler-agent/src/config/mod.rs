@@ -49,6 +49,10 @@ pub struct AgentConfig {
     pub same_file_cache_size: usize,
     pub container_id_cache_size: usize,
     pub cache_rounds: u64,
+    /// Bytes all loaded binaries' symbol data (file bytes read, decompressed sections, symbol
+    /// tables, parsed DWARF) may take together (default 64 MiB); binaries past it degrade to
+    /// their symbol table or `module+0x...`.
+    pub symbol_memory_limit: u64,
     pub collect_user_profile: bool,
     pub collect_kernel_profile: bool,
     /// none | simplified | templates | full (default simplified).
@@ -86,6 +90,7 @@ impl Default for AgentConfig {
             same_file_cache_size: caches.same_file_cache_size,
             container_id_cache_size: 1024,
             cache_rounds: caches.cache_rounds,
+            symbol_memory_limit: caches.symbol_memory_limit,
             collect_user_profile: true,
             collect_kernel_profile: true,
             demangle: Demangle::Simplified,
@@ -273,6 +278,7 @@ impl AgentConfig {
             build_id_cache_size: self.build_id_cache_size,
             same_file_cache_size: self.same_file_cache_size,
             cache_rounds: self.cache_rounds,
+            symbol_memory_limit: self.symbol_memory_limit,
         }
     }
 

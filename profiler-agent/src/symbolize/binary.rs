@@ -4,65 +4,22 @@
 
 use std::{cell::RefCell, collections::HashMap, fs::File, sync::Arc};
 
-use object::{Object as _, ObjectSection as _};
+use object::{Object as _, ObjectSection as _, ReadRef};
 
 use super::{
     Demangle, Frame, Frames,
+    budget::{Charge, Degraded, SymbolBudget},
     dwarf::{LazyDwarf, Slice},
     elf::{ElfError, SymbolTable},
+    filedata::FileData,
     gopclntab::Pclntab,
+    sections::{self, Missing, OwnedSection},
 };
 
 /// Resolved addresses remembered per binary before the memory is started afresh.
 const RESOLVED_PER_BINARY: usize = 1 << 16;
-/// Decompressed debug data larger than this is refused: sizes come from the file itself.
-const MAX_DECOMPRESSED: u64 = 512 << 20;
-
-/// File bytes, mapped or (vdso, decompressed MiniDebugInfo) owned.
-enum Bytes {
-    Mapped(memmap2::Mmap),
-    Owned(Box<[u8]>),
-}
-
-impl std::ops::Deref for Bytes {
-    type Target = [u8];
-    fn deref(&self) -> &[u8] {
-        match self {
-            Bytes::Mapped(m) => m,
-            Bytes::Owned(b) => b,
-        }
-    }
-}
-
-impl Bytes {
-    fn map(file: &File) -> Result<Self, ElfError> {
-        // SAFETY: read-only private mapping; files reach here through map_files or a process
-        // root, and their bytes are only read through bounds-checked parsers.
-        Ok(Bytes::Mapped(unsafe { memmap2::Mmap::map(file)? }))
-    }
-
-    /// Drops this mapping's resident pages from the process: the next read faults them back
-    /// in from the page cache. Owned bytes stay.
-    fn release_resident_pages(&self) {
-        if let Bytes::Mapped(map) = self {
-            // SAFETY: a private read-only file mapping never written through: after
-            // MADV_DONTNEED its pages read back the file's contents, exactly as before.
-            if let Err(error) = unsafe { map.unchecked_advise(memmap2::UncheckedAdvice::DontNeed) }
-            {
-                tracing::debug!(%error, "madvise(DONTNEED) refused");
-            }
-        }
-    }
-
-    /// The bytes with a lifetime detached from `self`.
-    ///
-    /// SAFETY: the caller must keep `self` alive, unmoved in memory it does not own (a mapping
-    /// or a boxed slice), for as long as the returned slice is used: `Binary` declares the
-    /// borrowers before the owners so they drop first.
-    unsafe fn detached(&self) -> &'static [u8] {
-        unsafe { std::slice::from_raw_parts(self.as_ptr(), self.len()) }
-    }
-}
+/// What one remembered answer costs beside its strings (map entry, `Arc` headers).
+const RESOLVED_ENTRY_BYTES: usize = 96;
 
 /// One frame at an address as the binary names it, before demangling.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -93,7 +50,16 @@ pub struct Binary {
     has_debug_file: bool,
     demangle: Demangle,
     resolved: RefCell<Resolved>,
-    _owners: Vec<Bytes>,
+    /// What `resolved` holds, estimated.
+    resolved_charge: Charge,
+    /// The symbol table's entries.
+    _symbols_charge: Charge,
+    /// The file itself first, then MiniDebugInfo and the debug file: read on demand, kept.
+    /// Boxed: borrowers hold their address, which must not move with the vector.
+    #[allow(clippy::vec_box, reason = "borrowers hold the FileData's address")]
+    files: Vec<Box<FileData>>,
+    /// DWARF sections, read whole (and decompressed).
+    _sections: Vec<OwnedSection>,
 }
 
 /// Answers given so far, and the names and files they share: every address of a function
@@ -133,74 +99,35 @@ impl Resolved {
 }
 
 impl Binary {
+    /// Loads `file` with no shared budget (tools and tests); see [`Binary::load_with`].
     pub fn load(file: &File, finder: &mut dyn DebugFileFinder) -> Result<Self, ElfError> {
-        Self::from_bytes(Bytes::map(file)?, finder)
+        Self::load_with(file, finder, &SymbolBudget::unlimited())
+    }
+
+    /// Loads `file` (and a debug file from `finder` when it has no DWARF), reading into
+    /// memory charged to `budget` only what symbols, lines and the Go table need. What does
+    /// not fit is left out, counted: DWARF first, then the symbol table.
+    pub fn load_with(
+        file: &File,
+        finder: &mut dyn DebugFileFinder,
+        budget: &SymbolBudget,
+    ) -> Result<Self, ElfError> {
+        let data = FileData::from_file(file.try_clone()?, budget)?;
+        Loader::new(budget).load(data, finder)
     }
 
     /// For images that exist only in memory (the vdso).
     pub fn from_vec(bytes: Vec<u8>) -> Result<Self, ElfError> {
-        Self::from_bytes(Bytes::Owned(bytes.into_boxed_slice()), &mut ())
+        Self::from_vec_with(bytes, &SymbolBudget::unlimited())
     }
 
-    fn from_bytes(bytes: Bytes, finder: &mut dyn DebugFileFinder) -> Result<Self, ElfError> {
-        // SAFETY: `bytes` moves into `_owners` below and outlives every borrower (see Bytes).
-        let data = unsafe { bytes.detached() };
-        let mut owners = vec![bytes];
-        let object = object::File::parse(data)?;
-        let mut symbols = SymbolTable::from_object(&object);
-        let build_id = object.build_id().ok().flatten().map(<[u8]>::to_vec);
-        let debuglink = object
-            .gnu_debuglink()
-            .ok()
-            .flatten()
-            .and_then(|(name, _crc)| std::str::from_utf8(name).ok().map(str::to_owned));
-
-        if !symbols.has_full_symtab()
-            && let Some(mini) = mini_debug_info(&object)
-        {
-            let mini = Bytes::Owned(mini.into_boxed_slice());
-            // SAFETY: as above, `mini` moves into `owners`.
-            let mini_data = unsafe { mini.detached() };
-            owners.push(mini);
-            if let Ok(mini_object) = object::File::parse(mini_data) {
-                symbols.merge(&mini_object);
-            }
-        }
-        let go = object
-            .section_by_name(".gopclntab")
-            .and_then(|s| s.data().ok())
-            .filter(|d| Pclntab::parse(d).is_ok());
-
-        let mut has_debug_file = false;
-        let mut dwarf = if object.section_by_name(".debug_info").is_some() {
-            dwarf_context(&object, &mut owners)
-        } else {
-            None
+    pub fn from_vec_with(bytes: Vec<u8>, budget: &SymbolBudget) -> Result<Self, ElfError> {
+        let Some(charge) = Charge::of(budget, bytes.len()) else {
+            budget.count(Degraded::Budget);
+            return Err(ElfError::OverBudget);
         };
-        if dwarf.is_none()
-            && go.is_none()
-            && let Some(debug_file) = finder.find(build_id.as_deref(), debuglink.as_deref())
-        {
-            let debug_bytes = Bytes::map(&debug_file)?;
-            // SAFETY: as above, `debug_bytes` moves into `owners`.
-            let debug_data = unsafe { debug_bytes.detached() };
-            owners.push(debug_bytes);
-            if let Ok(debug_object) = object::File::parse(debug_data) {
-                has_debug_file = true;
-                symbols.merge(&debug_object);
-                dwarf = dwarf_context(&debug_object, &mut owners);
-            }
-        }
-        Ok(Self {
-            dwarf,
-            go,
-            symbols,
-            build_id,
-            has_debug_file,
-            demangle: Demangle::default(),
-            resolved: RefCell::default(),
-            _owners: owners,
-        })
+        let data = FileData::from_memory(bytes.into_boxed_slice(), charge);
+        Loader::new(budget).load(data, &mut ())
     }
 
     /// How [`Binary::frames`] names functions (default: [`Demangle::default`]).
@@ -210,15 +137,10 @@ impl Binary {
     }
 
     /// Lets go of what this round's lookups left behind, keeping their answers: the parsed
-    /// DWARF units, and the file pages they touched. Mapped ELF and DWARF bytes count in the
-    /// agent's RSS (and its cgroup's memory) while resident: a large binary's debug info read
-    /// once would otherwise stay there as long as the binary is cached.
+    /// DWARF units, which one large unit can make megabytes.
     pub fn release_memory(&self) {
         if let Some(dwarf) = &self.dwarf {
             dwarf.release_parsed_units();
-        }
-        for owner in &self._owners {
-            owner.release_resident_pages();
         }
     }
 
@@ -256,10 +178,28 @@ impl Binary {
             return frames.clone();
         }
         let raw = self.resolve(vaddr);
+        let cost = raw
+            .iter()
+            .map(|f| {
+                RESOLVED_ENTRY_BYTES + 2 * f.name.len() + f.file.as_ref().map_or(0, String::len)
+            })
+            .sum::<usize>();
         let mut resolved = self.resolved.borrow_mut();
-        if resolved.frames.len() >= RESOLVED_PER_BINARY {
+        if resolved.frames.len() >= RESOLVED_PER_BINARY || !self.resolved_charge.try_grow(cost) {
+            // Started afresh when full or when the budget has no room; answered uncached
+            // when even that does not make room.
             *resolved = Resolved::default();
+            self.resolved_charge.shrink(usize::MAX);
+            if !self.resolved_charge.try_grow(cost) {
+                return self.frames_of(raw, &mut Resolved::default());
+            }
         }
+        let frames = self.frames_of(raw, &mut resolved);
+        resolved.frames.insert(vaddr, frames.clone());
+        frames
+    }
+
+    fn frames_of(&self, raw: Vec<RawFrame>, resolved: &mut Resolved) -> Frames {
         let frames: Frames = raw
             .into_iter()
             .map(|f| {
@@ -272,7 +212,6 @@ impl Binary {
                 }
             })
             .collect();
-        resolved.frames.insert(vaddr, frames.clone());
         frames
     }
 
@@ -320,34 +259,231 @@ impl Binary {
         frames
     }
 
-    /// `len` bytes at `offset` of the file itself (not a debug file).
-    pub fn file_bytes(&self, offset: u64, len: usize) -> Option<&[u8]> {
-        let start = usize::try_from(offset).ok()?;
-        self._owners.first()?.get(start..start.checked_add(len)?)
+    /// `N` bytes at `offset` of the file itself (not a debug file), read now: `None` when
+    /// the file is shorter than that (truncated since it was loaded).
+    pub fn file_bytes<const N: usize>(&self, offset: u64) -> Option<[u8; N]> {
+        let mut buf = [0; N];
+        self.files
+            .first()?
+            .read_exact_at(offset, &mut buf)
+            .then_some(buf)
+    }
+
+    /// Bytes this binary holds charged to its budget.
+    pub fn charged_bytes(&self) -> usize {
+        self.files.iter().map(|f| f.charged()).sum::<usize>()
+            + self
+                ._sections
+                .iter()
+                .map(|s| s.charge.bytes())
+                .sum::<usize>()
+            + self._symbols_charge.bytes()
+            + self.resolved_charge.bytes()
+            + self.dwarf.as_ref().map_or(0, LazyDwarf::charged_bytes)
     }
 }
 
-/// A lazy DWARF index over the object's sections; decompressed sections are kept in `owners`.
-fn dwarf_context(object: &object::File<'static>, owners: &mut Vec<Bytes>) -> Option<LazyDwarf> {
-    let endian = if object.is_little_endian() {
-        gimli::RunTimeEndian::Little
-    } else {
-        gimli::RunTimeEndian::Big
-    };
-    let dwarf = gimli::Dwarf::load(|id| -> Result<Slice, gimli::Error> {
-        let data = needed_for_lines(id)
-            .then(|| object.section_by_name(id.name()))
+type Object = object::File<'static, &'static FileData>;
+
+/// Builds a [`Binary`]: owns what the parsers borrow until the binary does.
+struct Loader {
+    budget: SymbolBudget,
+    #[allow(clippy::vec_box, reason = "borrowers hold the FileData's address")]
+    files: Vec<Box<FileData>>,
+    sections: Vec<OwnedSection>,
+    symbols_charge: Charge,
+}
+
+impl Loader {
+    fn new(budget: &SymbolBudget) -> Self {
+        Self {
+            budget: budget.clone(),
+            files: Vec::new(),
+            sections: Vec::new(),
+            symbols_charge: Charge::new(budget),
+        }
+    }
+
+    /// Keeps `data` and lends it for as long as the binary lives.
+    fn keep(&mut self, data: FileData) -> &'static FileData {
+        let data = Box::new(data);
+        // SAFETY: the box moves into `files`, then into the Binary, which declares every
+        // borrower before `files`; its heap location never changes.
+        let detached: &'static FileData = unsafe { &*(&*data as *const FileData) };
+        self.files.push(data);
+        detached
+    }
+
+    /// Counts what `result` says was left out; `Unreadable` is not a degradation.
+    fn note<T>(&self, result: Result<T, Missing>) -> Option<T> {
+        match result {
+            Ok(value) => Some(value),
+            Err(Missing::Degraded(reason)) => {
+                self.budget.count(reason);
+                None
+            }
+            Err(Missing::Unreadable) => None,
+        }
+    }
+
+    /// Keeps `data` and parses it as an object, its string tables read.
+    fn parse(&mut self, data: FileData) -> Result<(Object, &'static FileData), ElfError> {
+        let data = self.keep(data);
+        match object::File::parse(data) {
+            Ok(object) => {
+                preload_string_tables(&object);
+                if data.take_refused() {
+                    self.budget.count(Degraded::Budget);
+                }
+                Ok((object, data))
+            }
+            Err(_) if data.take_refused() => {
+                self.budget.count(Degraded::Budget);
+                Err(ElfError::OverBudget)
+            }
+            Err(error) => Err(error.into()),
+        }
+    }
+
+    fn merge_symbols(&self, symbols: &mut SymbolTable<'static>, object: &Object) {
+        let max = self.budget.limits().max_symbols;
+        let merged = symbols.merge(object, max, &self.symbols_charge);
+        if self.files.iter().any(|f| f.take_refused()) {
+            self.budget.count(Degraded::Budget);
+        }
+        if let Err(reason) = merged {
+            self.budget.count(reason);
+        }
+    }
+
+    fn load(
+        mut self,
+        data: FileData,
+        finder: &mut dyn DebugFileFinder,
+    ) -> Result<Binary, ElfError> {
+        let (object, main) = self.parse(data)?;
+        let mut symbols = SymbolTable::segments_of(&object);
+        self.merge_symbols(&mut symbols, &object);
+        let build_id = object.build_id().ok().flatten().map(<[u8]>::to_vec);
+        let debuglink = object
+            .gnu_debuglink()
+            .ok()
             .flatten()
-            .and_then(|s| section_bytes(&s, owners))
-            .unwrap_or(&[]);
-        Ok(gimli::EndianSlice::new(data, endian))
-    })
-    .ok()?;
-    LazyDwarf::new(dwarf)
+            .and_then(|(name, _crc)| std::str::from_utf8(name).ok().map(str::to_owned));
+
+        if !symbols.has_full_symtab()
+            && object.section_by_name(".gnu_debugdata").is_some()
+            && let Some(mini) = self.note(sections::mini_debug_info(&object, main, &self.budget))
+            && let Ok((mini_object, _)) = self.parse(FileData::from_memory(mini.bytes, mini.charge))
+        {
+            self.merge_symbols(&mut symbols, &mini_object);
+        }
+        let go = object
+            .section_by_name(".gopclntab")
+            .and_then(|s| s.data().ok())
+            .filter(|d| Pclntab::parse(d).is_ok());
+        if main.take_refused() {
+            self.budget.count(Degraded::Budget);
+        }
+
+        let mut has_debug_file = false;
+        let mut dwarf = if object.section_by_name(".debug_info").is_some() {
+            self.dwarf(&object, main)
+        } else {
+            None
+        };
+        if dwarf.is_none()
+            && go.is_none()
+            && let Some(debug_file) = finder.find(build_id.as_deref(), debuglink.as_deref())
+            && let Ok(debug_data) = FileData::from_file(debug_file, &self.budget)
+            && let Ok((debug_object, debug)) = self.parse(debug_data)
+        {
+            has_debug_file = true;
+            self.merge_symbols(&mut symbols, &debug_object);
+            dwarf = self.dwarf(&debug_object, debug);
+        }
+        Ok(Binary {
+            dwarf,
+            go,
+            symbols,
+            build_id,
+            has_debug_file,
+            demangle: Demangle::default(),
+            resolved: RefCell::default(),
+            resolved_charge: Charge::new(&self.budget),
+            _symbols_charge: self.symbols_charge,
+            files: self.files,
+            _sections: self.sections,
+        })
+    }
+
+    /// A lazy DWARF index over the object's sections, read whole into owned memory; all or
+    /// nothing: when one section does not fit, those read so far are given back.
+    fn dwarf(&mut self, object: &Object, data: &FileData) -> Option<LazyDwarf> {
+        let endian = if object.is_little_endian() {
+            gimli::RunTimeEndian::Little
+        } else {
+            gimli::RunTimeEndian::Big
+        };
+        let mut read = Vec::new();
+        let dwarf = gimli::Dwarf::load(|id| -> Result<Slice, Missing> {
+            let Some(section) = needed_for_lines(id)
+                .then(|| object.section_by_name(id.name()))
+                .flatten()
+            else {
+                return Ok(gimli::EndianSlice::new(&[], endian));
+            };
+            let bytes = match sections::read_section(&section, data, &self.budget) {
+                Ok(owned) => owned,
+                Err(Missing::Unreadable) => return Ok(gimli::EndianSlice::new(&[], endian)),
+                Err(degraded) => return Err(degraded),
+            };
+            // SAFETY: the boxed bytes move into `self.sections` (and then the Binary, which
+            // drops its borrowers first) or, on failure, are dropped with the Dwarf that
+            // borrows them.
+            let slice: &'static [u8] =
+                unsafe { std::slice::from_raw_parts(bytes.bytes.as_ptr(), bytes.bytes.len()) };
+            read.push(bytes);
+            Ok(gimli::EndianSlice::new(slice, endian))
+        });
+        let dwarf = match dwarf {
+            Ok(dwarf) => dwarf,
+            Err(missing) => {
+                self.note::<()>(Err(missing));
+                return None;
+            }
+        };
+        let lazy = LazyDwarf::new(dwarf, &self.budget)?;
+        self.sections.extend(read);
+        Some(lazy)
+    }
+}
+
+/// Reads every string table whole, once: symbol and section names are then slices of it
+/// rather than one small read each.
+fn preload_string_tables(object: &Object) {
+    fn each<Elf: object::read::elf::FileHeader<Endian = object::Endianness>>(
+        file: &object::read::elf::ElfFile<'static, Elf, &'static FileData>,
+    ) {
+        use object::read::elf::SectionHeader as _;
+        let endian = file.endian();
+        for header in file.elf_section_table().iter() {
+            if header.sh_type(endian) == object::elf::SHT_STRTAB
+                && let Some((offset, size)) = header.file_range(endian)
+            {
+                let _ = file.data().read_bytes_at(offset, size);
+            }
+        }
+    }
+    match object {
+        object::File::Elf32(file) => each(file),
+        object::File::Elf64(file) => each(file),
+        _ => {}
+    }
 }
 
 /// Sections that function names, inline chains and lines come from. Variable locations,
-/// macros and type units are never read, and decompressing them would only cost memory.
+/// macros and type units are never read, and reading them would only cost memory.
 fn needed_for_lines(id: gimli::SectionId) -> bool {
     use gimli::SectionId::*;
     matches!(
@@ -365,175 +501,5 @@ fn needed_for_lines(id: gimli::SectionId) -> bool {
     )
 }
 
-/// A section's bytes, decompressed into `owners` when compressed (within the size limit).
-fn section_bytes(
-    section: &object::Section<'static, '_>,
-    owners: &mut Vec<Bytes>,
-) -> Option<&'static [u8]> {
-    let compressed = section.compressed_data().ok()?;
-    if compressed.format == object::CompressionFormat::None {
-        return Some(compressed.data);
-    }
-    if compressed.uncompressed_size > MAX_DECOMPRESSED {
-        return None;
-    }
-    let owned = match compressed.format {
-        object::CompressionFormat::Zlib => inflate_to_mapped_file(compressed.data)?,
-        _ => Bytes::Owned(
-            compressed
-                .decompress()
-                .ok()?
-                .into_owned()
-                .into_boxed_slice(),
-        ),
-    };
-    // SAFETY: `owned` moves into `owners`, which the Binary keeps beyond its borrowers.
-    let data = unsafe { owned.detached() };
-    owners.push(owned);
-    Some(data)
-}
-
-/// Inflates a zlib stream into an unlinked temporary file and maps it. Debug sections inflate
-/// to tens of MiB of which a profile reads a few units: mapped, only the pages read count
-/// against the agent's memory, and the rest stays reclaimable page cache.
-fn inflate_to_mapped_file(zlib: &[u8]) -> Option<Bytes> {
-    let mut file = tempfile::tempfile().ok()?;
-    let mut limited = LimitedWriter {
-        inner: &mut file,
-        written: 0,
-        limit: MAX_DECOMPRESSED as usize,
-    };
-    std::io::copy(&mut flate2::read::ZlibDecoder::new(zlib), &mut limited).ok()?;
-    if limited.written == 0 {
-        return Some(Bytes::Owned(Box::default()));
-    }
-    Bytes::map(&file).ok()
-}
-
-/// `.gnu_debugdata`: an xz-compressed ELF with the symbols a stripped binary dropped.
-fn mini_debug_info(object: &object::File<'_>) -> Option<Vec<u8>> {
-    let section = object.section_by_name(".gnu_debugdata")?;
-    let compressed = section.data().ok()?;
-    let mut out = LimitedWriter {
-        inner: Vec::new(),
-        written: 0,
-        limit: MAX_DECOMPRESSED as usize,
-    };
-    lzma_rs::xz_decompress(&mut std::io::Cursor::new(compressed), &mut out).ok()?;
-    Some(out.inner)
-}
-
-/// A writer that refuses to write past `limit` bytes, so a decompression bomb ends in an
-/// error rather than in memory or disk exhaustion.
-struct LimitedWriter<W> {
-    inner: W,
-    written: usize,
-    limit: usize,
-}
-
-impl<W: std::io::Write> std::io::Write for LimitedWriter<W> {
-    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
-        if self.written + data.len() > self.limit {
-            return Err(std::io::Error::other("decompressed data over the limit"));
-        }
-        let n = self.inner.write(data)?;
-        self.written += n;
-        Ok(n)
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.inner.flush()
-    }
-}
-
 #[cfg(test)]
-mod tests {
-    use std::io::Write as _;
-
-    use super::*;
-
-    #[test]
-    fn own_binary_has_dwarf_lines_for_this_function() {
-        let exe = std::env::current_exe().unwrap();
-        let binary = Binary::load(&File::open(&exe).unwrap(), &mut ()).unwrap();
-        assert!(
-            binary.has_dwarf(),
-            "test binaries are built with debug info"
-        );
-        assert!(binary.build_id().is_some());
-        let here = own_binary_has_dwarf_lines_for_this_function as *const () as u64;
-        // Our own code: runtime address -> file offset -> vaddr through /proc/self/maps.
-        let vaddr = binary.vaddr_of_file_offset(file_offset_of(here)).unwrap();
-        let frames = binary.frames(vaddr);
-        let outer = frames.last().unwrap();
-        assert!(
-            outer
-                .name
-                .ends_with("own_binary_has_dwarf_lines_for_this_function"),
-            "{frames:?}"
-        );
-        assert!(outer.file.as_deref().unwrap().ends_with("binary.rs"));
-        assert!(outer.line > 0);
-        // Every address of a function shares its name.
-        let again = binary.frames(vaddr + 1);
-        assert!(Arc::ptr_eq(&again.last().unwrap().name, &outer.name));
-        // Released pages read back the same bytes.
-        let raw = binary.resolve(vaddr);
-        binary.release_memory();
-        assert_eq!(binary.resolve(vaddr), raw);
-        assert_eq!(
-            Binary::load(&File::open(&exe).unwrap(), &mut ())
-                .unwrap()
-                .frames(vaddr),
-            frames
-        );
-    }
-
-    #[test]
-    fn parsed_dwarf_stays_within_its_byte_budget_and_is_released() {
-        let exe = std::env::current_exe().unwrap();
-        let mut binary = Binary::load(&File::open(&exe).unwrap(), &mut ()).unwrap();
-        binary.dwarf.as_mut().unwrap().set_budget(1);
-        // Two functions from different compilation units: this crate's and std's.
-        let here = parsed_dwarf_stays_within_its_byte_budget_and_is_released as *const () as u64;
-        let there = std::process::id as *const () as u64;
-        for address in [here, there] {
-            let vaddr = binary
-                .vaddr_of_file_offset(file_offset_of(address))
-                .unwrap();
-            assert!(!binary.resolve(vaddr).is_empty());
-            let (units, _) = binary.dwarf.as_ref().unwrap().parsed_units();
-            assert_eq!(units, 1, "over budget: only the unit just parsed is kept");
-        }
-        binary.release_memory();
-        assert_eq!(binary.dwarf.as_ref().unwrap().parsed_units(), (0, 0));
-    }
-
-    /// The file offset our own code at `address` is mapped from, per /proc/self/maps.
-    fn file_offset_of(address: u64) -> u64 {
-        let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
-        maps.lines()
-            .find_map(|l| {
-                let f: Vec<&str> = l.split_whitespace().collect();
-                let (a, b) = f[0].split_once('-')?;
-                let (a, b) = (
-                    u64::from_str_radix(a, 16).ok()?,
-                    u64::from_str_radix(b, 16).ok()?,
-                );
-                (a..b)
-                    .contains(&address)
-                    .then(|| address - a + u64::from_str_radix(f[2], 16).unwrap())
-            })
-            .unwrap()
-    }
-
-    #[test]
-    fn limited_writer_stops_bombs() {
-        let mut w = LimitedWriter {
-            inner: Vec::new(),
-            written: 0,
-            limit: 4,
-        };
-        assert!(w.write_all(b"abcd").is_ok());
-        assert!(w.write_all(b"e").is_err());
-    }
-}
+mod tests;

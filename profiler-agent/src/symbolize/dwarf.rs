@@ -2,23 +2,26 @@
 //! compilation unit up front (for libc's debug file, over 20 MiB); here `.debug_aranges` (or,
 //! when it is missing, one pass over unit headers) maps an address to its unit, and only the
 //! units that sampled addresses fall in are parsed, a few at a time, each into a compact index
-//! of its line rows and function/inline ranges.
+//! of its line rows and function/inline ranges. The index and the parsed units are charged to
+//! the symbol memory budget; a unit that does not fit is refused (counted) and its addresses
+//! keep their symbol-table names.
 
 use std::{cell::RefCell, num::NonZeroUsize, rc::Rc};
 
 use gimli::{AttributeValue, DebugInfoOffset};
 use lru::LruCache;
 
-use super::binary::RawFrame;
+use super::{
+    binary::RawFrame,
+    budget::{Charge, Degraded, SymbolBudget},
+};
 
 pub type Slice = gimli::EndianSlice<'static, gimli::RunTimeEndian>;
 
 /// Parsed units kept per binary; a profile's addresses cluster in few units.
 const PARSED_UNITS: usize = 8;
-/// Bytes of parsed rows and scopes kept per binary. One unit of a large instrumented binary
-/// (a fuzzer's, a Rust crate in one codegen unit) parses into tens of MiB: eight of those
-/// would make the agent's RSS follow the binaries it meets rather than its caches.
-const PARSED_BYTES: usize = 16 << 20;
+/// Units remembered as refused until the next round, so their addresses are not parsed again.
+const REFUSED_UNITS: usize = 1024;
 /// Bounds on what hostile DWARF can make us do.
 const MAX_INLINE_DEPTH: usize = 64;
 const MAX_REFERENCE_HOPS: usize = 8;
@@ -40,9 +43,14 @@ pub struct LazyDwarf {
     /// (begin, end, unit) sorted by begin.
     unit_ranges: Vec<(u64, u64, DebugInfoOffset)>,
     parsed: RefCell<LruCache<DebugInfoOffset, Rc<ParsedUnit>>>,
-    /// Sum of the parsed units' [`ParsedUnit::weight`], kept under `budget`.
-    parsed_bytes: std::cell::Cell<usize>,
-    budget: usize,
+    /// Units too large for `unit_budget` or the shared budget, until the next round.
+    refused: RefCell<std::collections::HashSet<DebugInfoOffset>>,
+    /// The parsed units' [`ParsedUnit::weight`], kept under `unit_budget` (per binary) and
+    /// charged to the shared budget.
+    parsed_charge: Charge,
+    unit_budget: usize,
+    /// The unit index (`unit_starts`, `unit_ranges`).
+    _index_charge: Charge,
 }
 
 struct ParsedUnit {
@@ -78,7 +86,9 @@ struct Scope {
 }
 
 impl LazyDwarf {
-    pub fn new(mut dwarf: gimli::Dwarf<Slice>) -> Option<Self> {
+    /// The index of `dwarf`'s units, charged to `budget`; `None` when it has no unit with
+    /// code or its index does not fit (counted).
+    pub fn new(mut dwarf: gimli::Dwarf<Slice>, budget: &SymbolBudget) -> Option<Self> {
         // Tables shared by several units (hostile files make thousands share one) are parsed
         // once; the others lazily, per unit.
         dwarf.populate_abbreviations_cache(gimli::AbbreviationsCacheStrategy::Duplicates);
@@ -135,6 +145,14 @@ impl LazyDwarf {
         }
         unit_ranges.sort_unstable_by_key(|r| r.0);
         unit_starts.sort_unstable();
+        unit_ranges.shrink_to_fit();
+        unit_starts.shrink_to_fit();
+        let index_bytes =
+            std::mem::size_of_val(&unit_ranges[..]) + std::mem::size_of_val(&unit_starts[..]);
+        let Some(index_charge) = Charge::of(budget, index_bytes) else {
+            budget.count(Degraded::Budget);
+            return None;
+        };
         Some(Self {
             dwarf,
             unit_starts,
@@ -142,8 +160,10 @@ impl LazyDwarf {
             parsed: RefCell::new(LruCache::new(
                 NonZeroUsize::new(PARSED_UNITS).expect("nonzero"),
             )),
-            parsed_bytes: std::cell::Cell::new(0),
-            budget: PARSED_BYTES,
+            refused: RefCell::default(),
+            parsed_charge: Charge::new(budget),
+            unit_budget: budget.limits().max_unit_bytes,
+            _index_charge: index_charge,
         })
     }
 }
@@ -152,19 +172,26 @@ impl LazyDwarf {
     /// Drops the parsed units. One unit of a large Rust or C++ binary parses into megabytes
     /// of rows and scopes; kept across rounds, each cached binary would hold up to
     /// PARSED_UNITS of them long after its addresses were answered.
+    /// Refused units are tried again after this.
     pub fn release_parsed_units(&self) {
         self.parsed.borrow_mut().clear();
-        self.parsed_bytes.set(0);
+        self.parsed_charge.shrink(usize::MAX);
+        self.refused.borrow_mut().clear();
+    }
+
+    /// Bytes charged for the index and the parsed units.
+    pub fn charged_bytes(&self) -> usize {
+        self.parsed_charge.bytes() + self._index_charge.bytes()
     }
 
     #[cfg(test)]
-    pub fn set_budget(&mut self, bytes: usize) {
-        self.budget = bytes;
+    pub fn set_unit_budget(&mut self, bytes: usize) {
+        self.unit_budget = bytes;
     }
 
     #[cfg(test)]
     pub fn parsed_units(&self) -> (usize, usize) {
-        (self.parsed.borrow().len(), self.parsed_bytes.get())
+        (self.parsed.borrow().len(), self.parsed_charge.bytes())
     }
 }
 
@@ -202,31 +229,73 @@ impl LazyDwarf {
         if let Some(unit) = self.parsed.borrow_mut().get(&offset) {
             return Some(unit.clone());
         }
+        if self.refused.borrow().contains(&offset) {
+            return None;
+        }
         let header = self.dwarf.unit_header(offset).ok()?;
         let unit = self.dwarf.unit(header).ok()?;
-        let parsed = Rc::new(ParsedUnit::parse(&self.dwarf, unit));
+        // Our own units can be evicted to make room; past that, the shared budget decides.
+        let budget = self.parsed_charge.budget();
+        let room = self
+            .unit_budget
+            .min(self.parsed_charge.bytes() + budget.available());
+        let parsed = match ParsedUnit::parse(&self.dwarf, unit, room) {
+            Some(parsed) => Rc::new(parsed),
+            None => {
+                self.refuse(offset, room);
+                return None;
+            }
+        };
         let mut cache = self.parsed.borrow_mut();
-        let mut bytes = self.parsed_bytes.get() + parsed.weight();
-        // Make room by bytes as well as by count; a unit larger than the budget alone is
-        // still kept, until the next one.
-        while bytes > self.budget || cache.len() >= cache.cap().get() {
+        let weight = parsed.weight();
+        // Make room by bytes as well as by count.
+        while cache.len() >= cache.cap().get()
+            || self.parsed_charge.bytes() + weight > self.unit_budget
+            || !self.parsed_charge.try_grow(weight)
+        {
             match cache.pop_lru() {
-                Some((_, evicted)) => bytes -= evicted.weight(),
-                None => break,
+                Some((_, evicted)) => self.parsed_charge.shrink(evicted.weight()),
+                None => {
+                    drop(cache);
+                    self.refuse(offset, 0);
+                    return None;
+                }
             }
         }
         cache.put(offset, parsed.clone());
-        self.parsed_bytes.set(bytes);
         Some(parsed)
+    }
+
+    /// Remembers a unit that did not fit in `room` bytes, and counts why.
+    fn refuse(&self, offset: DebugInfoOffset, room: usize) {
+        let budget = self.parsed_charge.budget();
+        budget.count(if room >= self.unit_budget {
+            Degraded::DwarfUnitTooLarge
+        } else {
+            Degraded::Budget
+        });
+        let mut refused = self.refused.borrow_mut();
+        if refused.len() < REFUSED_UNITS {
+            refused.insert(offset);
+        }
     }
 }
 
 impl ParsedUnit {
-    fn parse(dwarf: &gimli::Dwarf<Slice>, unit: gimli::Unit<Slice>) -> Self {
+    /// The unit's index, or `None` when its rows and scopes pass `max_bytes`.
+    fn parse(
+        dwarf: &gimli::Dwarf<Slice>,
+        unit: gimli::Unit<Slice>,
+        max_bytes: usize,
+    ) -> Option<Self> {
+        let max_rows = max_bytes / std::mem::size_of::<Row>();
         let mut rows = Vec::new();
         if let Some(program) = unit.line_program.clone() {
             let mut program_rows = program.rows();
             while let Ok(Some((_, row))) = program_rows.next_row() {
+                if rows.len() >= max_rows {
+                    return None;
+                }
                 rows.push(Row {
                     address: row.address(),
                     file: row.file_index(),
@@ -239,6 +308,9 @@ impl ParsedUnit {
         }
         // Stable: an end_sequence row sorts before a new sequence starting at the same address.
         rows.sort_by_key(|r| (r.address, !r.end_sequence));
+        rows.shrink_to_fit();
+        let max_scopes =
+            (max_bytes - std::mem::size_of_val(&rows[..])) / std::mem::size_of::<Scope>();
 
         let mut scopes = Vec::new();
         let mut entries = unit.entries();
@@ -257,6 +329,9 @@ impl ParsedUnit {
             {
                 while let Ok(Some(r)) = ranges.next() {
                     if r.begin < r.end {
+                        if scopes.len() >= max_scopes {
+                            return None;
+                        }
                         has_ranges = true;
                         scopes.push(Scope {
                             begin: r.begin,
@@ -292,7 +367,8 @@ impl ParsedUnit {
             };
         }
         scopes.sort_unstable_by_key(|s| (s.begin, s.depth));
-        Self { unit, rows, scopes }
+        scopes.shrink_to_fit();
+        Some(Self { unit, rows, scopes })
     }
 
     fn frames(

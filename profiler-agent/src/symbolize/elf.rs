@@ -2,14 +2,18 @@
 //! that map a file offset (what a process mapping gives) to the virtual address symbols use.
 //! That translation is what makes PIE, non-PIE and shared libraries all resolve the same way.
 
-use object::{Object as _, ObjectSegment as _, ObjectSymbol as _, SymbolKind};
+use object::{Object as _, ObjectSegment as _, ObjectSymbol as _, ReadRef, SymbolKind};
+
+use super::budget::{Charge, Degraded};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ElfError {
-    #[error("cannot map the file: {0}")]
-    Map(#[from] std::io::Error),
+    #[error("cannot read the file: {0}")]
+    Read(#[from] std::io::Error),
     #[error("not a readable ELF file: {0}")]
     Parse(#[from] object::Error),
+    #[error("no room in the symbol memory budget for its headers and tables")]
+    OverBudget,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -19,8 +23,8 @@ struct Segment {
     vaddr: u64,
 }
 
-/// Names borrow the file's string table rather than copying it: a large binary's names then
-/// live in its mapping, whose pages the kernel can drop and fault back, not on the heap.
+/// Names borrow the file's string table (read once, charged to the budget) rather than each
+/// being copied.
 #[derive(Debug)]
 struct Symbol<'data> {
     address: u64,
@@ -37,11 +41,19 @@ pub struct SymbolTable<'data> {
 }
 
 impl<'data> SymbolTable<'data> {
+    /// Every function symbol of an in-memory image, uncapped (tools, fuzzing and tests).
     pub fn parse(data: &'data [u8]) -> Result<Self, ElfError> {
-        Ok(Self::from_object(&object::File::parse(data)?))
+        let object = object::File::parse(data)?;
+        let mut table = Self::segments_of(&object);
+        let budget = super::budget::SymbolBudget::unlimited();
+        table
+            .merge(&object, usize::MAX, &Charge::new(&budget))
+            .map_err(|_| ElfError::OverBudget)?;
+        Ok(table)
     }
 
-    pub fn from_object(object: &object::File<'data>) -> Self {
+    /// The load segments of `object` and no symbols yet.
+    pub fn segments_of<R: ReadRef<'data>>(object: &object::File<'data, R>) -> Self {
         let segments = object
             .segments()
             .map(|s| {
@@ -53,39 +65,60 @@ impl<'data> SymbolTable<'data> {
                 }
             })
             .collect();
-        let mut table = Self {
+        Self {
             segments,
             symbols: Vec::new(),
             full_symtab: false,
-        };
-        table.merge(object);
-        table
+        }
     }
 
     /// Adds the function symbols of `object` (the binary itself, its MiniDebugInfo or its
-    /// separate debug file, which share its addresses).
-    pub fn merge(&mut self, object: &object::File<'data>) {
-        let before = self.symbols.len();
-        self.symbols.extend(
+    /// separate debug file, which share its addresses), charging their entries to `charge`.
+    /// Nothing is added when the table would pass `max_symbols` or the budget.
+    pub fn merge<R: ReadRef<'data>>(
+        &mut self,
+        object: &object::File<'data, R>,
+        max_symbols: usize,
+        charge: &Charge,
+    ) -> Result<(), Degraded> {
+        let functions = || {
             object
                 .symbols()
                 .chain(object.dynamic_symbols())
                 .filter(|s| s.kind() == SymbolKind::Text && s.address() != 0 && !s.is_undefined())
-                .filter_map(|s| {
-                    Some(Symbol {
-                        address: s.address(),
-                        size: s.size(),
-                        name: s.name().ok().filter(|n| !n.is_empty())?,
-                    })
-                }),
-        );
-        self.full_symtab |= object.symbols().next().is_some();
-        if self.symbols.len() != before {
-            // Prefer the sized symbol at an address (.dynsym often repeats .symtab).
-            self.symbols
-                .sort_by(|a, b| a.address.cmp(&b.address).then(b.size.cmp(&a.size)));
-            self.symbols.dedup_by_key(|s| s.address);
+        };
+        // Counted before anything is allocated: a hostile table may claim millions.
+        let added = functions().count();
+        if added > max_symbols.saturating_sub(self.symbols.len()) {
+            return Err(Degraded::TooManySymbols);
         }
+        let entry = std::mem::size_of::<Symbol>();
+        let charged_before = self.symbols.capacity() * entry;
+        let wanted = (self.symbols.len() + added) * entry;
+        if !charge.try_grow(wanted.saturating_sub(charged_before)) {
+            return Err(Degraded::Budget);
+        }
+        self.symbols.reserve_exact(added);
+        self.symbols.extend(functions().filter_map(|s| {
+            Some(Symbol {
+                address: s.address(),
+                size: s.size(),
+                name: s.name().ok().filter(|n| !n.is_empty())?,
+            })
+        }));
+        self.full_symtab |= object.symbols().next().is_some();
+        // Prefer the sized symbol at an address (.dynsym often repeats .symtab).
+        self.symbols
+            .sort_by(|a, b| a.address.cmp(&b.address).then(b.size.cmp(&a.size)));
+        self.symbols.dedup_by_key(|s| s.address);
+        self.symbols.shrink_to_fit();
+        charge.shrink(wanted.saturating_sub(self.symbols.capacity() * entry));
+        Ok(())
+    }
+
+    /// Bytes the symbol entries take (their names are in the file's kept blocks).
+    pub fn entry_bytes(&self) -> usize {
+        self.symbols.capacity() * std::mem::size_of::<Symbol>()
     }
 
     /// Whether a `.symtab` (not just `.dynsym`) contributed symbols.
@@ -145,9 +178,8 @@ mod tests {
     #[test]
     fn resolves_own_function_through_file_offset() {
         let exe = std::env::current_exe().unwrap();
-        // SAFETY: read-only mapping of our own executable, dropped at the end of the test.
-        let map = unsafe { memmap2::Mmap::map(&std::fs::File::open(&exe).unwrap()) }.unwrap();
-        let table = SymbolTable::parse(&map).unwrap();
+        let bytes = std::fs::read(&exe).unwrap();
+        let table = SymbolTable::parse(&bytes).unwrap();
         assert!(!table.is_empty());
         // Find our own mapping of this function to get its file offset.
         let here = resolves_own_function_through_file_offset as *const () as usize as u64;

@@ -7,19 +7,27 @@
 //! is dropped for lack of a name.
 
 pub mod binary;
+pub mod budget;
 pub mod debuginfo;
 pub mod demangle;
 pub mod dwarf;
 pub mod elf;
+pub mod filedata;
 pub mod gopclntab;
 pub mod kallsyms;
 pub mod perfmap;
+pub mod sections;
 
 use std::{fs::File, path::PathBuf, rc::Rc, sync::Arc};
 
 pub use demangle::Demangle;
 
-use self::{binary::Binary, perfmap::PerfMap};
+use self::{
+    binary::Binary,
+    budget::{BudgetStats, Limits, SymbolBudget},
+    elf::ElfError,
+    perfmap::PerfMap,
+};
 use crate::{
     cache::{CacheStats, RoundLru},
     process::{FileId, Mapping, MappingKind, ProcessInfo},
@@ -73,6 +81,8 @@ pub struct SymbolizeStats {
     pub same_file_cache: CacheStats,
     pub build_id_cache: CacheStats,
     pub pid_cache: CacheStats,
+    /// The symbol memory budget: bytes in use, and what was left out for lack of it.
+    pub symbols: BudgetStats,
 }
 
 /// The seam between the profile builder and symbol sources.
@@ -101,7 +111,12 @@ pub struct CacheConfig {
     pub build_id_cache_size: usize,
     pub same_file_cache_size: usize,
     pub cache_rounds: u64,
+    /// Bytes all loaded binaries' symbol data may take together (`symbol_memory_limit`).
+    pub symbol_memory_limit: u64,
 }
+
+/// The default `symbol_memory_limit`: 64 MiB.
+pub const DEFAULT_SYMBOL_MEMORY_LIMIT: u64 = 64 << 20;
 
 impl Default for CacheConfig {
     fn default() -> Self {
@@ -110,6 +125,7 @@ impl Default for CacheConfig {
             build_id_cache_size: 64,
             same_file_cache_size: 8,
             cache_rounds: 3,
+            symbol_memory_limit: DEFAULT_SYMBOL_MEMORY_LIMIT,
         }
     }
 }
@@ -124,6 +140,8 @@ pub struct NativeSymbolizer {
     vdso: Option<Option<Rc<Binary>>>,
     kernel: Option<kallsyms::KernelSymbols>,
     kernel_names: kallsyms::KernelNames,
+    /// Shared by every binary loaded here, cached or still referenced.
+    budget: SymbolBudget,
     stats: SymbolizeStats,
 }
 
@@ -146,6 +164,7 @@ impl NativeSymbolizer {
             vdso: None,
             kernel,
             kernel_names: Default::default(),
+            budget: SymbolBudget::new(caches.symbol_memory_limit, Limits::default()),
             stats: SymbolizeStats::default(),
         }
     }
@@ -179,7 +198,7 @@ impl NativeSymbolizer {
         }
         let root = self.proc_root.join(format!("{}/root", process.pid));
         let mut finder = debuginfo::RootedDebugFinder::new(root, &mapping.path);
-        match Binary::load(file, &mut finder) {
+        match Binary::load_with(file, &mut finder, &self.budget) {
             Ok(binary) => {
                 let binary = Rc::new(binary.with_demangle(self.demangle));
                 if let Some(id) = binary.build_id() {
@@ -187,6 +206,8 @@ impl NativeSymbolizer {
                 }
                 Some(binary)
             }
+            // Counted by the budget with its reason.
+            Err(ElfError::OverBudget) => None,
             Err(error) => {
                 self.stats.elf_errors += 1;
                 tracing::debug!(path = %mapping.path, %error, "not symbolizable");
@@ -199,7 +220,7 @@ impl NativeSymbolizer {
         self.vdso
             .get_or_insert_with(|| {
                 read_own_vdso()
-                    .and_then(|bytes| Binary::from_vec(bytes).ok())
+                    .and_then(|bytes| Binary::from_vec_with(bytes, &self.budget).ok())
                     .map(|b| Rc::new(b.with_demangle(self.demangle)))
             })
             .clone()
@@ -278,11 +299,8 @@ impl Symbolizer for NativeSymbolizer {
             return false;
         };
         self.binary_for(process, mapping)
-            .and_then(|b| {
-                b.file_bytes(offset, SYSCALL_INSTRUCTION.len())
-                    .map(|bytes| bytes == SYSCALL_INSTRUCTION)
-            })
-            .unwrap_or(false)
+            .and_then(|b| b.file_bytes(offset))
+            .is_some_and(|bytes| bytes == SYSCALL_INSTRUCTION)
     }
 
     fn prepare_kernel(&mut self, addresses: &[u64]) {
@@ -317,6 +335,7 @@ impl Symbolizer for NativeSymbolizer {
             same_file_cache: self.by_file.stats(),
             build_id_cache: self.by_build_id.stats(),
             pid_cache: self.perf_maps.stats(),
+            symbols: self.budget.stats(),
             ..self.stats
         }
     }
@@ -365,11 +384,38 @@ mod tests {
     use super::*;
     use crate::process::{ProcessSource as _, ProcfsProcesses};
 
+    /// This test binary's DWARF (hundreds of MiB unoptimized) does not fit the default
+    /// budget: its functions keep their symbol names, without lines, within the limit.
+    #[test]
+    fn a_binary_over_the_default_budget_keeps_its_names() {
+        let me = std::process::id();
+        let info = ProcfsProcesses::default().snapshot(me, "test");
+        let mut s = NativeSymbolizer::new(Demangle::Simplified, None);
+        let here = a_binary_over_the_default_budget_keeps_its_names as *const () as u64;
+        let frames = s.user_frames(&info, here);
+        assert!(
+            frames[0]
+                .name
+                .ends_with("a_binary_over_the_default_budget_keeps_its_names"),
+            "{frames:?}"
+        );
+        assert_eq!(frames[0].line, 0);
+        let stats = s.stats();
+        assert!(stats.symbols.degraded(budget::Degraded::Budget) >= 1);
+        assert!(stats.symbols.used > 0);
+        assert!(stats.symbols.used <= DEFAULT_SYMBOL_MEMORY_LIMIT);
+        drop(s);
+    }
+
     #[test]
     fn names_own_code_and_vdso() {
         let me = std::process::id();
         let info = ProcfsProcesses::default().snapshot(me, "test");
-        let mut s = NativeSymbolizer::new(Demangle::Simplified, None);
+        let caches = CacheConfig {
+            symbol_memory_limit: u64::MAX,
+            ..CacheConfig::default()
+        };
+        let mut s = NativeSymbolizer::with_caches(Demangle::Simplified, None, caches);
         let here = names_own_code_and_vdso as *const () as u64;
         let frames = s.user_frames(&info, here);
         assert!(
