@@ -3,13 +3,15 @@
 //! and `/`, a page listing the services profiled with each one's latest flame graph
 //! ([`page`]). With the capture API enabled, also `/v1/profile` ([`crate::capture::http`]).
 //! At most [`MAX_CONNECTIONS`] connections are served at once ([`limit`]), each closed when its
-//! client takes over [`HEADER_READ_TIMEOUT`] to send a request ([`serve`](mod@serve)); a loopback
+//! client takes over [`HEADER_READ_TIMEOUT`] to send a request or [`WRITE_STALL_TIMEOUT`] to
+//! read any of an answer ([`serve`](mod@serve), [`stall`]); a loopback
 //! server without a bearer token checks `Host` against DNS rebinding ([`host`]).
 
 pub mod host;
 pub mod limit;
 pub mod page;
 pub mod serve;
+pub mod stall;
 
 use std::{
     fmt::Write as _,
@@ -37,7 +39,7 @@ use crate::{daemon::latest::LatestProfiles, metrics::AgentMetrics};
 use host::HostCheck;
 pub use limit::MAX_CONNECTIONS;
 pub use page::render_svg;
-pub use serve::{HEADER_READ_TIMEOUT, Limits};
+pub use serve::{HEADER_READ_TIMEOUT, Limits, WRITE_STALL_TIMEOUT};
 
 /// What the handlers read.
 #[derive(Clone)]
@@ -77,8 +79,9 @@ pub fn router(state: ServerState) -> Router {
 }
 
 /// Serves the router on `listener`, [`MAX_CONNECTIONS`] connections at a time, each given
-/// [`HEADER_READ_TIMEOUT`] to send a request's headers ([`serve`](mod@serve)), until `shutdown`
-/// completes; then waits for the open requests to finish.
+/// [`HEADER_READ_TIMEOUT`] to send a request's headers and [`WRITE_STALL_TIMEOUT`] to read
+/// some of an answer ([`serve`](mod@serve)), until `shutdown` completes; then waits for the
+/// open requests to finish.
 pub async fn serve(
     listener: TcpListener,
     state: ServerState,
@@ -87,6 +90,7 @@ pub async fn serve(
     let limits = Limits {
         max_connections: MAX_CONNECTIONS,
         header_read_timeout: HEADER_READ_TIMEOUT,
+        write_stall_timeout: WRITE_STALL_TIMEOUT,
     };
     serve::serve_router(listener, router(state), shutdown, limits).await;
     Ok(())

@@ -9,6 +9,9 @@
 //! that `/healthz` and scrapes need. A request that is slow to answer (a 5-minute capture) is
 //! not affected: the deadline stops once its headers are read.
 //!
+//! Writing an answer has a deadline too ([`stall`](super::stall)): a client that stops reading
+//! is dropped after [`WRITE_STALL_TIMEOUT`] without progress.
+//!
 //! HTTP/2 is not offered: telling it from HTTP/1 means reading the first bytes of a connection
 //! with no deadline, and scrapers and probes speak HTTP/1.1 to a plain-text server.
 //!
@@ -24,12 +27,16 @@ use hyper_util::{
 };
 use tokio::net::TcpListener;
 
-use super::limit::LimitedListener;
+use super::{limit::LimitedListener, stall::WriteDeadline};
 
 /// How long a client has to send a request's headers, from the moment the connection is
 /// accepted or its previous answer was sent: longer than any honest client on a slow link
 /// needs, short enough that a slowloris frees its places within seconds.
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long an answer may wait for the client to read any of it: a client on a slow link
+/// still takes a few bytes in that time, one that stopped reading does not.
+pub const WRITE_STALL_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// What bounds the clients of one server.
 #[derive(Clone, Copy, Debug)]
@@ -39,6 +46,8 @@ pub struct Limits {
     /// The deadline to send a request's headers, also the longest a keep-alive connection
     /// stays idle.
     pub header_read_timeout: Duration,
+    /// The longest a write may wait for the client to read.
+    pub write_stall_timeout: Duration,
 }
 
 /// Serves `router` on `listener` within `limits` until `shutdown` completes; then stops
@@ -61,7 +70,10 @@ pub async fn serve_router(
         };
         let service = TowerToHyperService::new(router.clone());
         let connection = builder
-            .serve_connection(TokioIo::new(stream), service)
+            .serve_connection(
+                TokioIo::new(WriteDeadline::new(stream, limits.write_stall_timeout)),
+                service,
+            )
             .into_owned();
         let connection = graceful.watch(connection);
         tokio::spawn(async move {

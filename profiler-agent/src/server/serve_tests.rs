@@ -1,6 +1,7 @@
-//! Tests of the header read deadline on real loopback connections, with a 1-second deadline
-//! and the agent's own connection limit: a slowloris no longer starves `/healthz`, idle
-//! keep-alive connections close, slow answers and graceful shutdown still work.
+//! Tests of the read and write deadlines on real loopback connections, with 1-second deadlines
+//! and the agent's own connection limit: a slowloris or a client that never reads no longer
+//! starves `/healthz`, idle keep-alive connections close, slow answers (longer than both
+//! deadlines) and graceful shutdown still work.
 
 use std::{
     net::SocketAddr,
@@ -20,9 +21,16 @@ use crate::server::{MAX_CONNECTIONS, router, tests::get, tests::state_on};
 
 const DEADLINE: Duration = Duration::from_secs(1);
 
-/// Serves `router` on a free loopback port with the agent's connection limit and a 1 s header
-/// deadline; the handle ends when the server has shut down.
+/// Serves `router` on a free loopback port with the agent's connection limit and 1 s read and
+/// write deadlines; the handle ends when the server has shut down.
 async fn start(router: Router) -> (SocketAddr, watch::Sender<bool>, JoinHandle<()>) {
+    start_limited(router, MAX_CONNECTIONS).await
+}
+
+async fn start_limited(
+    router: Router,
+    max_connections: usize,
+) -> (SocketAddr, watch::Sender<bool>, JoinHandle<()>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap();
     let (stop, mut stopped) = watch::channel(false);
@@ -30,8 +38,9 @@ async fn start(router: Router) -> (SocketAddr, watch::Sender<bool>, JoinHandle<(
         let _ = stopped.wait_for(|s| *s).await;
     };
     let limits = Limits {
-        max_connections: MAX_CONNECTIONS,
+        max_connections,
         header_read_timeout: DEADLINE,
+        write_stall_timeout: DEADLINE,
     };
     let server = tokio::spawn(serve_router(listener, router, shutdown, limits));
     (address, stop, server)
@@ -163,4 +172,31 @@ async fn slow_answers_outlive_the_deadline_and_finish_on_shutdown() {
         TcpStream::connect(address).await.is_err(),
         "still listening"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_reads_gives_its_place_back() {
+    let big = Router::new()
+        .route("/big", route_get(|| async { vec![b'x'; 64 << 20] }))
+        .route("/small", route_get(|| async { "small" }));
+    // One place, taken by a client that asks for 64 MiB and reads none of it.
+    let (address, _stop, _server) = start_limited(big, 1).await;
+    let mut greedy = TcpStream::connect(address).await.unwrap();
+    greedy
+        .write_all(b"GET /big HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut small = tokio::spawn(get(address, "/small", None));
+    assert!(
+        tokio::time::timeout(Duration::from_millis(400), &mut small)
+            .await
+            .is_err(),
+        "answered while the only place was held: the test proves nothing"
+    );
+    let (status, body) = tokio::time::timeout(DEADLINE + Duration::from_secs(5), small)
+        .await
+        .expect("answered once the write deadline dropped the client that does not read")
+        .unwrap();
+    assert_eq!((status, body.as_slice()), (200, b"small".as_slice()));
 }
