@@ -77,6 +77,7 @@ async fn a_slowloris_holding_every_place_gives_them_back_to_healthz() {
     let attackers = MAX_CONNECTIONS + 12;
     let mut silent = Vec::new();
     let mut trickling = Vec::new();
+    let first_connected = Instant::now();
     for i in 0..attackers {
         if i % 2 == 0 {
             silent.push(TcpStream::connect(address).await.unwrap());
@@ -84,12 +85,13 @@ async fn a_slowloris_holding_every_place_gives_them_back_to_healthz() {
             trickling.push(tokio::spawn(trickle(address)));
         }
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
     let asked = Instant::now();
     let mut health = tokio::spawn(get(address, "/healthz", None));
-    // Every place is held: nothing frees one before the first deadline passes.
+    // Every place is held: none frees before the first attacker's deadline.
+    let quiet_until = first_connected + DEADLINE - Duration::from_millis(100);
     assert!(
-        tokio::time::timeout(Duration::from_millis(400), &mut health)
+        tokio::time::timeout_at(quiet_until.into(), &mut health)
             .await
             .is_err(),
         "/healthz answered while the slowloris held every place: the test proves nothing"
@@ -182,14 +184,17 @@ async fn a_client_that_never_reads_gives_its_place_back() {
     // One place, taken by a client that asks for 64 MiB and reads none of it.
     let (address, _stop, _server) = start_limited(big, 1).await;
     let mut greedy = TcpStream::connect(address).await.unwrap();
+    let asked_big = Instant::now();
     greedy
         .write_all(b"GET /big HTTP/1.1\r\nHost: localhost\r\n\r\n")
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
     let mut small = tokio::spawn(get(address, "/small", None));
+    // The place frees a deadline after the greedy client's answer stalled, not before.
+    let quiet_until = asked_big + DEADLINE - Duration::from_millis(100);
     assert!(
-        tokio::time::timeout(Duration::from_millis(400), &mut small)
+        tokio::time::timeout_at(quiet_until.into(), &mut small)
             .await
             .is_err(),
         "answered while the only place was held: the test proves nothing"
