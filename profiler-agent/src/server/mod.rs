@@ -2,12 +2,16 @@
 //! attached and the first discovery round done), `/healthz` (the pipeline thread is turning),
 //! and `/`, a page listing the services profiled with each one's latest flame graph
 //! ([`page`]). With the capture API enabled, also `/v1/profile` ([`crate::capture::http`]).
-//! At most [`MAX_CONNECTIONS`] connections are served at once ([`limit`]); a loopback server
-//! without a bearer token checks `Host` against DNS rebinding ([`host`]).
+//! At most [`MAX_CONNECTIONS`] connections are served at once ([`limit`]), each closed when its
+//! client takes over [`HEADER_READ_TIMEOUT`] to send a request or [`WRITE_STALL_TIMEOUT`] to
+//! read any of an answer ([`serve`](mod@serve), [`stall`]); a loopback
+//! server without a bearer token checks `Host` against DNS rebinding ([`host`]).
 
 pub mod host;
 pub mod limit;
 pub mod page;
+pub mod serve;
+pub mod stall;
 
 use std::{
     fmt::Write as _,
@@ -35,6 +39,7 @@ use crate::{daemon::latest::LatestProfiles, metrics::AgentMetrics};
 use host::HostCheck;
 pub use limit::MAX_CONNECTIONS;
 pub use page::render_svg;
+pub use serve::{HEADER_READ_TIMEOUT, Limits, WRITE_STALL_TIMEOUT};
 
 /// What the handlers read.
 #[derive(Clone)]
@@ -73,17 +78,22 @@ pub fn router(state: ServerState) -> Router {
     }
 }
 
-/// Serves the router on `listener`, [`MAX_CONNECTIONS`] connections at a time, until
-/// `shutdown` completes; then waits for the open requests to finish.
+/// Serves the router on `listener`, [`MAX_CONNECTIONS`] connections at a time, each given
+/// [`HEADER_READ_TIMEOUT`] to send a request's headers and [`WRITE_STALL_TIMEOUT`] to read
+/// some of an answer ([`serve`](mod@serve)), until `shutdown` completes; then waits for the
+/// open requests to finish.
 pub async fn serve(
     listener: TcpListener,
     state: ServerState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let listener = limit::LimitedListener::new(listener, MAX_CONNECTIONS);
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown)
-        .await
+    let limits = Limits {
+        max_connections: MAX_CONNECTIONS,
+        header_read_timeout: HEADER_READ_TIMEOUT,
+        write_stall_timeout: WRITE_STALL_TIMEOUT,
+    };
+    serve::serve_router(listener, router(state), shutdown, limits).await;
+    Ok(())
 }
 
 /// OpenMetrics when the scraper asks for it (Prometheus does), else the classic text format

@@ -86,7 +86,7 @@ fn escaping_and_query_encoding() {
 }
 
 /// A state with nothing attached, on a (pretend) listen address.
-fn state_on(listen: &str) -> ServerState {
+pub(super) fn state_on(listen: &str) -> ServerState {
     let mut registry = Registry::default();
     let metrics = Arc::new(AgentMetrics::register(&mut registry));
     ServerState {
@@ -114,7 +114,7 @@ async fn start(state: ServerState) -> (SocketAddr, watch::Sender<bool>) {
 }
 
 /// One HTTP/1.1 GET on its own connection: (status, body).
-async fn get(address: SocketAddr, path: &str, host: Option<&str>) -> (u16, Vec<u8>) {
+pub(super) async fn get(address: SocketAddr, path: &str, host: Option<&str>) -> (u16, Vec<u8>) {
     let mut stream = TcpStream::connect(address).await.unwrap();
     let host = host.map(|h| format!("Host: {h}\r\n")).unwrap_or_default();
     let request = format!("GET {path} HTTP/1.1\r\n{host}Connection: close\r\n\r\n");
