@@ -322,11 +322,6 @@ impl AgentMetrics {
     }
 }
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ReasonLabel {
-    pub reason: String,
-}
-
 /// `profiler_unsafe_files_total{reason}`: files of profiled processes refused by
 /// `crate::procfile`, read from its process-wide counters on each scrape.
 #[derive(Debug)]
