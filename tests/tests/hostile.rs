@@ -485,10 +485,15 @@ bearer_token = "{TOKEN}"
             "no refused file counted with reason {reason}:\n{text}"
         );
     }
-    assert!(
-        metric_sum(&text, "profiler_symbols_degraded_total", &[]).unwrap_or(0.0) > 0.0,
-        "no degraded binary counted:\n{text}"
-    );
+    for reason in ["decompressed_too_large", "too_many_symbols"] {
+        assert!(
+            counted(
+                "profiler_symbols_degraded_total",
+                &format!("reason=\"{reason}\"")
+            ) > 0.0,
+            "no binary counted as degraded for {reason}:\n{text}"
+        );
+    }
 
     // SIGTERM: exit 0 within 15 s.
     let observed = monitor.finish();
