@@ -378,7 +378,10 @@ fn folded_frame_escapes_only_what_changes_the_line() {
         "λ",
         "",
     ] {
-        assert!(matches!(folded_frame(plain), Cow::Borrowed(_)), "{plain}");
+        assert!(
+            matches!(folded_frame(plain), std::borrow::Cow::Borrowed(_)),
+            "{plain}"
+        );
     }
     assert_eq!(folded_frame("a;b\nc"), "a\\x3bb\\nc");
     assert_eq!(
