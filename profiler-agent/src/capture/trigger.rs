@@ -13,14 +13,14 @@ use std::{
         Arc,
         atomic::{AtomicBool, Ordering},
     },
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant, SystemTime},
 };
 
 use regex::Regex;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use super::{CaptureError, Capturer, request};
+use super::{CaptureError, Capturer, keep::keep_capture, request};
 use crate::{
     config::duration,
     daemon::pipeline::Submit,
@@ -412,46 +412,6 @@ impl TriggeredCapture {
     }
 }
 
-/// Writes `<dir>/<unix-ms>-<service>-<pid>-<cause>.pb.gz` and removes the oldest captures
-/// beyond `keep`. Failures are logged: the capture still goes to the endpoints.
-fn keep_capture(dir: &Path, keep: usize, labels: &Labels, pid: u32, cause: &str, bytes: &[u8]) {
-    let service: String = labels
-        .get(SERVICE_NAME)
-        .map_or("unknown", String::as_str)
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
-    let ms = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis());
-    let path = dir.join(format!("{ms:015}-{service}-{pid}-{cause}.pb.gz"));
-    let written = std::fs::create_dir_all(dir).and_then(|()| std::fs::write(&path, bytes));
-    if let Err(error) = written {
-        tracing::warn!(path = %path.display(), %error, "cannot keep the capture");
-        return;
-    }
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return;
-    };
-    let mut kept: Vec<PathBuf> = entries
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.to_string_lossy().ends_with(".pb.gz"))
-        .collect();
-    // Names start with a zero-padded time: name order is age order.
-    kept.sort();
-    let excess = kept.len().saturating_sub(keep);
-    for old in &kept[..excess] {
-        let _ = std::fs::remove_file(old);
-    }
-}
-
 fn clock_ticks() -> u64 {
     // SAFETY: sysconf has no preconditions.
     let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
@@ -515,28 +475,5 @@ mod tests {
         assert!(ok.validate().is_ok());
         assert_eq!(ok.cooldown, Duration::from_secs(300));
         assert_eq!(ok.duration, Duration::from_secs(30));
-    }
-
-    #[test]
-    fn kept_captures() {
-        let dir = tempfile::tempdir().unwrap();
-        let captures = dir.path().join("captures");
-        let labels = Labels::from([(SERVICE_NAME.to_owned(), "a/b".to_owned())]);
-        for i in 0..4 {
-            keep_capture(&captures, 2, &labels, 7, "cpu", &[i]);
-            std::thread::sleep(Duration::from_millis(3));
-        }
-        let mut names: Vec<String> = std::fs::read_dir(&captures)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .collect();
-        names.sort();
-        assert_eq!(names.len(), 2);
-        assert!(
-            names.iter().all(|n| n.ends_with("-a_b-7-cpu.pb.gz")),
-            "{names:?}"
-        );
-        let newest = std::fs::read(captures.join(&names[1])).unwrap();
-        assert_eq!(newest, [3]);
     }
 }
