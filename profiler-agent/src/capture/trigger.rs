@@ -10,7 +10,7 @@ use std::{
     collections::HashMap,
     path::{Path, PathBuf},
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicBool, Ordering},
     },
     time::{Duration, Instant, SystemTime},
@@ -31,7 +31,7 @@ use crate::{
 };
 
 /// One `[[trigger]]`.
-#[derive(Clone, Debug, Deserialize, Serialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TriggerConfig {
     /// Only processes whose target has this `service_name`.
@@ -178,7 +178,7 @@ fn mem_total_bytes(proc_root: &Path) -> u64 {
 }
 
 /// The threshold monitor's settings from `[capture]`.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct MonitorSettings {
     pub interval: Duration,
     pub directory: Option<PathBuf>,
@@ -188,7 +188,12 @@ pub struct MonitorSettings {
 /// The monitor thread; stops when dropped.
 pub struct TriggerMonitor {
     stop: Arc<AtomicBool>,
+    /// New triggers and settings (a reload), taken by the thread at its next turn.
+    pending: Arc<Mutex<Option<Reconfiguration>>>,
 }
+
+/// Triggers and settings waiting for the monitor thread.
+type Reconfiguration = (Vec<TriggerConfig>, MonitorSettings);
 
 impl Drop for TriggerMonitor {
     fn drop(&mut self) {
@@ -236,6 +241,8 @@ impl TriggerMonitor {
             fired: HashMap::new(),
         };
         let flag = stop.clone();
+        let pending: Arc<Mutex<Option<Reconfiguration>>> = Arc::new(Mutex::new(None));
+        let taken = pending.clone();
         std::thread::Builder::new()
             .name("triggers".into())
             .spawn(move || {
@@ -243,6 +250,10 @@ impl TriggerMonitor {
                 while !flag.load(Ordering::SeqCst) {
                     let elapsed = last.elapsed();
                     last = Instant::now();
+                    if let Some((triggers, settings)) = taken.lock().ok().and_then(|mut p| p.take())
+                    {
+                        monitor.reconfigure(&triggers, settings);
+                    }
                     monitor.check(elapsed);
                     let until = last + monitor.settings.interval;
                     while Instant::now() < until && !flag.load(Ordering::SeqCst) {
@@ -251,11 +262,31 @@ impl TriggerMonitor {
                 }
             })
             .expect("spawning a thread");
-        Self { stop }
+        Self { stop, pending }
+    }
+
+    /// Replaces the triggers and settings from the next turn on (a reload). Cooldowns
+    /// carry over for triggers that did not change.
+    pub fn reconfigure(&self, triggers: &[TriggerConfig], settings: MonitorSettings) {
+        if let Ok(mut pending) = self.pending.lock() {
+            *pending = Some((triggers.to_vec(), settings));
+        }
     }
 }
 
 impl Monitor {
+    fn reconfigure(&mut self, triggers: &[TriggerConfig], settings: MonitorSettings) {
+        let old = std::mem::take(&mut self.triggers);
+        self.triggers = triggers
+            .iter()
+            .map(|t| (t.clone(), t.regex().ok().flatten()))
+            .collect();
+        let unchanged = |i: usize| old.get(i).map(|(t, _)| t) == triggers.get(i);
+        self.fired.retain(|(i, _), _| unchanged(*i));
+        self.settings = settings;
+        tracing::info!(triggers = self.triggers.len(), "triggers reloaded");
+    }
+
     fn check(&mut self, elapsed: Duration) {
         let ticks_per_s = clock_ticks() as f64;
         let mem_total = mem_total_bytes(&self.proc_root);
