@@ -66,6 +66,13 @@ pub struct TriggerLabel {
     pub trigger: String,
 }
 
+/// What a capture did about a process with more threads than its perf-event limit
+/// (`per_cpu`: sampled per CPU instead; `refused`: no descriptors left for that either).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ActionLabel {
+    pub action: String,
+}
+
 type FloatGauge = Gauge<f64, AtomicU64>;
 
 /// Every agent metric outside the write path.
@@ -87,6 +94,8 @@ pub struct AgentMetrics {
     pub captures: Family<CaptureLabels, Counter>,
     /// Threshold triggers fired, by cause (`cpu`, `memory`).
     pub triggers_fired: Family<TriggerLabel, Counter>,
+    /// Captures of processes over the per-capture thread-event limit, by action.
+    pub capture_thread_limit: Family<ActionLabel, Counter>,
     pub frames_known: Counter,
     pub frames_unknown: Counter,
     pub elf_errors: Counter,
@@ -122,6 +131,7 @@ impl AgentMetrics {
             samples_untargeted: Counter::default(),
             captures: Family::default(),
             triggers_fired: Family::default(),
+            capture_thread_limit: Family::default(),
             frames_known: Counter::default(),
             frames_unknown: Counter::default(),
             elf_errors: Counter::default(),
@@ -256,6 +266,12 @@ impl AgentMetrics {
             "profiler_triggers_fired",
             "Threshold triggers fired, by cause (cpu, memory)",
             m.triggers_fired.clone(),
+        );
+        r.register(
+            "profiler_capture_thread_limit",
+            "Captures of a process with more threads than the per-capture perf-event limit, \
+             by action (per_cpu: sampled per CPU instead, refused: no descriptors left)",
+            m.capture_thread_limit.clone(),
         );
         r.register_with_unit(
             "profiler_kernel_map_memory",

@@ -99,7 +99,11 @@ pub fn run(args: &RecordArgs) -> Result<(), RecordError> {
         scope: if args.pids.is_empty() {
             Scope::EveryCpu
         } else {
-            Scope::Threads(args.pids.clone())
+            // The operator named these processes on the command line: no descriptor limit.
+            Scope::Threads {
+                pids: args.pids.clone(),
+                max_events: usize::MAX,
+            }
         },
     };
     let mut kernel = KernelSampler::start(&options).inspect_err(|_| {

@@ -363,6 +363,29 @@ fn daemonset_runs_the_agent_as_it_needs() {
         volume("/sys/kernel/btf")["hostPath"]["path"].as_str(),
         Some("/sys/kernel/btf")
     );
+    // A read-only root still has a writable /tmp (inflated debug sections), bounded.
+    if security["readOnlyRootFilesystem"].as_bool() == Some(true) {
+        let tmp = mounts
+            .iter()
+            .find(|v| v["mountPath"].as_str() == Some("/tmp"))
+            .expect("a writable /tmp under readOnlyRootFilesystem");
+        assert_ne!(tmp["readOnly"].as_bool(), Some(true), "/tmp read-only");
+        let tmp_volume = volumes
+            .iter()
+            .find(|v| v["name"] == tmp["name"])
+            .expect("no volume for /tmp");
+        let empty_dir = &tmp_volume["emptyDir"];
+        assert!(!empty_dir.is_badvalue(), "/tmp is not an emptyDir");
+        assert!(
+            empty_dir["sizeLimit"].as_str().is_some(),
+            "/tmp has no sizeLimit"
+        );
+        assert_ne!(
+            empty_dir["medium"].as_str(),
+            Some("Memory"),
+            "/tmp in memory counts against the memory limit"
+        );
+    }
     let config_path = config_arg(c);
     let (dir, file) = config_path
         .rsplit_once('/')

@@ -80,6 +80,11 @@ pub enum BpfError {
     },
     #[error("cannot list the threads of process {pid}: {source}")]
     Threads { pid: u32, source: std::io::Error },
+    #[error(
+        "process {pid} has more than {limit} threads: one perf event per thread would open \
+         too many file descriptors"
+    )]
+    TooManyThreads { pid: u32, limit: usize },
     #[error("eBPF map {name}: {source}")]
     Map {
         name: &'static str,
@@ -110,8 +115,12 @@ pub enum Scope {
     /// One event per thread of each of these processes, on any CPU, inherited by the
     /// threads (and children) they start: sampling a few processes costs the rest of the
     /// host nothing, and the rate is per thread, as `perf record -p` has it. Children are
-    /// still dropped by the kernel-side PID filter when `pids` is set.
-    Threads(Vec<u32>),
+    /// still dropped by the kernel-side PID filter when `pids` is set. Each event is a file
+    /// descriptor: when the processes have more than `max_events` threads together, nothing
+    /// is attached and the start fails with [`BpfError::TooManyThreads`] (the caller may then
+    /// sample [`Scope::EveryCpu`] with a `pids` filter, `cpus` descriptors whatever the
+    /// thread count).
+    Threads { pids: Vec<u32>, max_events: usize },
 }
 
 /// The loaded and attached kernel sampler.
@@ -211,7 +220,10 @@ impl KernelSampler {
             .try_into()?;
         let links = match &options.scope {
             Scope::EveryCpu => attach_every_cpu(program, &cpus, options.sample_rate)?,
-            Scope::Threads(pids) => attach_threads(program, pids, options.sample_rate)?,
+            Scope::Threads { pids, max_events } => {
+                let tids = list_threads(pids, *max_events)?;
+                attach_threads(program, &tids, options.sample_rate)?
+            }
         };
         tracing::info!(
             cpus = cpus.len(),
@@ -390,24 +402,49 @@ fn attach_every_cpu(
         .collect()
 }
 
-/// One inherited event per thread listed in /proc/PID/task. A thread that exits between the
-/// listing and its attach is skipped; a process none of whose threads could be attached is
-/// an error (it has exited, or the events are refused).
-fn attach_threads(
-    program: &mut PerfEvent,
-    pids: &[u32],
-    sample_rate: u64,
-) -> Result<Vec<PerfEventLinkId>, BpfError> {
-    let mut links = Vec::new();
+/// The threads of each process (`/proc/PID/task`), at most `max_events` in all: listing
+/// stops at the first thread over the limit, so a process with 100 000 threads costs one
+/// directory read of `max_events + 1` entries, not 100 000 descriptors.
+fn list_threads(pids: &[u32], max_events: usize) -> Result<Vec<(u32, Vec<u32>)>, BpfError> {
+    let mut total = 0usize;
+    let mut all = Vec::with_capacity(pids.len());
     for &pid in pids {
         let tasks = std::fs::read_dir(format!("/proc/{pid}/task"))
             .map_err(|source| BpfError::Threads { pid, source })?;
-        let mut last_error = None;
-        let before = links.len();
+        let mut tids = Vec::new();
         for tid in tasks
             .flatten()
             .filter_map(|t| t.file_name().to_str()?.parse().ok())
         {
+            if total == max_events {
+                return Err(BpfError::TooManyThreads {
+                    pid,
+                    limit: max_events,
+                });
+            }
+            total += 1;
+            tids.push(tid);
+        }
+        all.push((pid, tids));
+    }
+    Ok(all)
+}
+
+/// One inherited event per listed thread (threads started later inherit it in the kernel,
+/// without a descriptor of their own). A thread that exits between the listing and its
+/// attach is skipped; a process none of whose threads could be attached is an error (it has
+/// exited, or the events are refused).
+fn attach_threads(
+    program: &mut PerfEvent,
+    threads: &[(u32, Vec<u32>)],
+    sample_rate: u64,
+) -> Result<Vec<PerfEventLinkId>, BpfError> {
+    let mut links = Vec::new();
+    for (pid, tids) in threads {
+        let pid = *pid;
+        let mut last_error = None;
+        let before = links.len();
+        for &tid in tids {
             match program.attach(
                 PerfEventConfig::Software(SoftwareEvent::CpuClock),
                 PerfEventScope::OneProcess {
@@ -468,4 +505,43 @@ fn has_bpf_privilege() -> bool {
     };
     let has = |cap: u32| caps & (1 << cap) != 0;
     has(CAP_SYS_ADMIN) || (has(CAP_BPF) && has(CAP_PERFMON))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn thread_listing_stops_at_the_limit() {
+        let stop = std::sync::Arc::new(std::sync::Barrier::new(9));
+        let parked: Vec<_> = (0..8)
+            .map(|_| {
+                let stop = stop.clone();
+                std::thread::spawn(move || {
+                    stop.wait();
+                })
+            })
+            .collect();
+        let me = std::process::id();
+        // The test harness runs other tests on threads of its own: count what is there now.
+        let now = std::fs::read_dir(format!("/proc/{me}/task"))
+            .unwrap()
+            .count();
+        assert!(now >= 9, "{now}");
+        let listed = list_threads(&[me], 100_000).unwrap();
+        assert_eq!(listed[0].0, me);
+        assert!(listed[0].1.contains(&me));
+        assert!(matches!(
+            list_threads(&[me], 5),
+            Err(BpfError::TooManyThreads { pid, limit: 5 }) if pid == me
+        ));
+        assert!(matches!(
+            list_threads(&[u32::MAX], 5),
+            Err(BpfError::Threads { .. })
+        ));
+        stop.wait();
+        for t in parked {
+            t.join().unwrap();
+        }
+    }
 }

@@ -133,7 +133,9 @@ fn error_response(error: &CaptureError) -> Response {
         CaptureError::NoProcess => StatusCode::NOT_FOUND,
         CaptureError::Busy { .. } => StatusCode::TOO_MANY_REQUESTS,
         CaptureError::Bpf(_) => StatusCode::INTERNAL_SERVER_ERROR,
-        CaptureError::Stopping => StatusCode::SERVICE_UNAVAILABLE,
+        CaptureError::Stopping | CaptureError::NoDescriptors { .. } => {
+            StatusCode::SERVICE_UNAVAILABLE
+        }
     };
     if status.is_server_error() {
         tracing::warn!(%error, "capture failed");

@@ -2,10 +2,16 @@
 //! with perf events of its own at the requested rate for the requested time (a separate BPF
 //! instance with its own maps, so the continuous profile's counts never change), and has
 //! the pipeline thread symbolize the recording with the continuous profile's warm caches.
-//! Owns the `[capture]` configuration, the concurrency limit and the capture metrics;
-//! [`trigger`] starts captures on CPU and memory thresholds.
+//! Owns the `[capture]` configuration, the concurrency limit, the perf-event descriptor
+//! budget ([`events`]: a process with more than 1024 threads is sampled per CPU with a pid
+//! filter instead of per thread) and the capture metrics; [`trigger`] starts captures on CPU
+//! and memory thresholds, [`keep`] keeps the triggered ones in a directory, and [`reload`]
+//! applies `[capture]` and `[[trigger]]` on SIGHUP.
 
+pub mod events;
 pub mod http;
+pub mod keep;
+pub mod reload;
 pub mod request;
 pub mod trigger;
 
@@ -121,6 +127,15 @@ pub enum CaptureError {
     Bpf(BpfError),
     #[error("the agent is stopping")]
     Stopping,
+    #[error(
+        "no perf-event descriptors left for process {pid} ({available} free, {needed} needed); \
+         try again when other captures end"
+    )]
+    NoDescriptors {
+        pid: u32,
+        needed: usize,
+        available: usize,
+    },
 }
 
 /// A finished recording for the pipeline thread to symbolize; the profile comes back on
@@ -138,7 +153,7 @@ const SYMBOLIZE_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Runs captures: one per call, at most `limit` at once.
 pub struct Capturer {
-    limit: usize,
+    limit: AtomicUsize,
     running: AtomicUsize,
     stopping: AtomicBool,
     collect_user: bool,
@@ -146,6 +161,9 @@ pub struct Capturer {
     jobs: mpsc::Sender<SymbolizeJob>,
     metrics: Arc<AgentMetrics>,
     proc_root: PathBuf,
+    events: events::EventBudget,
+    /// Thread events one capture may open ([`events::MAX_THREAD_EVENTS_PER_CAPTURE`]).
+    max_thread_events: usize,
 }
 
 /// A taken capture slot, given back on drop.
@@ -166,7 +184,7 @@ impl Capturer {
         metrics: Arc<AgentMetrics>,
     ) -> Self {
         Self {
-            limit,
+            limit: AtomicUsize::new(limit),
             running: AtomicUsize::new(0),
             stopping: AtomicBool::new(false),
             collect_user,
@@ -174,7 +192,15 @@ impl Capturer {
             jobs,
             metrics,
             proc_root: PathBuf::from("/proc"),
+            events: events::EventBudget::new(events::MAX_EVENTS_ALL_CAPTURES),
+            max_thread_events: events::MAX_THREAD_EVENTS_PER_CAPTURE,
         }
+    }
+
+    /// Captures allowed at once from now on (`capture.max_concurrent` after a reload);
+    /// running captures are not stopped.
+    pub fn set_limit(&self, limit: usize) {
+        self.limit.store(limit, Ordering::SeqCst);
     }
 
     /// Ends running captures early (with what they sampled) and refuses new ones.
@@ -183,11 +209,12 @@ impl Capturer {
     }
 
     fn take_slot(&self) -> Result<Slot<'_>, CaptureError> {
+        let limit = self.limit.load(Ordering::SeqCst);
         self.running
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
-                (n < self.limit).then_some(n + 1)
+                (n < limit).then_some(n + 1)
             })
-            .map_err(|_| CaptureError::Busy { limit: self.limit })?;
+            .map_err(|_| CaptureError::Busy { limit })?;
         Ok(Slot(&self.running))
     }
 
@@ -232,19 +259,7 @@ impl Capturer {
         duration: Duration,
         sample_rate: u64,
     ) -> Result<BuiltProfile, CaptureError> {
-        let options = SamplerOptions {
-            sample_rate,
-            collect_interval: DRAIN_INTERVAL.min(duration),
-            collect_user: self.collect_user,
-            collect_kernel: self.collect_kernel,
-            pids: Some(vec![pid]),
-            scope: Scope::Threads(vec![pid]),
-        };
-        let kernel = KernelSampler::start(&options).map_err(|e| match e {
-            // Gone between the lookup and the attach.
-            BpfError::Threads { .. } => CaptureError::NoProcess,
-            e => CaptureError::Bpf(e),
-        })?;
+        let (kernel, events) = self.start_sampler(pid, duration, sample_rate)?;
         let mut sampler =
             Sampler::new(kernel, ProcfsProcesses::default()).map_err(CaptureError::Bpf)?;
         let alive = self.proc_root.join(pid.to_string());
@@ -255,6 +270,7 @@ impl Capturer {
             })
             .map_err(CaptureError::Bpf)?;
         let recording = sampler.finish().map_err(CaptureError::Bpf)?;
+        drop(events);
         tracing::info!(
             pid,
             samples = recording.total_samples(),
@@ -273,6 +289,75 @@ impl Capturer {
         answer
             .recv_timeout(SYMBOLIZE_TIMEOUT)
             .map_err(|_| CaptureError::Stopping)
+    }
+}
+
+impl Capturer {
+    /// Starts the kernel side within the descriptor budget: one event per thread when the
+    /// process has at most `max_thread_events` threads (and the budget allows), else one
+    /// event per CPU with the process in the BPF program's pid filter.
+    fn start_sampler(
+        &self,
+        pid: u32,
+        duration: Duration,
+        sample_rate: u64,
+    ) -> Result<(KernelSampler, events::Reservation<'_>), CaptureError> {
+        let no_descriptors = |needed| CaptureError::NoDescriptors {
+            pid,
+            needed,
+            available: self.events.available(),
+        };
+        let mut reservation = self
+            .events
+            .reserve(self.max_thread_events)
+            .ok_or_else(|| no_descriptors(1))?;
+        let options = |scope| SamplerOptions {
+            sample_rate,
+            collect_interval: DRAIN_INTERVAL.min(duration),
+            collect_user: self.collect_user,
+            collect_kernel: self.collect_kernel,
+            pids: Some(vec![pid]),
+            scope,
+        };
+        let per_thread = Scope::Threads {
+            pids: vec![pid],
+            max_events: reservation.events(),
+        };
+        let started = match KernelSampler::start(&options(per_thread)) {
+            Err(BpfError::TooManyThreads { limit, .. }) => {
+                let cpus = aya::util::online_cpus().map_or(0, |c| c.len());
+                if cpus == 0 || cpus > reservation.events() {
+                    self.thread_limit("refused");
+                    return Err(no_descriptors(cpus.max(1)));
+                }
+                self.thread_limit("per_cpu");
+                tracing::info!(
+                    pid,
+                    limit,
+                    cpus,
+                    "more threads than thread events allowed: sampling every CPU for this pid"
+                );
+                reservation.shrink(cpus);
+                KernelSampler::start(&options(Scope::EveryCpu))
+            }
+            other => other,
+        };
+        // The reservation is held as long as the events are open.
+        let kernel = started.map_err(|e| match e {
+            // Gone between the lookup and the attach.
+            BpfError::Threads { .. } => CaptureError::NoProcess,
+            e => CaptureError::Bpf(e),
+        })?;
+        Ok((kernel, reservation))
+    }
+
+    fn thread_limit(&self, action: &str) {
+        self.metrics
+            .capture_thread_limit
+            .get_or_create(&crate::metrics::ActionLabel {
+                action: action.to_owned(),
+            })
+            .inc();
     }
 }
 

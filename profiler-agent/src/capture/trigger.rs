@@ -10,17 +10,17 @@ use std::{
     collections::HashMap,
     path::{Path, PathBuf},
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicBool, Ordering},
     },
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant, SystemTime},
 };
 
 use regex::Regex;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use super::{CaptureError, Capturer, request};
+use super::{CaptureError, Capturer, keep::keep_capture, request};
 use crate::{
     config::duration,
     daemon::pipeline::Submit,
@@ -31,7 +31,7 @@ use crate::{
 };
 
 /// One `[[trigger]]`.
-#[derive(Clone, Debug, Deserialize, Serialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TriggerConfig {
     /// Only processes whose target has this `service_name`.
@@ -178,7 +178,7 @@ fn mem_total_bytes(proc_root: &Path) -> u64 {
 }
 
 /// The threshold monitor's settings from `[capture]`.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct MonitorSettings {
     pub interval: Duration,
     pub directory: Option<PathBuf>,
@@ -188,7 +188,12 @@ pub struct MonitorSettings {
 /// The monitor thread; stops when dropped.
 pub struct TriggerMonitor {
     stop: Arc<AtomicBool>,
+    /// New triggers and settings (a reload), taken by the thread at its next turn.
+    pending: Arc<Mutex<Option<Reconfiguration>>>,
 }
+
+/// Triggers and settings waiting for the monitor thread.
+type Reconfiguration = (Vec<TriggerConfig>, MonitorSettings);
 
 impl Drop for TriggerMonitor {
     fn drop(&mut self) {
@@ -236,6 +241,8 @@ impl TriggerMonitor {
             fired: HashMap::new(),
         };
         let flag = stop.clone();
+        let pending: Arc<Mutex<Option<Reconfiguration>>> = Arc::new(Mutex::new(None));
+        let taken = pending.clone();
         std::thread::Builder::new()
             .name("triggers".into())
             .spawn(move || {
@@ -243,6 +250,10 @@ impl TriggerMonitor {
                 while !flag.load(Ordering::SeqCst) {
                     let elapsed = last.elapsed();
                     last = Instant::now();
+                    if let Some((triggers, settings)) = taken.lock().ok().and_then(|mut p| p.take())
+                    {
+                        monitor.reconfigure(&triggers, settings);
+                    }
                     monitor.check(elapsed);
                     let until = last + monitor.settings.interval;
                     while Instant::now() < until && !flag.load(Ordering::SeqCst) {
@@ -251,11 +262,31 @@ impl TriggerMonitor {
                 }
             })
             .expect("spawning a thread");
-        Self { stop }
+        Self { stop, pending }
+    }
+
+    /// Replaces the triggers and settings from the next turn on (a reload). Cooldowns
+    /// carry over for triggers that did not change.
+    pub fn reconfigure(&self, triggers: &[TriggerConfig], settings: MonitorSettings) {
+        if let Ok(mut pending) = self.pending.lock() {
+            *pending = Some((triggers.to_vec(), settings));
+        }
     }
 }
 
 impl Monitor {
+    fn reconfigure(&mut self, triggers: &[TriggerConfig], settings: MonitorSettings) {
+        let old = std::mem::take(&mut self.triggers);
+        self.triggers = triggers
+            .iter()
+            .map(|t| (t.clone(), t.regex().ok().flatten()))
+            .collect();
+        let unchanged = |i: usize| old.get(i).map(|(t, _)| t) == triggers.get(i);
+        self.fired.retain(|(i, _), _| unchanged(*i));
+        self.settings = settings;
+        tracing::info!(triggers = self.triggers.len(), "triggers reloaded");
+    }
+
     fn check(&mut self, elapsed: Duration) {
         let ticks_per_s = clock_ticks() as f64;
         let mem_total = mem_total_bytes(&self.proc_root);
@@ -412,46 +443,6 @@ impl TriggeredCapture {
     }
 }
 
-/// Writes `<dir>/<unix-ms>-<service>-<pid>-<cause>.pb.gz` and removes the oldest captures
-/// beyond `keep`. Failures are logged: the capture still goes to the endpoints.
-fn keep_capture(dir: &Path, keep: usize, labels: &Labels, pid: u32, cause: &str, bytes: &[u8]) {
-    let service: String = labels
-        .get(SERVICE_NAME)
-        .map_or("unknown", String::as_str)
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
-    let ms = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis());
-    let path = dir.join(format!("{ms:015}-{service}-{pid}-{cause}.pb.gz"));
-    let written = std::fs::create_dir_all(dir).and_then(|()| std::fs::write(&path, bytes));
-    if let Err(error) = written {
-        tracing::warn!(path = %path.display(), %error, "cannot keep the capture");
-        return;
-    }
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return;
-    };
-    let mut kept: Vec<PathBuf> = entries
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.to_string_lossy().ends_with(".pb.gz"))
-        .collect();
-    // Names start with a zero-padded time: name order is age order.
-    kept.sort();
-    let excess = kept.len().saturating_sub(keep);
-    for old in &kept[..excess] {
-        let _ = std::fs::remove_file(old);
-    }
-}
-
 fn clock_ticks() -> u64 {
     // SAFETY: sysconf has no preconditions.
     let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
@@ -515,28 +506,5 @@ mod tests {
         assert!(ok.validate().is_ok());
         assert_eq!(ok.cooldown, Duration::from_secs(300));
         assert_eq!(ok.duration, Duration::from_secs(30));
-    }
-
-    #[test]
-    fn kept_captures() {
-        let dir = tempfile::tempdir().unwrap();
-        let captures = dir.path().join("captures");
-        let labels = Labels::from([(SERVICE_NAME.to_owned(), "a/b".to_owned())]);
-        for i in 0..4 {
-            keep_capture(&captures, 2, &labels, 7, "cpu", &[i]);
-            std::thread::sleep(Duration::from_millis(3));
-        }
-        let mut names: Vec<String> = std::fs::read_dir(&captures)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .collect();
-        names.sort();
-        assert_eq!(names.len(), 2);
-        assert!(
-            names.iter().all(|n| n.ends_with("-a_b-7-cpu.pb.gz")),
-            "{names:?}"
-        );
-        let newest = std::fs::read(captures.join(&names[1])).unwrap();
-        assert_eq!(newest, [3]);
     }
 }

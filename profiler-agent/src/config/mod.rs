@@ -208,7 +208,7 @@ impl AgentConfig {
         };
         let mut table: toml::Table = toml::from_str(text).map_err(|e| ConfigError::Syntax {
             origin: origin.to_owned(),
-            message: e.to_string().trim_end().to_owned(),
+            message: crate::write::config::redact_urls(e.to_string().trim_end()),
         })?;
         expand::expand_table(&mut table, "", env).map_err(|e| invalid(e.field, e.reason))?;
         let config: AgentConfig = serde_path_to_error::deserialize(toml::Value::Table(table))

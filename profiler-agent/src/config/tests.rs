@@ -231,3 +231,11 @@ fn trigger_errors_name_their_field() {
     assert_eq!(field_of("[[trigger]]\ncpu = 1\n"), "trigger[0].cpu");
     assert_eq!(field_of("[capture]\nkeep = 0\n"), "capture.keep");
 }
+
+#[test]
+fn url_passwords_are_redacted_in_syntax_errors() {
+    let err = parse("[[write.endpoint]]\nurl = \"https://alice:s3cret@host/\" oops")
+        .unwrap_err()
+        .to_string();
+    assert!(!err.contains("s3cret"), "{err}");
+}

@@ -1,6 +1,7 @@
 //! `profiler-agent run`: the long-running agent. Wires the pieces together and owns their
 //! lifetimes: the HTTP server, discovery (restarted on SIGHUP), the writer (replaced on
-//! SIGHUP) and the pipeline thread (kept across reloads: BPF is loaded once).
+//! SIGHUP), the trigger monitor (reconfigured on SIGHUP, see `capture::reload`) and the
+//! pipeline thread (kept across reloads: BPF is loaded once).
 
 pub mod latest;
 pub mod pipeline;
@@ -22,10 +23,7 @@ use tokio::{
 
 use crate::{
     bpf::BpfError,
-    capture::{
-        Capturer,
-        trigger::{MonitorSettings, TriggerMonitor},
-    },
+    capture::{Capturer, reload::Triggers},
     config::{AgentConfig, ConfigError},
     discovery::{kubernetes::KubernetesError, manager::Discovery},
     metrics::AgentMetrics,
@@ -123,15 +121,14 @@ async fn run_async(source: ConfigSource, mut config: AgentConfig) -> Result<(), 
                 })
             })?;
     let (capture_jobs, capture_rx) = std::sync::mpsc::channel();
-    let capturer = (config.capture.enabled || !config.trigger.is_empty()).then(|| {
-        Arc::new(Capturer::new(
-            config.capture.max_concurrent,
-            config.collect_user_profile,
-            config.collect_kernel_profile,
-            capture_jobs,
-            metrics.clone(),
-        ))
-    });
+    // Always there (it holds nothing until a capture runs): a reload may add triggers.
+    let capturer = Arc::new(Capturer::new(
+        config.capture.max_concurrent,
+        config.collect_user_profile,
+        config.collect_kernel_profile,
+        capture_jobs,
+        metrics.clone(),
+    ));
 
     let address = config.server.listen_address;
     let listener = tokio::net::TcpListener::bind(address)
@@ -145,13 +142,10 @@ async fn run_async(source: ConfigSource, mut config: AgentConfig) -> Result<(), 
         heartbeat: heartbeat.clone(),
         latest: latest.clone(),
         collect_interval: config.collect_interval,
-        capture: capturer
-            .clone()
-            .filter(|_| config.capture.enabled)
-            .map(|capturer| CaptureApi {
-                capturer,
-                token: capture_token,
-            }),
+        capture: config.capture.enabled.then(|| CaptureApi {
+            capturer: capturer.clone(),
+            token: capture_token,
+        }),
         listen_address: address,
     };
     let (server_stop_tx, mut server_stop_rx) = watch::channel(false);
@@ -220,23 +214,14 @@ async fn run_async(source: ConfigSource, mut config: AgentConfig) -> Result<(), 
     .await
     .expect("the pipeline start does not panic")?;
     bpf_attached.store(true, Ordering::SeqCst);
-    let triggers = capturer
-        .clone()
-        .filter(|_| !config.trigger.is_empty())
-        .map(|capturer| {
-            TriggerMonitor::start(
-                &config.trigger,
-                MonitorSettings {
-                    interval: config.capture.monitor_interval,
-                    directory: config.capture.directory.clone(),
-                    keep: config.capture.keep,
-                },
-                capturer,
-                monitor_targets,
-                submit.clone(),
-                metrics.clone(),
-            )
-        });
+    let mut triggers = Triggers::start(
+        &config.capture,
+        &config.trigger,
+        capturer.clone(),
+        monitor_targets,
+        submit.clone(),
+        metrics.clone(),
+    );
     tracing::info!(
         interval = ?config.collect_interval,
         sample_rate = config.sample_rate,
@@ -262,6 +247,7 @@ async fn run_async(source: ConfigSource, mut config: AgentConfig) -> Result<(), 
                             metrics.clone(),
                         )
                         .await?;
+                        triggers.reload(&config.capture, &new_config.capture, &new_config.trigger);
                         config = new_config;
                         tracing::info!("configuration reloaded");
                     }
@@ -273,10 +259,8 @@ async fn run_async(source: ConfigSource, mut config: AgentConfig) -> Result<(), 
 
     eprintln!("profiler-agent: stopping; flushing the last interval");
     drop(triggers);
-    if let Some(capturer) = &capturer {
-        // Running captures end now, so the server's graceful shutdown does not wait minutes.
-        capturer.stop();
-    }
+    // Running captures end now, so the server's graceful shutdown does not wait minutes.
+    capturer.stop();
     drop(discovery);
     tokio::task::spawn_blocking(move || pipeline.stop())
         .await

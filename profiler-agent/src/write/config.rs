@@ -1,6 +1,8 @@
 //! The `[write]` table of agent.toml: endpoints (pyroscope.write's `endpoint` block names),
 //! the directory sink, external labels and the queue size; `validate` for everything a retry
-//! could never fix; `Secret` for values that must never be printed; reading secret files.
+//! could never fix; `Secret` for values that must never be printed; [`redact_url`] for URLs
+//! that carry a `user:password@` (shown as `user:<redacted>@` in `check-config`, errors and
+//! logs); reading secret files.
 
 use std::{collections::BTreeMap, fmt, path::PathBuf, time::Duration};
 
@@ -38,6 +40,48 @@ impl Serialize for Secret {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str("<redacted>")
     }
+}
+
+/// `url` with the password of its userinfo replaced: `https://user:<redacted>@host/`. Works
+/// on the text, so URLs that do not parse (shown in validation errors) are redacted too;
+/// a URL without a password is returned as it is.
+pub fn redact_url(url: &str) -> String {
+    redact_urls(url)
+}
+
+/// `text` with the password of every `scheme://user:password@` in it replaced by
+/// `<redacted>` (error messages that quote a config line or a URL).
+pub fn redact_urls(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(i) = rest.find("://") {
+        let (head, tail) = rest.split_at(i + 3);
+        out.push_str(head);
+        // The authority ends at the path, query, fragment, or where quoted text ends.
+        let end = tail
+            .find(|c: char| matches!(c, '/' | '?' | '#' | '"' | '\'' | '`') || c.is_whitespace())
+            .unwrap_or(tail.len());
+        let authority = &tail[..end];
+        match authority.rfind('@').and_then(|at| {
+            let colon = authority[..at].find(':')?;
+            Some((colon, at))
+        }) {
+            Some((colon, at)) => {
+                out.push_str(&authority[..colon]);
+                out.push_str(":<redacted>");
+                out.push_str(&authority[at..]);
+            }
+            None => out.push_str(authority),
+        }
+        rest = &tail[end..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// Serializes a URL redacted (`check-config`).
+fn serialize_redacted_url<S: serde::Serializer>(url: &str, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&redact_url(url))
 }
 
 /// A config error that no retry could fix, naming the offending field
@@ -103,6 +147,8 @@ pub struct EndpointConfig {
     /// The `endpoint` metric label; default the URL's host:port (plus `#index` when two
     /// endpoints share a host).
     pub name: Option<String>,
+    /// Printed with its password redacted.
+    #[serde(serialize_with = "serialize_redacted_url")]
     pub url: String,
     pub protocol: Protocol,
     #[serde(with = "crate::config::duration::positive")]
@@ -247,15 +293,13 @@ impl EndpointConfig {
         {
             return Err(err("name", &"must not be empty"));
         }
-        let url = reqwest::Url::parse(&self.url)
-            .map_err(|e| err("url", &format!("{:?}: {e}", self.url)))?;
+        let shown = redact_url(&self.url);
+        let url =
+            reqwest::Url::parse(&self.url).map_err(|e| err("url", &format!("{shown:?}: {e}")))?;
         if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
             return Err(err(
                 "url",
-                &format!(
-                    "{:?}: need an http:// or https:// URL with a host",
-                    self.url
-                ),
+                &format!("{shown:?}: need an http:// or https:// URL with a host"),
             ));
         }
         for (name, value) in &self.headers {

@@ -1,7 +1,8 @@
 //! The directory sink: each series to `<dir>/<service_name>/<unix-ts>.pb.gz` (the interval's
 //! end), written to a temporary file in the same directory and renamed into place, so a
 //! reader never sees half a profile. A second series of the same service in the same second
-//! gets `<unix-ts>-<n>.pb.gz`. Errors (unwritable directory, full disk) are reported as
+//! gets `<unix-ts>-<n>.pb.gz`. [`write_new_file`] is that atomic writer (files mode 0600,
+//! whatever the umask), also used for kept trigger captures. Errors (unwritable directory, full disk) are reported as
 //! permanent failures: counted and logged by the queue, never retried.
 
 use std::{
@@ -27,6 +28,11 @@ impl DirectorySink {
 /// A service name as one safe path component: no separators, no `.`/`..`, no control
 /// characters, not empty, at most 200 bytes.
 pub fn path_component(name: &str) -> String {
+    path_component_at_most(name, 200)
+}
+
+/// [`path_component`] cut to at most `max_bytes` bytes (at a character boundary).
+pub fn path_component_at_most(name: &str, max_bytes: usize) -> String {
     let mut s: String = name
         .chars()
         .map(|c| {
@@ -37,8 +43,8 @@ pub fn path_component(name: &str) -> String {
             }
         })
         .collect();
-    if s.len() > 200 {
-        let mut end = 200;
+    if s.len() > max_bytes {
+        let mut end = max_bytes;
         while !s.is_char_boundary(end) {
             end -= 1;
         }
@@ -58,20 +64,33 @@ pub fn write_series(dir: &Path, series: &ProfileSeries) -> std::io::Result<PathB
     let service_dir = dir.join(path_component(series.service_name()));
     std::fs::create_dir_all(&service_dir)?;
     let ts = unix_seconds(series.end);
+    write_new_file(&service_dir, &ts.to_string(), ".pb.gz", &series.pprof_gzip)
+}
+
+/// Writes `bytes` to `<dir>/<stem><suffix>`, or `<stem>-<n><suffix>` when that exists:
+/// first to a temporary `.tmp-*` file in `dir` (created mode 0600), synced, then renamed
+/// into place without replacing anything, so a reader never sees half a file. `stem` must
+/// be one path component, short enough for the file system (the callers cap it).
+pub fn write_new_file(
+    dir: &Path,
+    stem: &str,
+    suffix: &str,
+    bytes: &[u8],
+) -> std::io::Result<PathBuf> {
     let mut tmp = tempfile::Builder::new()
         .prefix(".tmp-")
-        .suffix(".pb.gz")
-        .tempfile_in(&service_dir)?;
-    tmp.write_all(&series.pprof_gzip)?;
+        .suffix(suffix)
+        .tempfile_in(dir)?;
+    tmp.write_all(bytes)?;
     tmp.as_file().sync_data()?;
     let mut n = 0u32;
     loop {
         let name = if n == 0 {
-            format!("{ts}.pb.gz")
+            format!("{stem}{suffix}")
         } else {
-            format!("{ts}-{n}.pb.gz")
+            format!("{stem}-{n}{suffix}")
         };
-        let path = service_dir.join(name);
+        let path = dir.join(name);
         match tmp.persist_noclobber(&path) {
             Ok(_) => return Ok(path),
             Err(e) if e.error.kind() == std::io::ErrorKind::AlreadyExists && n < 1000 => {
@@ -136,5 +155,26 @@ mod tests {
         assert_eq!(path_component("a\nb"), "a_b");
         assert_eq!(path_component("..x"), "..x");
         assert_eq!(path_component(&"é".repeat(300)).len(), 200);
+        assert_eq!(path_component_at_most(&"é".repeat(300), 9).len(), 8);
+    }
+
+    #[test]
+    fn new_files_are_private_and_never_replaced() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        // SAFETY: umask only swaps the process's file mode mask.
+        let old = unsafe { libc::umask(0o000) };
+        let first = write_new_file(dir.path(), "a", ".pb.gz", b"1");
+        // SAFETY: as above.
+        unsafe { libc::umask(old) };
+        let first = first.unwrap();
+        let second = write_new_file(dir.path(), "a", ".pb.gz", b"2").unwrap();
+        assert_eq!(first, dir.path().join("a.pb.gz"));
+        assert_eq!(second, dir.path().join("a-1.pb.gz"));
+        assert_eq!(std::fs::read(&first).unwrap(), b"1");
+        let mode = std::fs::metadata(&first).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        // No temporary file is left behind.
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 2);
     }
 }

@@ -111,12 +111,19 @@ async fn classify(
     let resp = match result {
         Ok(resp) => resp,
         Err(e) => {
+            // reqwest names the URL in its message, with any `user:password@`.
+            let url = e.url().map(|u| super::config::redact_url(u.as_str()));
+            let e = e.without_url();
             let cause = if e.is_timeout() {
                 "timeout".to_string()
             } else if e.is_connect() {
                 format!("connect: {}", error_chain(&e))
             } else {
                 format!("request: {}", error_chain(&e))
+            };
+            let cause = match url {
+                Some(url) => format!("{cause} ({url})"),
+                None => cause,
             };
             return Err(SendError::Retryable {
                 status: None,
@@ -328,5 +335,23 @@ mod tests {
             Some(Duration::ZERO)
         );
         assert_eq!(parse_retry_after("soon"), None);
+    }
+
+    #[tokio::test]
+    async fn network_errors_do_not_show_the_url_password() {
+        // Nothing listens on port 1 of loopback: the connection is refused.
+        let config = EndpointConfig {
+            url: "http://alice:s3cret@127.0.0.1:1/".into(),
+            ..EndpointConfig::default()
+        };
+        let endpoint = HttpEndpoint::new(&config, "write.endpoint[0]").unwrap();
+        let req = endpoint.post(endpoint.join("push"));
+        let Err(SendError::Retryable { cause, .. }) = endpoint.execute(req).await else {
+            panic!("a refused connection is retryable");
+        };
+        // reqwest moves the userinfo into an Authorization header, and the agent redacts
+        // what would be left.
+        assert!(!cause.contains("s3cret"), "{cause}");
+        assert!(cause.contains("127.0.0.1:1/push"), "{cause}");
     }
 }

@@ -200,3 +200,44 @@ fn metrics_use_pyroscope_write_names() {
         assert!(text.contains(want), "{want} in\n{text}");
     }
 }
+
+#[test]
+fn url_passwords_are_redacted() {
+    use crate::write::config::{redact_url, redact_urls};
+    assert_eq!(
+        redact_url("https://alice:s3cret@pyroscope:4040/base?x=1"),
+        "https://alice:<redacted>@pyroscope:4040/base?x=1"
+    );
+    // No password, no userinfo, no scheme: as they are.
+    for url in [
+        "https://alice@host/",
+        "http://host:4040/a@b",
+        "host:1",
+        "http://[::1]:80/",
+    ] {
+        assert_eq!(redact_url(url), url);
+    }
+    // A password holding `@` (unencoded, so not a valid URL) is still hidden whole.
+    assert_eq!(redact_url("http://u:p@ss@h/"), "http://u:<redacted>@h/");
+    assert_eq!(
+        redact_urls("bad \"http://u:pw@h\" and 'ftp://v:x@[::1]:21/p' end"),
+        "bad \"http://u:<redacted>@h\" and 'ftp://v:<redacted>@[::1]:21/p' end"
+    );
+}
+
+#[test]
+fn url_passwords_never_reach_check_config_or_errors() {
+    let mut config: WriteConfig =
+        toml::from_str("[[endpoint]]\nurl = \"https://alice:s3cret@pyroscope:4040/\"").unwrap();
+    config.validate().unwrap();
+    let shown = toml::to_string(&config).unwrap();
+    assert!(!shown.contains("s3cret"), "{shown}");
+    assert!(shown.contains("alice:<redacted>@pyroscope:4040"), "{shown}");
+    config.endpoint[0].url = "ftp://alice:s3cret@host/".into();
+    let error = config.validate().unwrap_err().to_string();
+    assert!(!error.contains("s3cret"), "{error}");
+    assert!(error.contains("alice:<redacted>@host"), "{error}");
+    config.endpoint[0].url = "http://alice:s3cret@ho st/".into();
+    let error = config.validate().unwrap_err().to_string();
+    assert!(!error.contains("s3cret"), "{error}");
+}
