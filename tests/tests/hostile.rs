@@ -35,12 +35,13 @@ use std::{
 
 use common::{hostile::*, http::*, receiver::*, *};
 
-const SHOW_UP: Duration = Duration::from_secs(60);
+const SHOW_UP: Duration = Duration::from_secs(120);
 const TOKEN: &str = "hostile-test-token";
 /// The agent's peak RSS while all of this goes on: the symbol memory budget (64 MiB by
 /// default) plus what a debug build of the agent needs for everything else.
 const RSS_LIMIT_KIB: u64 = 192 * 1024;
-/// Open fds at any time, a 5 000-thread capture included.
+/// Open fds at any time, a 5 000-thread capture included: a capture holds at most 1024
+/// thread events (past that, one event per CPU filtered by pid), plus the agent's own.
 const FD_LIMIT: usize = 1536;
 /// A name with every character that breaks a format: a quote and a backslash (Prometheus
 /// label values), a newline (text formats, folded stacks) and `;` (folded stack frames).
@@ -399,6 +400,14 @@ bearer_token = "{TOKEN}"
     )
     .expect("the capture answers");
     assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let capture = d.join("threads.pb.gz");
+    std::fs::write(&capture, &body).unwrap();
+    let captured = total_samples(&read_profile(&capture));
+    eprintln!("capture of the 5 000-thread process: {captured} samples");
+    assert!(
+        captured > 0,
+        "the 5 000-thread process was captured with no sample"
+    );
 
     // A few more intervals for everything to be drained, symbolized and pushed.
     std::thread::sleep(Duration::from_secs(12));
@@ -485,6 +494,10 @@ bearer_token = "{TOKEN}"
             "no refused file counted with reason {reason}:\n{text}"
         );
     }
+    assert!(
+        counted("profiler_capture_thread_limit_total", "action=\"per_cpu\"") > 0.0,
+        "the 5 000-thread capture was not counted as over the thread-event limit:\n{text}"
+    );
     for reason in ["decompressed_too_large", "too_many_symbols"] {
         assert!(
             counted(

@@ -104,6 +104,11 @@ fn inflate(zlib: &[u8], declared: usize) -> Result<Vec<u8>, Missing> {
     }
 }
 
+/// The most memory the xz decoder of `.gnu_debugdata` may use, mostly its LZMA2 dictionary,
+/// which a block header declares and the decoder allocates whole. Distributions compress
+/// MiniDebugInfo with xz presets up to `-7` (16 MiB dictionary); a larger one is refused.
+const XZ_MEMORY_LIMIT_KIB: u32 = 24 * 1024;
+
 /// `.gnu_debugdata` decompressed, charged as it grows, within
 /// [`Limits::max_mini_debug_info`](super::budget::Limits::max_mini_debug_info).
 pub fn mini_debug_info<'data, R: ReadRef<'data>>(
@@ -126,10 +131,14 @@ pub fn mini_debug_info<'data, R: ReadRef<'data>>(
         over: false,
         refused: false,
     };
-    let result = lzma_rs::xz_decompress(&mut &compressed.bytes[..], &mut out);
+    // Streamed: a block is never inflated whole before the writer's limit can stop it (as
+    // lzma-rs's xz decoder would), and the dictionary a block header asks for is capped.
+    let mut reader =
+        lzma_rust2::XzReader::new_mem_limit(&compressed.bytes[..], false, XZ_MEMORY_LIMIT_KIB);
+    let result = std::io::copy(&mut reader, &mut out);
     let (over, refused, mut bytes) = (out.over, out.refused, out.inner);
     match result {
-        Ok(()) => {
+        Ok(_) => {
             bytes.shrink_to_fit();
             // The vector's growth was charged by capacity; keep the charge to what is held.
             charge.shrink(charge.bytes().saturating_sub(bytes.capacity()));
