@@ -15,7 +15,12 @@
 //! the debug file, as in `elf_dwarf_mutated`.
 #![no_main]
 
-use std::{fs::File, io::Write as _, path::PathBuf, sync::OnceLock};
+use std::{
+    fs::{self, File},
+    io::Write as _,
+    path::{Path, PathBuf},
+    sync::OnceLock,
+};
 
 use libfuzzer_sys::fuzz_target;
 use object::{Object as _, ObjectSection as _, ObjectSymbol as _, SymbolKind};
@@ -111,25 +116,43 @@ fn addresses() -> &'static Vec<Vec<u64>> {
 fn scratch() -> &'static PathBuf {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        let base = if std::path::Path::new("/dev/shm").is_dir() {
+        let base = if Path::new("/dev/shm").is_dir() {
             PathBuf::from("/dev/shm")
         } else {
             std::env::temp_dir()
         };
+        sweep(&base, "elf_debugfile-");
         let dir = base.join(format!("elf_debugfile-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("scratch directory");
+        fs::create_dir_all(&dir).expect("scratch directory");
         dir
     })
+}
+
+/// Removes the scratch directories of earlier runs of this target whose process is gone
+/// (libFuzzer exits without unwinding, so a run cannot remove its own).
+fn sweep(base: &Path, prefix: &str) {
+    let Ok(entries) = fs::read_dir(base) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name.to_str().and_then(|n| n.strip_prefix(prefix)) else {
+            continue;
+        };
+        if pid.parse::<u32>().is_ok() && !Path::new("/proc").join(pid).exists() {
+            let _ = fs::remove_dir_all(entry.path());
+        }
+    }
 }
 
 /// A fresh file holding `bytes`, opened for reading (its name is gone once opened).
 fn file_of(name: &str, bytes: &[u8]) -> File {
     let path = scratch().join(name);
-    let _ = std::fs::remove_file(&path);
+    let _ = fs::remove_file(&path);
     let mut out = File::create_new(&path).expect("scratch file");
     out.write_all(bytes).expect("scratch write");
     let file = File::open(&path).expect("scratch reopen");
-    std::fs::remove_file(&path).expect("scratch unlink");
+    fs::remove_file(&path).expect("scratch unlink");
     file
 }
 

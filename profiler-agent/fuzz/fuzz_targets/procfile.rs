@@ -54,10 +54,28 @@ fn scratch() -> &'static PathBuf {
         } else {
             std::env::temp_dir()
         };
+        sweep(&base, "procfile-fuzz-");
         let dir = base.join(format!("procfile-fuzz-{}", std::process::id()));
         fs::create_dir_all(&dir).expect("scratch directory");
         dir
     })
+}
+
+/// Removes the scratch directories of earlier runs of this target whose process is gone
+/// (libFuzzer exits without unwinding, so a run cannot remove its own).
+fn sweep(base: &Path, prefix: &str) {
+    let Ok(entries) = fs::read_dir(base) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name.to_str().and_then(|n| n.strip_prefix(prefix)) else {
+            continue;
+        };
+        if pid.parse::<u32>().is_ok() && !Path::new("/proc").join(pid).exists() {
+            let _ = fs::remove_dir_all(entry.path());
+        }
+    }
 }
 
 /// One run's tree and what it holds.
@@ -103,6 +121,12 @@ impl Tree {
             outside,
             inside: HashMap::new(),
             forbidden,
+        }
+    }
+
+    fn remove(self) {
+        if let Some(run) = self.root.parent() {
+            let _ = fs::remove_dir_all(run);
         }
     }
 
@@ -330,4 +354,5 @@ fuzz_target!(|data: &[u8]| {
             }
         }
     }
+    tree.remove();
 });
