@@ -286,3 +286,42 @@ fn map_files_links_open_through_the_magic_link_helper() {
     let err = open_magic_link(&exe, 1).unwrap_err();
     assert_eq!(err.reason(), "too_large");
 }
+
+/// Found by the `procfile` fuzz target: the walker opened `file/` and `file/../x`, which the
+/// kernel (and so openat2) refuses with ENOTDIR.
+#[test]
+fn a_file_is_not_a_directory_for_either_resolver() {
+    for resolver in resolvers() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        write(&dir.join("file"), "f");
+        write(&dir.join("dir/x"), "x");
+        symlink("file", dir.join("lf")).unwrap();
+        symlink("dir", dir.join("ld")).unwrap();
+        symlink("file/", dir.join("slash")).unwrap();
+        let root = root_at(dir, resolver);
+        for path in [
+            "file/",
+            "file/.",
+            "file/../dir/x",
+            "lf/",
+            "lf/../dir/x",
+            "slash",
+            "dir/x/",
+        ] {
+            match read(&root, path) {
+                Err(ProcFileError::Open { source, .. }) => {
+                    assert_eq!(
+                        source.raw_os_error(),
+                        Some(libc::ENOTDIR),
+                        "{resolver:?} {path}"
+                    )
+                }
+                other => panic!("{resolver:?} {path}: {other:?}"),
+            }
+        }
+        assert_eq!(read(&root, "ld/../file").unwrap(), "f", "{resolver:?}");
+        assert_eq!(read(&root, "ld/x").unwrap(), "x", "{resolver:?}");
+        assert_eq!(read(&root, "/dir/./x").unwrap(), "x", "{resolver:?}");
+    }
+}

@@ -6,7 +6,9 @@
 //! symlink's target (read with `readlinkat`) replaces it at the front of the remaining path;
 //! an absolute target restarts from the root. `..` pops the walker's stack of held directory
 //! descriptors and stays at the root when the stack is empty, so neither `..` nor a directory
-//! renamed out of the root during the walk leads outside it. At most [`MAX_LINKS`] symlinks
+//! renamed out of the root during the walk leads outside it. Every component before the last
+//! must be a directory, and a trailing `/` makes the last one a directory too, as for the
+//! kernel (`file/../x` and `file/` are `ENOTDIR`). At most [`MAX_LINKS`] symlinks
 //! (the kernel's limit) and [`MAX_DEPTH`] held directories; past either, `ELOOP` or
 //! `ENAMETOOLONG`. The final component is opened with the caller's flags plus `O_NOFOLLOW`
 //! relative to its held parent, so a symlink swapped in after the check fails with `ELOOP`.
@@ -68,6 +70,11 @@ pub fn open(root: BorrowedFd<'_>, path: &Path, flags: libc::c_int) -> io::Result
         if pending.is_empty() {
             return sys::openat(Some(parent), &name, flags | libc::O_NOFOLLOW);
         }
+        // As the kernel: every component before the last must be a directory, even when a
+        // `..` follows it (`file/../x` is ENOTDIR, not `x`).
+        if mode != libc::S_IFDIR {
+            return Err(io::Error::from_raw_os_error(libc::ENOTDIR));
+        }
         if dirs.len() >= MAX_DEPTH {
             return Err(io::Error::from_raw_os_error(libc::ENAMETOOLONG));
         }
@@ -78,7 +85,8 @@ pub fn open(root: BorrowedFd<'_>, path: &Path, flags: libc::c_int) -> io::Result
     sys::openat(Some(dir), c".", flags)
 }
 
-/// Pushes the components of `path` so that the first one is popped first.
+/// Pushes the components of `path` so that the first one is popped first. A trailing `/`
+/// becomes a final `.`, so the component before it must be a directory (`file/` is ENOTDIR).
 fn push_components(pending: &mut Vec<Vec<u8>>, path: &[u8]) {
     let start = pending.len();
     pending.extend(
@@ -86,5 +94,8 @@ fn push_components(pending: &mut Vec<Vec<u8>>, path: &[u8]) {
             .filter(|c| !c.is_empty())
             .map(<[u8]>::to_vec),
     );
+    if path.last() == Some(&b'/') {
+        pending.push(b".".to_vec());
+    }
     pending[start..].reverse();
 }
