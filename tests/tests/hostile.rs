@@ -281,7 +281,16 @@ fn hostile_processes_neither_hang_crash_bloat_nor_mislead_the_agent() {
         hostile.push(jit);
     }
     let dlopen = nice(&dlopen_main, &[libhot.to_str().unwrap(), "3600"]);
-    let many_threads = nice(&threads, &["5000", "3600"]);
+    // At a middle priority: its main thread must run while it is captured.
+    let many_threads = Workload(
+        Command::new("nice")
+            .args(["-n", "10"])
+            .arg(&threads)
+            .args(["5000", "3600"])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("start the threads fixture"),
+    );
     std::thread::sleep(Duration::from_millis(500));
     // SAFETY: signalling our own child (through nice, which exec'd it).
     unsafe { libc::kill(dlopen.pid() as i32, libc::SIGUSR1) };
@@ -324,19 +333,32 @@ bearer_token = "{TOKEN}"
     let monitor = Monitor::start(agent.pid(), port);
 
     // The library and the debug file are loaded (their functions named), then truncated.
-    receiver.wait_for(SHOW_UP, "hot_inner and the debug file's names", |r| {
-        let names = |service: &str| {
-            pushed_series(r)
-                .iter()
-                .filter(|s| s.labels.get("service_name").map(String::as_str) == Some(service))
-                .flat_map(|s| &s.profiles)
-                .any(|p| {
-                    function_names(p).contains(&"spin_inner")
-                        || function_names(p).contains(&"hot_inner")
-                })
-        };
-        names("dlopen_main") && names("dbgtrunc")
-    });
+    let named =
+        |service: &str, function: &str| pushed(&receiver, service).0.iter().any(|n| n == function);
+    let waited = Instant::now();
+    while !(named("dlopen_main", "hot_inner") && named("dbgtrunc", "spin_inner")) {
+        if waited.elapsed() > SHOW_UP {
+            let services: std::collections::BTreeMap<String, Vec<String>> =
+                pushed_series(&receiver.requests())
+                    .iter()
+                    .filter_map(|s| {
+                        let service = s.labels.get("service_name")?.clone();
+                        let mut names: Vec<String> = s
+                            .profiles
+                            .iter()
+                            .flat_map(|p| function_names(p).into_iter().map(str::to_owned))
+                            .collect();
+                        names.sort();
+                        names.dedup();
+                        Some((service, names))
+                    })
+                    .collect();
+            panic!(
+                "hot_inner (dlopen_main) and spin_inner (dbgtrunc) not named within {SHOW_UP:?}; pushed: {services:#?}"
+            );
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
     for truncated in [&libhot, &dbgtrunc_debug] {
         std::fs::File::options()
             .write(true)
@@ -392,6 +414,7 @@ bearer_token = "{TOKEN}"
     );
 
     // An on-demand capture of the 5 000-thread process: the monitor watches the fds.
+    let threads_cpu_before = cpu_ns(many_threads.pid());
     let (status, body) = get_within(
         port,
         &format!("/v1/profile?pid={}&duration=3s", many_threads.pid()),
@@ -402,11 +425,15 @@ bearer_token = "{TOKEN}"
     assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
     let capture = d.join("threads.pb.gz");
     std::fs::write(&capture, &body).unwrap();
-    let captured = total_samples(&read_profile(&capture));
-    eprintln!("capture of the 5 000-thread process: {captured} samples");
+    let captured = total_samples(&read_profile(&capture)) as f64;
+    let threads_cpu_s = (cpu_ns(many_threads.pid()) - threads_cpu_before) as f64 / 1e9;
+    eprintln!(
+        "capture of the 5 000-thread process: {captured} samples over {threads_cpu_s:.2} CPU-s"
+    );
     assert!(
-        captured > 0,
-        "the 5 000-thread process was captured with no sample"
+        captured >= 0.5 * 97.0 * threads_cpu_s - 2.0,
+        "the 5 000-thread process was captured with {captured} samples over {threads_cpu_s:.2} \
+         CPU-s (a capture sampling every CPU for its pid)"
     );
 
     // A few more intervals for everything to be drained, symbolized and pushed.
