@@ -31,17 +31,6 @@ fn get(port: u16, path: &str, token: Option<&str>) -> (u16, Vec<u8>) {
     http_get(port, path, token).expect("the agent answers")
 }
 
-/// Percent-encodes a query value.
-fn encode(value: &str) -> String {
-    value
-        .bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'~' => (b as char).to_string(),
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
-
 fn scraped(port: u16, series: &str) -> f64 {
     let (_, text) = http_get_text(port, "/metrics").expect("/metrics answers");
     metric(&text, series).unwrap_or(0.0)
@@ -191,7 +180,7 @@ max_concurrent = 1
         port,
         &format!(
             "/v1/profile?command={}&duration=1s&format=folded",
-            encode(&regex)
+            percent_encode(&regex)
         ),
         Some(TOKEN),
     );
@@ -236,7 +225,7 @@ max_concurrent = 1
         port,
         &format!(
             "/v1/profile?command={}",
-            encode("^no such process [0-9]{9}$")
+            percent_encode("^no such process [0-9]{9}$")
         ),
         Some(TOKEN),
     );

@@ -114,17 +114,6 @@ impl Drop for CargoBuild {
     }
 }
 
-fn rss_kib(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()
-}
-
 /// Ids of loaded BPF programs, maps and links, from bpftool.
 fn bpf_objects(kind: &str) -> BTreeSet<u64> {
     let out = run_ok(Command::new("bpftool").args(["-j", kind, "show"]));

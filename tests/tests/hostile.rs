@@ -22,8 +22,7 @@
 mod common;
 
 use std::{
-    io::{Read as _, Write as _},
-    net::TcpStream,
+    io::Write as _,
     path::Path,
     process::{Command, Stdio},
     sync::{
@@ -70,7 +69,7 @@ impl Monitor {
             let (stop, observed) = (stop.clone(), observed.clone());
             std::thread::spawn(move || {
                 while !stop.load(Ordering::Relaxed) {
-                    let health = get_within(port, "/healthz", None, Duration::from_secs(10));
+                    let health = http_get_within(port, "/healthz", None, Duration::from_secs(10));
                     let rss = rss_kib(pid).unwrap_or(0);
                     let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
                         .map(|d| d.count())
@@ -102,54 +101,6 @@ impl Monitor {
         self.thread.take().unwrap().join().unwrap();
         std::mem::take(&mut *self.observed.lock().unwrap())
     }
-}
-
-/// `GET path` that gives up after `within`: a server that stalls is a failure, not a hang.
-fn get_within(
-    port: u16,
-    path: &str,
-    token: Option<&str>,
-    within: Duration,
-) -> Option<(u16, Vec<u8>)> {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    stream.set_read_timeout(Some(within)).ok()?;
-    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: localhost\r\n{auth}Connection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut answer = Vec::new();
-    stream.read_to_end(&mut answer).ok()?;
-    let split = answer.windows(4).position(|w| w == b"\r\n\r\n")?;
-    let status = String::from_utf8_lossy(&answer[..split])
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()?;
-    Some((status, answer[split + 4..].to_vec()))
-}
-
-fn rss_kib(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()
-}
-
-/// Percent-encodes a query value.
-fn encode(value: &str) -> String {
-    value
-        .bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'~' => (b as char).to_string(),
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
 }
 
 /// A hostile process at the lowest priority, so a dozen of them leave the agent and the
@@ -376,7 +327,7 @@ bearer_token = "{TOKEN}"
     // 200 parallel flame graph requests: answered or refused, never stalling /healthz (the
     // monitor keeps asking meanwhile).
     wait_until(SHOW_UP, "spin's flame graph", || {
-        (get_within(
+        (http_get_within(
             port,
             "/flamegraph?service=spin",
             None,
@@ -388,7 +339,7 @@ bearer_token = "{TOKEN}"
     let requests: Vec<_> = (0..200)
         .map(|_| {
             std::thread::spawn(move || {
-                get_within(
+                http_get_within(
                     port,
                     "/flamegraph?service=spin",
                     None,
@@ -415,7 +366,7 @@ bearer_token = "{TOKEN}"
 
     // An on-demand capture of the 5 000-thread process: the monitor watches the fds.
     let threads_cpu_before = cpu_ns(many_threads.pid());
-    let (status, body) = get_within(
+    let (status, body) = http_get_within(
         port,
         &format!("/v1/profile?pid={}&duration=3s", many_threads.pid()),
         Some(TOKEN),
@@ -460,9 +411,9 @@ bearer_token = "{TOKEN}"
         text.contains(escaped),
         "the weird service is not in /metrics as {escaped}"
     );
-    let (status, svg) = get_within(
+    let (status, svg) = http_get_within(
         port,
-        &format!("/flamegraph?service={}", encode(WEIRD)),
+        &format!("/flamegraph?service={}", percent_encode(WEIRD)),
         None,
         Duration::from_secs(30),
     )
@@ -478,7 +429,7 @@ bearer_token = "{TOKEN}"
         !titles.iter().any(|t| t.starts_with("FORGED")),
         "a name with ';' forged a frame: {titles:?}"
     );
-    let (status, svg) = get_within(port, "/flamegraph?service=jit-names", None, SHOW_UP)
+    let (status, svg) = http_get_within(port, "/flamegraph?service=jit-names", None, SHOW_UP)
         .expect("jit-names' flame graph");
     let svg = String::from_utf8_lossy(&svg).into_owned();
     assert_eq!(status, 200, "{svg}");

@@ -11,10 +11,19 @@ use std::{
 /// `None` when the server is not there or the answer is cut. Waits up to a minute, as long
 /// as an on-demand capture may take to answer.
 pub fn http_get(port: u16, path: &str, token: Option<&str>) -> Option<(u16, Vec<u8>)> {
+    http_get_within(port, path, token, Duration::from_secs(60))
+}
+
+/// [`http_get`] that gives up after `within`: a server that stalls is an answer of `None`,
+/// not a hang.
+pub fn http_get_within(
+    port: u16,
+    path: &str,
+    token: Option<&str>,
+    within: Duration,
+) -> Option<(u16, Vec<u8>)> {
     let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    stream
-        .set_read_timeout(Some(Duration::from_secs(60)))
-        .ok()?;
+    stream.set_read_timeout(Some(within)).ok()?;
     let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
     write!(
         stream,
@@ -91,4 +100,15 @@ pub fn metric_sum(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
         }
     }
     found
+}
+
+/// Percent-encodes a query value.
+pub fn percent_encode(value: &str) -> String {
+    value
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }
