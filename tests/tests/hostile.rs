@@ -319,6 +319,15 @@ bearer_token = "{TOKEN}"
             .unwrap();
     }
     eprintln!("truncated libhot.so and dbgtrunc.debug");
+    // A service that goes quiet is pruned from /metrics after 5 intervals without samples
+    // (ever-new names must not grow the agent's state without end).
+    let quiet = hostile.remove(0);
+    assert!(
+        scrape(port).contains("service_name=\"fifodbg\""),
+        "fifodbg is not in /metrics"
+    );
+    drop(quiet);
+    let quiet_since = Instant::now();
 
     let spin_series = "pyroscope_ebpf_pprof_samples_total{service_name=\"spin\"}";
     let samples_before = metric(&scrape(port), spin_series).unwrap_or(0.0);
@@ -394,7 +403,14 @@ bearer_token = "{TOKEN}"
         "agent died; log:\n{}",
         log_text()
     );
-    let text = scrape(port);
+    let text = wait_until(SHOW_UP, "fifodbg pruned from /metrics", || {
+        let text = scrape(port);
+        (!text.contains("service_name=\"fifodbg\"")).then_some(text)
+    });
+    eprintln!(
+        "fifodbg pruned {:.1?} after it exited",
+        quiet_since.elapsed()
+    );
     let samples = metric(&text, spin_series).unwrap_or(0.0) - samples_before;
     let cpu_s = (cpu_ns(spin.pid()) - cpu_before) as f64 / 1e9;
     let rate = samples / cpu_s;
