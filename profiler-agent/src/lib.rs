@@ -1,8 +1,9 @@
 //! The profiler agent: pipeline stages from the kernel sampler to pprof.
 //!
 //! `bpf` loads and drains the kernel side; `sampler` drives it per interval; `process`
-//! snapshots processes; `symbolize` names frames; `profile` builds pprof; `record` is the
-//! one-shot command.
+//! snapshots processes; `procfile` is the one way to open a file a process controls (its
+//! binaries, debug files, perf map); `symbolize` names frames; `profile` builds pprof;
+//! `record` is the one-shot command.
 
 pub mod backoff;
 pub mod bpf;
