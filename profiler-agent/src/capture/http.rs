@@ -55,14 +55,16 @@ pub async fn profile(
         Err(e) => return error_response(&CaptureError::BadRequest(e)),
     };
     let capturer = api.capturer.clone();
+    // The answer is encoded (gzip, folded stacks, an SVG) on the blocking pool too, never on
+    // a runtime worker that /healthz and the other requests share.
     let outcome = tokio::task::spawn_blocking(move || {
         let pid = capturer.find(&request.selector)?;
         let built = capturer.capture(pid, request.duration, request.sample_rate, "manual")?;
-        Ok::<_, CaptureError>((pid, request, built))
+        Ok::<_, CaptureError>(answer(pid, &request, &built))
     })
     .await;
     match outcome {
-        Ok(Ok((pid, request, built))) => answer(pid, &request, &built),
+        Ok(Ok(response)) => response,
         Ok(Err(e)) => error_response(&e),
         Err(_) => text(StatusCode::INTERNAL_SERVER_ERROR, "the capture panicked\n"),
     }
