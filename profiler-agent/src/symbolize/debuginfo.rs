@@ -8,17 +8,20 @@
 use std::{
     cell::OnceCell,
     fs::File,
-    os::unix::fs::FileExt as _,
     path::{Path, PathBuf},
 };
 
 use object::{
-    FileKind, ReadCache, ReadCacheOps, ReadRef,
+    FileKind, ReadRef,
     elf::{ELF_NOTE_GNU, NT_GNU_BUILD_ID, SHT_NOTE},
     read::elf::{FileHeader, SectionHeader as _},
 };
 
-use super::binary::DebugFileFinder;
+use super::{
+    binary::DebugFileFinder,
+    budget::{Limits, SymbolBudget},
+    filedata::FileData,
+};
 use crate::procfile::{MAX_OBJECT_FILE_SIZE, ProcFileError, ProcRoot};
 
 /// Bytes read from one file to find its build id, headers included.
@@ -154,16 +157,17 @@ impl BuildId {
 /// positional reads (the file's offset is untouched) of at most 2 MiB in all, nothing
 /// mapped, so a file truncated or grown meanwhile yields an error, never a fault.
 pub fn read_build_id(file: &File) -> BuildId {
-    let Ok(metadata) = file.metadata() else {
+    // The reader the symbol tables are read with, over a budget of its own: every byte read
+    // counts, and a read past the budget fails like one past the end of the file.
+    let Ok(data) = file.try_clone().and_then(|file| {
+        FileData::from_file(
+            file,
+            &SymbolBudget::new(BUILD_ID_READ_BUDGET, Limits::default()),
+        )
+    }) else {
         return BuildId::Unreadable;
     };
-    let cache = ReadCache::new(BudgetedReads {
-        file,
-        len: metadata.len(),
-        pos: 0,
-        budget: BUILD_ID_READ_BUDGET,
-    });
-    let data = &cache;
+    let data = &data;
     let found = match FileKind::parse(data) {
         Ok(FileKind::Elf32) => {
             elf_build_id::<object::elf::FileHeader32<object::Endianness>, _>(data)
@@ -207,49 +211,6 @@ where
         }
     }
     Some(None)
-}
-
-/// [`ReadCacheOps`] over a shared file: positional reads, failing once `budget` is spent.
-struct BudgetedReads<'a> {
-    file: &'a File,
-    len: u64,
-    pos: u64,
-    budget: u64,
-}
-
-impl ReadCacheOps for BudgetedReads<'_> {
-    fn len(&mut self) -> Result<u64, ()> {
-        Ok(self.len)
-    }
-
-    fn seek(&mut self, pos: u64) -> Result<u64, ()> {
-        self.pos = pos;
-        Ok(pos)
-    }
-
-    fn read(&mut self, buf: &mut [u8]) -> Result<usize, ()> {
-        let want = (buf.len() as u64).min(self.budget) as usize;
-        if want == 0 && !buf.is_empty() {
-            return Err(());
-        }
-        let n = self
-            .file
-            .read_at(&mut buf[..want], self.pos)
-            .map_err(|_| ())?;
-        self.pos += n as u64;
-        self.budget -= n as u64;
-        Ok(n)
-    }
-
-    fn read_exact(&mut self, buf: &mut [u8]) -> Result<(), ()> {
-        if buf.len() as u64 > self.budget {
-            return Err(());
-        }
-        self.file.read_exact_at(buf, self.pos).map_err(|_| ())?;
-        self.pos += buf.len() as u64;
-        self.budget -= buf.len() as u64;
-        Ok(())
-    }
 }
 
 #[cfg(test)]
