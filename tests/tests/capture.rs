@@ -36,18 +36,6 @@ fn scraped(port: u16, series: &str) -> f64 {
     metric(&text, series).unwrap_or(0.0)
 }
 
-/// Prints the agent's log when the test fails, before its directory goes.
-struct ShowLogOnPanic(std::path::PathBuf);
-
-impl Drop for ShowLogOnPanic {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            let log = std::fs::read_to_string(&self.0).unwrap_or_default();
-            eprintln!("--- agent log ---\n{log}");
-        }
-    }
-}
-
 #[test]
 fn captures_by_pid_and_command_and_answers_errors() {
     const TEST: &str = "captures_by_pid_and_command_and_answers_errors";

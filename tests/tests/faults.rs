@@ -133,11 +133,6 @@ fn ours_left(before: &BTreeSet<u64>, kind: &str) -> BTreeSet<u64> {
     bpf_objects(kind).difference(before).copied().collect()
 }
 
-fn metrics(port: u16) -> Option<String> {
-    let (status, body) = http_get_text(port, "/metrics")?;
-    (status == 200).then_some(body)
-}
-
 #[test]
 fn agent_survives_outage_full_disk_unreadable_proc_exits_and_kill_9() {
     const TEST: &str = "agent_survives_outage_full_disk_unreadable_proc_exits_and_kill_9";
@@ -235,7 +230,7 @@ listen_address = "127.0.0.1:{port}"
         let rss = rss_kib(agent.pid()).expect("agent RSS");
         if started.elapsed() >= Duration::from_secs(45) {
             warm_rss.get_or_insert_with(|| {
-                let symbols = metrics(port)
+                let symbols = scrape_metrics(port)
                     .and_then(|t| metric(&t, "profiler_symbol_memory_bytes"))
                     .expect("profiler_symbol_memory_bytes");
                 (rss, symbols as u64 / 1024)
@@ -256,7 +251,7 @@ listen_address = "127.0.0.1:{port}"
          {RSS_GROWTH_LIMIT_KIB} KiB plus the {budget_room} KiB the symbol budget had left"
     );
 
-    let text = metrics(port).expect("/metrics during the outage");
+    let text = scrape_metrics(port).expect("/metrics during the outage");
     let endpoint = format!("endpoint=\"127.0.0.1:{endpoint_port}\"");
     let dropped = metric_sum(
         &text,
@@ -516,7 +511,7 @@ listen_address = "127.0.0.1:{port}"
         r.len() > mark && pushed_with_spin(&r[mark..])
     });
     wait_until(SHOW_UP, "one active target again", || {
-        let text = metrics(port)?;
+        let text = scrape_metrics(port)?;
         (metric(&text, "pyroscope_ebpf_active_targets")? >= 1.0).then_some(())
     });
     let text = log_text();

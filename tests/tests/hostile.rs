@@ -133,9 +133,7 @@ fn pushed(receiver: &Receiver, service: &str) -> (Vec<String>, i64) {
 }
 
 fn scrape(port: u16) -> String {
-    let (status, text) = http_get_text(port, "/metrics").expect("/metrics answers");
-    assert_eq!(status, 200);
-    text
+    scrape_metrics(port).expect("/metrics answers 200")
 }
 
 fn promtool_accepts(text: &str) {
@@ -538,28 +536,6 @@ bearer_token = "{TOKEN}"
         observed.max_fds
     );
     drop((hostile, dlopen, many_threads, perf_maps));
-}
-
-/// Prints the agent's log when the test fails, before its directory goes.
-struct ShowLogOnPanic(std::path::PathBuf);
-
-impl Drop for ShowLogOnPanic {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            let log = std::fs::read_to_string(&self.0).unwrap_or_default();
-            eprintln!("--- agent log (last 100 lines) ---");
-            for line in log
-                .lines()
-                .rev()
-                .take(100)
-                .collect::<Vec<_>>()
-                .into_iter()
-                .rev()
-            {
-                eprintln!("{line}");
-            }
-        }
-    }
 }
 
 /// Removes the JIT fixtures' perf maps, which SIGKILL leaves behind, when dropped.

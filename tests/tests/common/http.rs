@@ -112,3 +112,9 @@ pub fn percent_encode(value: &str) -> String {
         })
         .collect()
 }
+
+/// The agent's `/metrics` text, or `None` when it does not answer 200.
+pub fn scrape_metrics(port: u16) -> Option<String> {
+    let (status, body) = http_get_text(port, "/metrics")?;
+    (status == 200).then_some(body)
+}

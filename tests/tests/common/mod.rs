@@ -447,3 +447,15 @@ pub fn rss_kib(pid: u32) -> Option<u64> {
         .parse()
         .ok()
 }
+
+/// Prints the agent's log when the test fails, before its directory goes.
+pub struct ShowLogOnPanic(pub PathBuf);
+
+impl Drop for ShowLogOnPanic {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let log = std::fs::read_to_string(&self.0).unwrap_or_default();
+            eprintln!("--- agent log ---\n{log}");
+        }
+    }
+}
