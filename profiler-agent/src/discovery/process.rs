@@ -18,8 +18,9 @@ pub const UID: &str = "__meta_process_uid";
 
 /// One scan of `proc_root` (normally /proc). Kernel threads (no executable) are left out.
 pub fn scan(proc_root: &Path) -> Vec<Labels> {
-    let users = users(&proc_root.join("1/root/etc/passwd"))
-        .or_else(|| users(Path::new("/etc/passwd")))
+    let users = host_passwd(proc_root)
+        .or_else(|| std::fs::read_to_string("/etc/passwd").ok())
+        .map(|text| users(&text))
         .unwrap_or_default();
     let mut targets: Vec<Labels> = procfs::pids(proc_root)
         .filter_map(|pid| process_labels(proc_root, pid, &users))
@@ -67,19 +68,30 @@ fn process_labels(proc_root: &Path, pid: u32, users: &HashMap<u32, String>) -> O
     Some(labels)
 }
 
-/// uid -> user name from a passwd file.
-fn users(passwd: &Path) -> Option<HashMap<u32, String>> {
-    let text = std::fs::read_to_string(passwd).ok()?;
-    Some(
-        text.lines()
-            .filter_map(|l| {
-                let mut f = l.split(':');
-                let name = f.next()?;
-                let uid = f.nth(1)?.parse().ok()?;
-                Some((uid, name.to_owned()))
-            })
-            .collect(),
-    )
+/// Larger passwd files are not read.
+const MAX_PASSWD_BYTES: u64 = 4 << 20;
+
+/// The host's passwd file, seen from pid 1's root (the host's, with `hostPID`), opened like
+/// every file inside a process's root: through [`crate::procfile`].
+fn host_passwd(proc_root: &Path) -> Option<String> {
+    let opened = crate::procfile::ProcRoot::of_pid(proc_root, 1)
+        .and_then(|root| root.open(Path::new("/etc/passwd"), MAX_PASSWD_BYTES))
+        .ok()?;
+    let bytes = opened.read_capped(MAX_PASSWD_BYTES).ok()?;
+    Some(String::from_utf8_lossy(&bytes).into_owned())
+}
+
+/// uid -> user name from a passwd file's text.
+fn users(passwd: &str) -> HashMap<u32, String> {
+    passwd
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split(':');
+            let name = f.next()?;
+            let uid = f.nth(1)?.parse().ok()?;
+            Some((uid, name.to_owned()))
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -110,17 +122,30 @@ mod tests {
 
     #[test]
     fn passwd_parsing() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("passwd");
-        std::fs::write(
-            &p,
+        let u = users(
             "root:x:0:0:root:/root:/bin/bash\nbad line\nalice:x:1000:1000::/home/alice:/bin/sh\n",
-        )
-        .unwrap();
-        let u = users(&p).unwrap();
+        );
         assert_eq!(u[&0], "root");
         assert_eq!(u[&1000], "alice");
         assert_eq!(u.len(), 2);
+    }
+
+    #[test]
+    fn host_passwd_is_read_inside_pid_1s_root_and_never_from_a_fifo() {
+        let proc = tempfile::tempdir().unwrap();
+        let etc = proc.path().join("1/root/etc");
+        std::fs::create_dir_all(&etc).unwrap();
+        std::fs::write(etc.join("passwd"), "root:x:0:0::/root:/bin/sh\n").unwrap();
+        assert_eq!(users(&host_passwd(proc.path()).unwrap())[&0], "root");
+        std::fs::remove_file(etc.join("passwd")).unwrap();
+        let fifo = std::ffi::CString::new(etc.join("passwd").to_str().unwrap()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o644) }, 0);
+        assert_eq!(
+            host_passwd(proc.path()),
+            None,
+            "a FIFO is refused, not waited on"
+        );
     }
 
     #[test]
