@@ -3,10 +3,12 @@
 //! The stacks are user stacks of one process, shaped like a real program's call tree: every
 //! stack starts at the same root, stacks share longer prefixes the closer they are, and the
 //! last frames are nearly unique. Frames come from 20 000 call sites in 2000 functions (`fn_<n>`
-//! with a file and line; every fourth call site has an inlined callee), named by a symbolizer
-//! double that answers from a precomputed table, as the real one does from its warm caches.
+//! with a file and line; every fourth call site has an inlined callee), named by a frame
+//! source double that answers from a precomputed table, as the real ones do from their warm
+//! caches.
 //!
-//! Criterion measures `pprof/build` ([`build_samples`]), `pprof/encode` (protobuf only),
+//! Criterion measures `pprof/build` (the frames stage, [`frames::resolve`], then
+//! [`profile::build`]), `pprof/encode` (protobuf only),
 //! `pprof/encode_gzip` ([`BuiltProfile::encode_gzip`], what the agent sends) and
 //! `pprof/total` (build + encode_gzip). Before that, one line `pprof-figures key=value ...` on
 //! stderr gives allocations and bytes per profile (a counting global allocator, on only for
@@ -25,10 +27,11 @@ use std::{
 use criterion::{Criterion, Throughput};
 use flate2::{Compression, write::GzEncoder};
 use profiler_agent::{
+    frames::{self, Found, FrameKind, FrameSource, MappingClass, Site, Sources},
     process::{Mapping, MappingKind, ProcessInfo},
-    profile::{BuildOptions, BuiltProfile, GZIP_LEVEL, build_samples},
+    profile::{self, BuildOptions, BuiltProfile, GZIP_LEVEL},
     sampler::{RawSample, Stack},
-    symbolize::{Frame, Frames, SymbolizeStats, Symbolizer},
+    symbolize::{Frame, Frames},
 };
 use prost::Message as _;
 
@@ -154,19 +157,22 @@ impl TableSymbolizer {
     }
 }
 
-impl Symbolizer for TableSymbolizer {
-    fn user_frames(&mut self, _: &ProcessInfo, address: u64) -> Frames {
-        let site = (address - BASE) / SITE;
-        self.sites[site as usize].clone()
+impl FrameSource for TableSymbolizer {
+    fn name(&self) -> &'static str {
+        "table"
     }
-    fn kernel_frame(&mut self, _: u64) -> Frame {
-        Frame::named("[unknown]")
+    fn serves(&self, class: MappingClass) -> bool {
+        class == MappingClass::Anonymous
+    }
+    fn kind(&self) -> FrameKind {
+        FrameKind::Native
+    }
+    fn frames(&mut self, at: &Site<'_>) -> Option<Found> {
+        let site = (at.address - BASE) / SITE;
+        Some(Found::Frames(self.sites[site as usize].clone()))
     }
     fn build_id(&mut self, _: &ProcessInfo, _: &Mapping) -> Option<String> {
         Some("4f2a0c1d9e8b7a6f5e4d3c2b1a09f8e7d6c5b4a3".into())
-    }
-    fn stats(&self) -> SymbolizeStats {
-        SymbolizeStats::default()
     }
 }
 
@@ -217,19 +223,18 @@ fn samples() -> Vec<RawSample> {
 struct Input {
     samples: Vec<RawSample>,
     processes: HashMap<u32, ProcessInfo>,
-    symbolizer: TableSymbolizer,
+    sources: Sources,
     options: BuildOptions,
 }
 
 impl Input {
     fn build(&mut self) -> BuiltProfile {
         let refs: Vec<&RawSample> = self.samples.iter().collect();
-        build_samples(
-            &refs,
-            &self.processes,
+        let stacks = frames::resolve(&mut self.sources, &refs, &self.processes);
+        profile::build(
+            &stacks,
             Some(SystemTime::now()),
             Duration::from_secs(15),
-            &mut self.symbolizer,
             &self.options,
         )
     }
@@ -287,7 +292,7 @@ fn main() {
     let mut input = Input {
         samples: samples(),
         processes: HashMap::from([(PID, process())]),
-        symbolizer: TableSymbolizer::new(),
+        sources: Sources::new(vec![Box::new(TableSymbolizer::new())]),
         options: BuildOptions::record(97),
     };
     let built = figures(&mut input);

@@ -12,6 +12,8 @@ pub mod capture;
 pub mod config;
 pub mod daemon;
 pub mod discovery;
+pub mod frames;
+pub mod interval;
 pub mod metrics;
 pub mod process;
 pub mod procfile;

@@ -10,11 +10,13 @@ use std::{
 };
 
 use crate::{
-    bpf::{BpfError, KernelSampler, SamplerOptions, Scope},
-    process::ProcfsProcesses,
+    bpf::{BpfError, SamplerOptions, Scope, open_sampler},
+    frames::sources,
+    interval,
+    process::DEFAULT_CONTAINER_ID_CACHE_SIZE,
     profile,
-    sampler::{Recording, Sampler},
-    symbolize::{Demangle, NativeSymbolizer, Symbolizer as _, kallsyms::KernelSymbols},
+    sampler::CounterSnapshot,
+    symbolize::{CacheConfig, Demangle, kallsyms::KernelSymbols},
 };
 use profiler_common::Counter;
 
@@ -106,11 +108,14 @@ pub fn run(args: &RecordArgs) -> Result<(), RecordError> {
             }
         },
     };
-    let mut kernel = KernelSampler::start(&options).inspect_err(|_| {
-        // Leave no empty file behind for a recording that never started.
-        let _ = std::fs::remove_file(&args.output);
-    })?;
-    let kernel_memory = kernel.kernel_memory_bytes();
+    let opened =
+        open_sampler(&options, DEFAULT_CONTAINER_ID_CACHE_SIZE, true).inspect_err(|_| {
+            // Leave no empty file behind for a recording that never started.
+            let _ = std::fs::remove_file(&args.output);
+        })?;
+    let kernel_memory = opened.kernel_memory_bytes;
+    let mut sampler = opened.sampler;
+    let _early_snapshots = opened.early_snapshots;
     // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
     unsafe {
         libc::signal(
@@ -122,15 +127,6 @@ pub fn run(args: &RecordArgs) -> Result<(), RecordError> {
             request_stop as *const () as libc::sighandler_t,
         );
     }
-    let early = crate::process::early::for_kernel(
-        &mut kernel,
-        crate::process::DEFAULT_CONTAINER_ID_CACHE_SIZE,
-    );
-    let mut sampler = Sampler::new(kernel, ProcfsProcesses::default())?;
-    let _early_snapshots = early.map(|(thread, snapshots)| {
-        sampler.set_early_snapshots(snapshots);
-        thread
-    });
     eprintln!(
         "recording {} for {:?} at {} Hz on {} CPUs (kernel maps: {} KiB)",
         if args.pids.is_empty() {
@@ -160,37 +156,52 @@ pub fn run(args: &RecordArgs) -> Result<(), RecordError> {
             .inspect_err(|e| tracing::warn!(error = %e, "kernel frames will be [unknown]"))
             .ok()
     };
-    let mut symbolizer = NativeSymbolizer::new(args.demangle, kernel_symbols);
-    let built = profile::build(
-        &recording,
-        &mut symbolizer,
+    // The whole recording is one interval, named with the default caches.
+    let mut sources = sources::native(args.demangle, kernel_symbols, CacheConfig::default());
+    let counters = recording.counters;
+    let summary = Summary {
+        processes: recording.processes.len(),
+        duration: recording.duration,
+        drains: recording.drains,
+    };
+    let built = interval::build_one(
+        recording,
+        &mut sources,
         &profile::BuildOptions::record(args.sample_rate),
     );
     let bytes = built.encode_gzip().map_err(output_error)?;
     output.write_all(&bytes).map_err(output_error)?;
 
-    report(&recording, &built, symbolizer.stats(), args);
+    report(&counters, &summary, &built, sources.stats(), args);
     Ok(())
 }
 
+/// What the report tells of the recording once it has been built.
+struct Summary {
+    processes: usize,
+    duration: Duration,
+    drains: u64,
+}
+
 fn report(
-    recording: &Recording,
+    counters: &CounterSnapshot,
+    summary: &Summary,
     built: &profile::BuiltProfile,
     stats: crate::symbolize::SymbolizeStats,
     args: &RecordArgs,
 ) {
     let counters: Vec<String> = Counter::ALL
         .iter()
-        .map(|c| format!("{}={}", c.name(), recording.counters.get(*c)))
+        .map(|c| format!("{}={}", c.name(), counters.get(*c)))
         .collect();
     eprintln!("counters: {}", counters.join(" "));
     eprintln!(
         "wrote {} ({} samples from {} processes in {:.1}s, {} drains; frames named {} unknown {})",
         args.output.display(),
         built.total_samples,
-        recording.processes.len(),
-        recording.duration.as_secs_f64(),
-        recording.drains,
+        summary.processes,
+        summary.duration.as_secs_f64(),
+        summary.drains,
         stats.known_frames,
         stats.unknown_frames,
     );

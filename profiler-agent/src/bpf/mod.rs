@@ -7,6 +7,7 @@
 pub mod btf;
 mod loader;
 mod new_processes;
+mod open;
 pub mod sizing;
 
 use std::{
@@ -30,6 +31,7 @@ use aya::{
     },
 };
 pub use new_processes::NewProcesses;
+pub use open::{OpenSampler, open_sampler};
 use profiler_common::{
     CONFIG_GLOBAL, COUNTERS_MAP, COUNTS_MAPS, Counter, GENERATION_MAP, NEW_PROCESSES_MAP,
     PID_FILTER_MAP, PROGRAM_NAME, SEEN_PROCESSES_MAP, STACK_LOST, STACK_MAPS, STACK_NOT_COLLECTED,

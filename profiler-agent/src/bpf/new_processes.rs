@@ -1,9 +1,12 @@
 //! The kernel's announcements of processes sampled for the first time (in an interval): a
-//! ring buffer of pids, read by a thread that snapshots each process while it still runs.
+//! ring buffer of pids, read by the early-snapshot thread ([`crate::process::early`]) that
+//! snapshots each process while it still runs.
 
 use std::{os::fd::AsRawFd as _, time::Duration};
 
 use aya::maps::{MapData, RingBuf};
+
+use crate::process::early::Announcements;
 
 /// The `NEW_PROCESSES` ring buffer, taken out of the sampler for its reader thread.
 pub struct NewProcesses {
@@ -41,5 +44,11 @@ impl NewProcesses {
             }
         }
         pids
+    }
+}
+
+impl Announcements for NewProcesses {
+    fn wait(&mut self, timeout: Duration) -> Vec<u32> {
+        NewProcesses::wait(self, timeout)
     }
 }

@@ -1,4 +1,4 @@
-//! On-demand captures of one process (`GET /v1/profile`): picks the process, samples it
+//! On-demand captures of one process (served as `GET /v1/profile` by [`crate::server`]): picks the process, samples it
 //! with perf events of its own at the requested rate for the requested time (a separate BPF
 //! instance with its own maps, so the continuous profile's counts never change), and has
 //! the pipeline thread symbolize the recording with the continuous profile's warm caches.
@@ -9,7 +9,6 @@
 //! applies `[capture]` and `[[trigger]]` on SIGHUP.
 
 pub mod events;
-pub mod http;
 pub mod keep;
 pub mod reload;
 pub mod request;
@@ -30,14 +29,13 @@ use regex::Regex;
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    bpf::{BpfError, KernelSampler, SamplerOptions, Scope},
+    bpf::{BpfError, OpenSampler, SamplerOptions, Scope, open_sampler},
     metrics::AgentMetrics,
-    process::{ProcfsProcesses, procfs},
+    process::{DEFAULT_CONTAINER_ID_CACHE_SIZE, procfs},
     profile::BuiltProfile,
-    sampler::{Recording, Sampler},
+    sampler::Recording,
     write::config::{Secret, read_secret},
 };
-pub use http::CaptureApi;
 pub use request::{BadRequest, CaptureRequest, Format, Selector};
 
 /// `[capture]`: the on-demand capture API. Off unless enabled.
@@ -138,8 +136,8 @@ pub enum CaptureError {
     },
 }
 
-/// A finished recording for the pipeline thread to symbolize; the profile comes back on
-/// `reply`.
+/// A finished recording for the pipeline thread to build (with its warm frame caches); the
+/// profile comes back on `reply`.
 pub struct SymbolizeJob {
     pub recording: Recording,
     pub sample_rate: u64,
@@ -259,9 +257,8 @@ impl Capturer {
         duration: Duration,
         sample_rate: u64,
     ) -> Result<BuiltProfile, CaptureError> {
-        let (kernel, events) = self.start_sampler(pid, duration, sample_rate)?;
-        let mut sampler =
-            Sampler::new(kernel, ProcfsProcesses::default()).map_err(CaptureError::Bpf)?;
+        let (opened, events) = self.start_sampler(pid, duration, sample_rate)?;
+        let mut sampler = opened.sampler;
         let alive = self.proc_root.join(pid.to_string());
         // A process that exits ends its capture early: what was sampled is the answer.
         sampler
@@ -301,7 +298,7 @@ impl Capturer {
         pid: u32,
         duration: Duration,
         sample_rate: u64,
-    ) -> Result<(KernelSampler, events::Reservation<'_>), CaptureError> {
+    ) -> Result<(OpenSampler, events::Reservation<'_>), CaptureError> {
         let no_descriptors = |needed| CaptureError::NoDescriptors {
             pid,
             needed,
@@ -323,7 +320,9 @@ impl Capturer {
             pids: vec![pid],
             max_events: reservation.events(),
         };
-        let started = match KernelSampler::start(&options(per_thread)) {
+        // The captured process is alive and named now: no early snapshots needed.
+        let open = |scope| open_sampler(&options(scope), DEFAULT_CONTAINER_ID_CACHE_SIZE, false);
+        let started = match open(per_thread) {
             Err(BpfError::TooManyThreads { limit, .. }) => {
                 let cpus = aya::util::online_cpus().map_or(0, |c| c.len());
                 if cpus == 0 || cpus > reservation.events() {
@@ -338,7 +337,7 @@ impl Capturer {
                     "more threads than thread events allowed: sampling every CPU for this pid"
                 );
                 reservation.shrink(cpus);
-                KernelSampler::start(&options(Scope::EveryCpu))
+                open(Scope::EveryCpu)
             }
             other => other,
         };

@@ -13,7 +13,7 @@ use super::{
     CaptureConfig, Capturer,
     trigger::{MonitorSettings, TriggerConfig, TriggerMonitor},
 };
-use crate::{daemon::pipeline::Submit, metrics::AgentMetrics, targets::TargetSet};
+use crate::{metrics::AgentMetrics, targets::TargetSet, write::Submit};
 
 /// The trigger monitor, started, reconfigured or stopped to follow the configuration.
 pub struct Triggers {

@@ -23,10 +23,10 @@ use tokio::sync::watch;
 use super::{CaptureError, Capturer, keep::keep_capture, request};
 use crate::{
     config::duration,
-    daemon::pipeline::Submit,
     metrics::AgentMetrics,
     process::{cgroup, procfs},
     targets::{Labels, SERVICE_NAME, TargetSet},
+    write::Submit,
     write::{ProfileSeries, config::check_label_name},
 };
 

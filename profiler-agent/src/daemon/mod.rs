@@ -3,7 +3,6 @@
 //! SIGHUP), the trigger monitor (reconfigured on SIGHUP, see `capture::reload`) and the
 //! pipeline thread (kept across reloads: BPF is loaded once).
 
-pub mod latest;
 pub mod pipeline;
 
 use std::{
@@ -21,6 +20,7 @@ use tokio::{
     sync::watch,
 };
 
+use crate::write::Submit;
 use crate::{
     bpf::BpfError,
     capture::{Capturer, reload::Triggers},
@@ -32,7 +32,7 @@ use crate::{
     targets::TargetSet,
     write::{WriteConfigError, WriteMetrics, Writer},
 };
-use pipeline::{Pipeline, PipelineSettings, Submit};
+use pipeline::{Pipeline, PipelineSettings};
 
 /// How long the last partial interval may take to reach the sinks on SIGTERM.
 pub const FLUSH_DEADLINE: Duration = Duration::from_secs(10);
@@ -106,7 +106,7 @@ async fn run_async(source: ConfigSource, mut config: AgentConfig) -> Result<(), 
     let ready_tx = Arc::new(ready_tx);
     let bpf_attached = Arc::new(AtomicBool::new(false));
     let heartbeat = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let latest = pipeline::LatestProfiles::default();
+    let latest = crate::interval::latest::LatestProfiles::default();
 
     // Checked by validation already; read here once, as the file may hold a secret.
     let capture_token =
@@ -203,12 +203,14 @@ async fn run_async(source: ConfigSource, mut config: AgentConfig) -> Result<(), 
     let pipeline = tokio::task::spawn_blocking(move || {
         Pipeline::start(
             settings,
-            targets_rx,
-            pipeline_submit,
-            start_metrics,
-            latest,
+            pipeline::Outputs {
+                targets: targets_rx,
+                submit: pipeline_submit,
+                metrics: start_metrics,
+                latest,
+                captures: capture_rx,
+            },
             heartbeat,
-            capture_rx,
         )
     })
     .await

@@ -1,12 +1,13 @@
 //! The sampling thread of the daemon: drains the kernel maps every second, and every
-//! `collect_interval` symbolizes the interval's samples, resolves each process to its target
-//! and hands one gzipped pprof per target to the writer. It owns everything that is not
-//! `Send` (the symbolizer's caches) and never waits on the network: the writer's `submit`
-//! only enqueues. Finished on-demand captures are symbolized here too, between drains, so
-//! they share the caches.
+//! `collect_interval` hands the interval to the interval stage ([`crate::interval`]), which
+//! resolves each process to its target and builds one pprof per target; the thread gzips
+//! them and hands them to the writer. It owns everything that is not `Send` (the frame
+//! sources' caches) and never waits on the network: the writer's `submit` only enqueues.
+//! Finished on-demand captures are built here too, between drains, so they share the caches.
+//! [`Worker`] is generic over where samples and process snapshots come from, so its loop is
+//! tested with doubles.
 
 use std::{
-    collections::{BTreeMap, HashMap},
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -18,17 +19,20 @@ use std::{
 use tokio::sync::watch;
 
 use crate::{
-    bpf::{BpfError, KernelSampler, SamplerOptions, Scope},
+    bpf::{BpfError, SamplerOptions, Scope, open_sampler},
     capture::SymbolizeJob,
-    metrics::{AgentMetrics, Cumulative, ServiceLabel},
-    process::{ProcfsProcesses, early},
-    profile::{self, BuildOptions},
-    sampler::{RawSample, Recording, Sampler, Stack},
-    symbolize::{
-        CacheConfig, Demangle, NativeSymbolizer, Symbolizer as _, kallsyms::KernelSymbols,
+    frames::{Sources, sources},
+    interval::{
+        self,
+        latest::{LatestProfiles, ServiceProfile},
     },
-    targets::{Labels, Target, TargetSet},
-    write::ProfileSeries,
+    metrics::{AgentMetrics, Cumulative, ServiceLabel},
+    process::ProcessSource,
+    profile::{self, BuildOptions},
+    sampler::{Recording, Sampler, StackSource},
+    symbolize::{CacheConfig, Demangle, kallsyms::KernelSymbols},
+    targets::TargetSet,
+    write::{ProfileSeries, Submit},
 };
 
 /// Kernel maps are drained this often (or every interval, if shorter), so they stay small
@@ -48,11 +52,6 @@ pub struct PipelineSettings {
     pub build: BuildOptions,
 }
 
-/// Where built profiles go: the daemon's current writer.
-pub type Submit = Arc<dyn Fn(Vec<ProfileSeries>) + Send + Sync>;
-
-pub use super::latest::{LatestProfiles, ServiceProfile};
-
 /// Handle on the running pipeline thread. Its heartbeat (unix seconds of the last loop
 /// turn) is what /healthz reads.
 pub struct Pipeline {
@@ -60,23 +59,28 @@ pub struct Pipeline {
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
+/// Where the worker's results go, and what it reads besides samples.
+pub struct Outputs {
+    pub targets: watch::Receiver<Arc<TargetSet>>,
+    pub submit: Submit,
+    pub metrics: Arc<AgentMetrics>,
+    pub latest: LatestProfiles,
+    /// Finished captures to build with this thread's caches.
+    pub captures: mpsc::Receiver<SymbolizeJob>,
+}
+
 impl Pipeline {
     /// Loads and attaches the BPF program on a new thread and starts the loop. Returns once
     /// the program is attached, or with the reason it could not be.
     pub fn start(
         settings: PipelineSettings,
-        targets: watch::Receiver<Arc<TargetSet>>,
-        submit: Submit,
-        metrics: Arc<AgentMetrics>,
-        latest: LatestProfiles,
+        outputs: Outputs,
         heartbeat: Arc<AtomicU64>,
-        captures: mpsc::Receiver<SymbolizeJob>,
     ) -> Result<Self, BpfError> {
         let stop = Arc::new(AtomicBool::new(false));
         let (started_tx, started_rx) = mpsc::channel();
         let thread = {
             let stop = stop.clone();
-            let heartbeat = heartbeat.clone();
             std::thread::Builder::new()
                 .name("pipeline".into())
                 .spawn(move || {
@@ -88,35 +92,23 @@ impl Pipeline {
                         pids: None,
                         scope: Scope::EveryCpu,
                     };
+                    let metrics = outputs.metrics.clone();
                     metrics.profiling_sessions.inc();
-                    let sampler = KernelSampler::start(&options).and_then(|mut kernel| {
-                        metrics
-                            .kernel_map_memory
-                            .set(kernel.kernel_memory_bytes() as i64);
-                        let processes = ProcfsProcesses::with_container_id_cache(
-                            "/proc",
-                            settings.container_id_cache_size,
-                        );
-                        let early =
-                            early::for_kernel(&mut kernel, settings.container_id_cache_size);
-                        let mut sampler = Sampler::new(kernel, processes)?;
-                        let early = early.map(|(thread, snapshots)| {
-                            sampler.set_early_snapshots(snapshots);
-                            thread
-                        });
-                        Ok((sampler, early))
-                    });
-                    let (sampler, _early_snapshots) = match sampler {
-                        Ok(s) => {
-                            let _ = started_tx.send(Ok(()));
-                            s
-                        }
-                        Err(e) => {
-                            metrics.profiling_sessions_failing.inc();
-                            let _ = started_tx.send(Err(e));
-                            return;
-                        }
-                    };
+                    let opened =
+                        match open_sampler(&options, settings.container_id_cache_size, true) {
+                            Ok(opened) => {
+                                let _ = started_tx.send(Ok(()));
+                                opened
+                            }
+                            Err(e) => {
+                                metrics.profiling_sessions_failing.inc();
+                                let _ = started_tx.send(Err(e));
+                                return;
+                            }
+                        };
+                    metrics
+                        .kernel_map_memory
+                        .set(opened.kernel_memory_bytes as i64);
                     let kernel_symbols = if settings.collect_kernel {
                         KernelSymbols::load()
                             .inspect_err(
@@ -126,21 +118,11 @@ impl Pipeline {
                     } else {
                         None
                     };
-                    let worker = Worker {
-                        symbolizer: NativeSymbolizer::with_caches(
-                            settings.demangle,
-                            kernel_symbols,
-                            settings.caches,
-                        ),
-                        settings,
-                        targets,
-                        submit,
-                        metrics,
-                        latest,
-                        cumulative: Cumulative::default(),
-                        captures,
-                    };
-                    worker.run(sampler, &stop, &heartbeat);
+                    let sources =
+                        sources::native(settings.demangle, kernel_symbols, settings.caches);
+                    let worker = Worker::new(settings, sources, outputs);
+                    worker.run(opened.sampler, &stop, &heartbeat);
+                    drop(opened.early_snapshots);
                 })
                 .expect("spawning a thread")
         };
@@ -182,32 +164,40 @@ fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-struct Worker {
+/// The loop of the pipeline thread: drains, intervals, captures.
+pub struct Worker {
     settings: PipelineSettings,
-    symbolizer: NativeSymbolizer,
-    targets: watch::Receiver<Arc<TargetSet>>,
-    submit: Submit,
-    metrics: Arc<AgentMetrics>,
-    latest: LatestProfiles,
+    sources: Sources,
+    out: Outputs,
     cumulative: Cumulative,
-    /// Finished captures to symbolize with this thread's caches.
-    captures: mpsc::Receiver<SymbolizeJob>,
 }
 
 impl Worker {
-    fn run(
+    pub fn new(settings: PipelineSettings, sources: Sources, outputs: Outputs) -> Self {
+        Self {
+            settings,
+            sources,
+            out: outputs,
+            cumulative: Cumulative::default(),
+        }
+    }
+
+    /// Runs until `stop`, then builds and submits the partial interval.
+    pub fn run<S: StackSource, P: ProcessSource>(
         mut self,
-        mut sampler: Sampler<KernelSampler, ProcfsProcesses>,
+        mut sampler: Sampler<S, P>,
         stop: &AtomicBool,
         heartbeat: &AtomicU64,
-    ) {
+    ) where
+        S::Error: std::fmt::Display,
+    {
         let drain_every = self.settings.collect_interval.min(DRAIN_INTERVAL);
         let mut next_drain = Instant::now() + drain_every;
         let mut next_collect = Instant::now() + self.settings.collect_interval;
         while !stop.load(Ordering::SeqCst) {
             heartbeat.store(unix_now(), Ordering::Relaxed);
-            while let Ok(job) = self.captures.try_recv() {
-                self.symbolize_capture(job);
+            while let Ok(job) = self.out.captures.try_recv() {
+                self.build_capture(job);
             }
             let now = Instant::now();
             if now < next_drain {
@@ -234,14 +224,11 @@ impl Worker {
             }
         }
         // The partial interval: stopping first makes the counters match the samples.
-        let unreadable = sampler.processes().unreadable_processes;
-        let container_ids = sampler.processes().container_id_stats();
+        let processes = sampler.processes().stats();
         match sampler.finish() {
             Ok(recording) => {
                 self.collect_recording(recording);
-                self.cumulative
-                    .unreadable_processes(&self.metrics, unreadable);
-                self.cumulative.container_ids(&self.metrics, &container_ids);
+                self.process_metrics(&processes);
             }
             Err(e) => self.drain_failed(&e),
         }
@@ -249,134 +236,98 @@ impl Worker {
 
     /// A capture's profile, named with the continuous profile's caches; its files stay
     /// cached for the next interval as if this were part of it.
-    fn symbolize_capture(&mut self, job: SymbolizeJob) {
-        let built = profile::build(
-            &job.recording,
-            &mut self.symbolizer,
+    fn build_capture(&mut self, job: SymbolizeJob) {
+        let built = interval::build_one(
+            job.recording,
+            &mut self.sources,
             &BuildOptions::record(job.sample_rate),
         );
         // The requester may have gone (timeout, disconnect): nothing to do then.
         let _ = job.reply.send(built);
     }
 
-    fn drain_failed(&self, error: &BpfError) {
-        self.metrics.profiling_sessions_failing.inc();
+    fn drain_failed(&self, error: &dyn std::fmt::Display) {
+        self.out.metrics.profiling_sessions_failing.inc();
         tracing::warn!(%error, "draining the kernel maps failed");
     }
 
-    fn collect(&mut self, recording: Recording, processes: &ProcfsProcesses) {
+    fn collect(&mut self, recording: Recording, processes: &impl ProcessSource) {
         self.collect_recording(recording);
-        self.cumulative
-            .unreadable_processes(&self.metrics, processes.unreadable_processes);
-        self.cumulative
-            .container_ids(&self.metrics, &processes.container_id_stats());
+        self.process_metrics(&processes.stats());
     }
 
-    /// Hands the interval's flame graph stacks to the page; services pruned from it lose
-    /// their metric series too.
-    fn publish(&self, profiles: Vec<(String, ServiceProfile)>) {
-        publish(&self.latest, &self.metrics, profiles);
+    fn process_metrics(&mut self, stats: &crate::process::ProcessStats) {
+        let metrics = &self.out.metrics;
+        self.cumulative
+            .unreadable_processes(metrics, stats.unreadable_processes);
+        self.cumulative.container_ids(metrics, &stats.container_ids);
     }
 
     fn collect_recording(&mut self, recording: Recording) {
         let started = Instant::now();
-        self.cumulative.kernel(&self.metrics, &recording.counters);
-        let samples = merge(recording.samples);
-        let targets = self.targets.borrow().clone();
-        let mut groups: BTreeMap<&Labels, (&Arc<Target>, Vec<&RawSample>)> = BTreeMap::new();
-        let resolved: Vec<(Option<Arc<Target>>, &RawSample)> = samples
-            .iter()
-            .map(|s| {
-                let container = recording
-                    .processes
-                    .get(&s.pid)
-                    .and_then(|p| p.container_id.as_deref());
-                (targets.resolve(s.pid, container), s)
-            })
-            .collect();
-        let mut untargeted = 0;
-        for (target, sample) in &resolved {
-            match target {
-                Some(t) => groups
-                    .entry(&t.labels)
-                    .or_insert((t, Vec::new()))
-                    .1
-                    .push(sample),
-                None => untargeted += sample.count,
-            }
-        }
-        self.metrics.samples_untargeted.inc_by(untargeted);
-        if groups.is_empty() {
-            self.publish(Vec::new());
-            self.symbolizer.next_round();
-            return_free_memory();
-            return;
-        }
-        profile::prepare_kernel(&mut self.symbolizer, &samples);
-        let start = recording.start.unwrap_or_else(SystemTime::now);
-        let mut batch = Vec::with_capacity(groups.len());
-        let mut latest = Vec::with_capacity(groups.len());
-        for (labels, (target, group)) in groups {
-            let built = profile::build_samples(
-                &group,
-                &recording.processes,
-                Some(start),
-                recording.duration,
-                &mut self.symbolizer,
-                &self.settings.build,
-            );
+        let metrics = self.out.metrics.clone();
+        self.cumulative.kernel(&metrics, &recording.counters);
+        let targets = self.out.targets.borrow().clone();
+        let interval =
+            interval::build(recording, &targets, &mut self.sources, &self.settings.build);
+        metrics.samples_untargeted.inc_by(interval.untargeted);
+        let mut batch = Vec::with_capacity(interval.profiles.len());
+        let mut latest = Vec::with_capacity(interval.profiles.len());
+        for p in &interval.profiles {
             let service = ServiceLabel {
-                service_name: target.service_name().to_owned(),
+                service_name: p.target.service_name().to_owned(),
             };
-            let bytes = match built.encode_gzip() {
+            let bytes = match p.built.encode_gzip() {
                 Ok(b) => b,
                 Err(error) => {
-                    self.metrics.pprofs_dropped.inc();
+                    metrics.pprofs_dropped.inc();
                     tracing::warn!(%error, service = %service.service_name, "encoding failed");
                     continue;
                 }
             };
-            self.metrics.pprofs.get_or_create(&service).inc();
-            self.metrics
+            metrics.pprofs.get_or_create(&service).inc();
+            metrics
                 .pprof_bytes
                 .get_or_create(&service)
                 .inc_by(bytes.len() as u64);
-            self.metrics
+            metrics
                 .pprof_samples
                 .get_or_create(&service)
-                .inc_by(built.total_samples);
+                .inc_by(p.built.total_samples);
             latest.push((
                 service.service_name,
                 ServiceProfile::new(
                     unix_now(),
-                    profile::folded(&built.profile),
-                    built.total_samples,
+                    profile::folded(&p.built.profile),
+                    p.built.total_samples,
                 ),
             ));
             batch.push(ProfileSeries {
-                labels: labels.clone(),
+                labels: p.target.labels.clone(),
                 pprof_gzip: bytes.into(),
-                start,
-                end: start + recording.duration,
+                start: interval.start,
+                end: interval.start + interval.duration,
                 sample_rate: self.settings.sample_rate as u32,
-                samples: built.total_samples,
+                samples: p.built.total_samples,
             });
         }
-        self.symbolizer.next_round();
-        self.cumulative
-            .symbolize(&self.metrics, &self.symbolizer.stats());
-        self.publish(latest);
-        self.metrics
-            .interval_build_seconds
-            .observe(started.elapsed().as_secs_f64());
-        tracing::debug!(profiles = batch.len(), "interval built");
-        (self.submit)(batch);
+        self.sources.next_round();
+        self.cumulative.symbolize(&metrics, &self.sources.stats());
+        publish(&self.out.latest, &metrics, latest);
+        if !batch.is_empty() {
+            metrics
+                .interval_build_seconds
+                .observe(started.elapsed().as_secs_f64());
+            tracing::debug!(profiles = batch.len(), "interval built");
+            (self.out.submit)(batch);
+        }
         return_free_memory();
     }
 }
 
 /// Publishes one interval's flame graph stacks; the services pruned from the page (no
-/// samples for [`super::latest::STALE_INTERVALS`] intervals) lose their metric series too.
+/// samples for [`crate::interval::latest::STALE_INTERVALS`] intervals) lose their metric
+/// series too.
 fn publish(
     latest: &LatestProfiles,
     metrics: &AgentMetrics,
@@ -402,28 +353,16 @@ fn return_free_memory() {
     }
 }
 
-/// One sample per (pid, comm, stacks) over the interval's drains.
-fn merge(samples: Vec<RawSample>) -> Vec<RawSample> {
-    let mut counts: HashMap<(u32, String, Stack, Stack), u64> = HashMap::new();
-    for s in samples {
-        *counts.entry((s.pid, s.comm, s.user, s.kernel)).or_default() += s.count;
-    }
-    counts
-        .into_iter()
-        .map(|((pid, comm, user, kernel), count)| RawSample {
-            pid,
-            comm,
-            user,
-            kernel,
-            count,
-        })
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::daemon::latest::STALE_INTERVALS;
+    use crate::{
+        frames::{Found, FrameKind, FrameSource, MappingClass, Site},
+        interval::latest::STALE_INTERVALS,
+        process::{Mapping, MappingKind, ProcessInfo},
+        sampler::{CounterSnapshot, RawSample, Stack},
+        targets::{CONTAINER_ID, PROCESS_PID, SERVICE_NAME, TargetOptions},
+    };
 
     #[test]
     fn ever_new_services_leave_metrics_and_page_bounded() {
@@ -473,27 +412,199 @@ mod tests {
         assert_eq!((latest.len(), series(&registry)), (0, 0));
     }
 
-    #[test]
-    fn merge_sums_equal_stacks_across_drains() {
-        let sample = |pid, frames: Vec<u64>, count| RawSample {
+    /// Hands out one prepared drain per call, then nothing; counts what it handed out.
+    struct ScriptedSource {
+        drains: Vec<Vec<RawSample>>,
+        recorded: u64,
+        stopped: bool,
+    }
+
+    impl StackSource for ScriptedSource {
+        type Error = std::io::Error;
+        fn drain(&mut self) -> Result<Vec<RawSample>, Self::Error> {
+            let next = if self.drains.is_empty() {
+                Vec::new()
+            } else {
+                self.drains.remove(0)
+            };
+            self.recorded += next.iter().map(|s| s.count).sum::<u64>();
+            Ok(next)
+        }
+        fn counters(&self) -> Result<CounterSnapshot, Self::Error> {
+            let mut c = CounterSnapshot::default();
+            c.values[profiler_common::Counter::Recorded as usize] = self.recorded;
+            Ok(c)
+        }
+        fn stop(&mut self) -> Result<(), Self::Error> {
+            self.stopped = true;
+            Ok(())
+        }
+    }
+
+    /// Every process has one anonymous mapping; pid 3 is in container `c0ffee`.
+    struct Processes;
+
+    impl ProcessSource for Processes {
+        fn snapshot(&mut self, pid: u32, comm: &str) -> ProcessInfo {
+            ProcessInfo {
+                container_id: (pid == 3).then(|| "c0ffee".to_owned()),
+                mappings: vec![Mapping {
+                    start: 0x1000,
+                    end: 0x9000,
+                    offset: 0,
+                    path: "[anon]".into(),
+                    kind: MappingKind::Anonymous,
+                }],
+                ..ProcessInfo::unknown(pid, comm)
+            }
+        }
+    }
+
+    /// Names anonymous code `fn_<address hex>`.
+    struct Names;
+
+    impl FrameSource for Names {
+        fn name(&self) -> &'static str {
+            "names"
+        }
+        fn serves(&self, class: MappingClass) -> bool {
+            class == MappingClass::Anonymous
+        }
+        fn kind(&self) -> FrameKind {
+            FrameKind::Jit
+        }
+        fn frames(&mut self, site: &Site<'_>) -> Option<Found> {
+            Some(Found::Frames(Arc::new([crate::symbolize::Frame::named(
+                format!("fn_{:x}", site.address),
+            )])))
+        }
+    }
+
+    fn sample(pid: u32, leaf: u64, count: u64) -> RawSample {
+        RawSample {
             pid,
-            comm: "c".into(),
-            user: Stack::Frames(frames),
+            comm: format!("p{pid}"),
+            user: Stack::Frames(vec![leaf]),
             kernel: Stack::NotCollected,
             count,
-        };
-        let merged = merge(vec![
-            sample(1, vec![1, 2], 3),
-            sample(2, vec![1, 2], 1),
-            sample(1, vec![1, 2], 4),
-            sample(1, vec![9], 1),
-        ]);
-        assert_eq!(merged.len(), 3);
-        let pid1_stack12 = merged
+        }
+    }
+
+    fn labels(pairs: &[(&str, &str)]) -> crate::targets::Labels {
+        pairs
             .iter()
-            .find(|s| s.pid == 1 && s.user.frames() == [1, 2])
-            .expect("merged sample");
-        assert_eq!(pid1_stack12.count, 7);
-        assert_eq!(merged.iter().map(|s| s.count).sum::<u64>(), 9);
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    /// Runs a worker over scripted drains until `stop_after`, returning what it submitted
+    /// and its metrics' text.
+    fn run_worker(
+        drains: Vec<Vec<RawSample>>,
+        collect_interval: Duration,
+        stop_after: Duration,
+    ) -> (Vec<ProfileSeries>, String) {
+        let mut registry = prometheus_client::registry::Registry::default();
+        let metrics = Arc::new(AgentMetrics::register(&mut registry));
+        let (targets, _) = TargetSet::new(
+            &[
+                labels(&[(PROCESS_PID, "1"), (SERVICE_NAME, "one")]),
+                labels(&[(CONTAINER_ID, "c0ffee"), (SERVICE_NAME, "three")]),
+            ],
+            &TargetOptions::default(),
+        );
+        let (_targets_tx, targets_rx) = watch::channel(Arc::new(targets));
+        let submitted = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let submit: Submit = {
+            let submitted = submitted.clone();
+            Arc::new(move |batch| submitted.lock().unwrap().extend(batch))
+        };
+        let (_captures_tx, captures) = mpsc::channel();
+        let settings = PipelineSettings {
+            collect_interval,
+            sample_rate: 97,
+            collect_user: true,
+            collect_kernel: false,
+            demangle: Demangle::None,
+            caches: CacheConfig::default(),
+            container_id_cache_size: 16,
+            build: BuildOptions::record(97),
+        };
+        let outputs = Outputs {
+            targets: targets_rx,
+            submit,
+            metrics,
+            latest: LatestProfiles::default(),
+            captures,
+        };
+        let source = ScriptedSource {
+            drains,
+            recorded: 0,
+            stopped: false,
+        };
+        let stop = AtomicBool::new(false);
+        std::thread::scope(|scope| {
+            scope.spawn(|| {
+                // Built on its thread: the frame sources are not Send.
+                let worker = Worker::new(settings, Sources::new(vec![Box::new(Names)]), outputs);
+                let sampler = Sampler::new(source, Processes).unwrap();
+                worker.run(sampler, &stop, &AtomicU64::new(0))
+            });
+            std::thread::sleep(stop_after);
+            stop.store(true, Ordering::SeqCst);
+        });
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        let batches = std::mem::take(&mut *submitted.lock().unwrap());
+        (batches, text)
+    }
+
+    fn samples_of(series: &[ProfileSeries], service: &str) -> u64 {
+        series
+            .iter()
+            .filter(|s| s.labels.get(SERVICE_NAME).map(String::as_str) == Some(service))
+            .map(|s| s.samples)
+            .sum()
+    }
+
+    #[test]
+    fn intervals_go_to_targets_and_count_the_untargeted() {
+        let drains = vec![
+            vec![sample(1, 0x1100, 2), sample(2, 0x1200, 5)],
+            vec![sample(3, 0x1300, 4), sample(1, 0x1100, 1)],
+        ];
+        // Intervals of 50 ms (drains as often): both drains land in the first intervals.
+        let (series, metrics) = run_worker(
+            drains,
+            Duration::from_millis(50),
+            Duration::from_millis(600),
+        );
+        assert_eq!(samples_of(&series, "one"), 3);
+        assert_eq!(samples_of(&series, "three"), 4);
+        assert_eq!(series.iter().map(|s| s.samples).sum::<u64>(), 7);
+        assert!(
+            series
+                .iter()
+                .all(|s| s.end >= s.start && !s.pprof_gzip.is_empty()),
+            "every series has its window and a body"
+        );
+        assert!(
+            metrics.contains("profiler_samples_untargeted_total 5"),
+            "{metrics}"
+        );
+    }
+
+    #[test]
+    fn stopping_submits_the_partial_interval() {
+        // An interval far longer than the run: only the stop can submit anything.
+        // Nothing is drained before the stop: the final drain takes everything.
+        let drains = vec![vec![sample(1, 0x1100, 6), sample(3, 0x1300, 1)]];
+        let (series, _) = run_worker(
+            drains,
+            Duration::from_secs(3600),
+            Duration::from_millis(100),
+        );
+        assert_eq!(samples_of(&series, "one"), 6);
+        assert_eq!(samples_of(&series, "three"), 1);
     }
 }

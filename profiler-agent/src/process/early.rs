@@ -2,6 +2,8 @@
 //! sample, within milliseconds, so that a process living a few milliseconds (a shell
 //! script's commands, a cron job) still has its mappings when the drain, up to a second
 //! later, finds it gone. The drain prefers its own fresh snapshot and falls back to these.
+//! The announcements come through [`Announcements`] (the kernel's ring buffer implements it
+//! in [`crate::bpf`]).
 
 use std::{
     path::PathBuf,
@@ -22,12 +24,6 @@ const POLL: Duration = Duration::from_millis(200);
 /// Where announced pids come from: the kernel's ring buffer, or a test double.
 pub trait Announcements: Send + 'static {
     fn wait(&mut self, timeout: Duration) -> Vec<u32>;
-}
-
-impl Announcements for crate::bpf::NewProcesses {
-    fn wait(&mut self, timeout: Duration) -> Vec<u32> {
-        crate::bpf::NewProcesses::wait(self, timeout)
-    }
 }
 
 /// The snapshotting thread; stops when dropped.
@@ -70,23 +66,6 @@ impl EarlySnapshots {
             rx,
         ))
     }
-}
-
-/// Early snapshots of the processes `kernel` announces, for [`crate::sampler::Sampler`];
-/// None (with a warning) when the thread cannot start or the announcements were taken.
-pub fn for_kernel(
-    kernel: &mut crate::bpf::KernelSampler,
-    container_id_cache_size: usize,
-) -> Option<(EarlySnapshots, mpsc::Receiver<ProcessInfo>)> {
-    let announcements = kernel.take_new_processes()?;
-    EarlySnapshots::start(announcements, "/proc", container_id_cache_size)
-        .inspect_err(|e| {
-            tracing::warn!(
-                error = %e,
-                "no early snapshots: short-lived processes may go unnamed"
-            )
-        })
-        .ok()
 }
 
 impl Drop for EarlySnapshots {

@@ -105,6 +105,18 @@ impl ProcessInfo {
 /// Produces process snapshots: /proc in production, a double in tests.
 pub trait ProcessSource {
     fn snapshot(&mut self, pid: u32, comm: &str) -> ProcessInfo;
+    /// Cumulative counts of what could not be read, for metrics.
+    fn stats(&self) -> ProcessStats {
+        ProcessStats::default()
+    }
+}
+
+/// What a [`ProcessSource`] could not read, cumulative.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProcessStats {
+    /// Processes whose maps could not be read.
+    pub unreadable_processes: u64,
+    pub container_ids: crate::cache::CacheStats,
 }
 
 /// Reads processes from a procfs mount and opens each mapped file once while snapshots use
@@ -197,6 +209,13 @@ fn same_inode(file: &File, id: FileId) -> bool {
 }
 
 impl ProcessSource for ProcfsProcesses {
+    fn stats(&self) -> ProcessStats {
+        ProcessStats {
+            unreadable_processes: self.unreadable_processes,
+            container_ids: self.container_ids.stats(),
+        }
+    }
+
     fn snapshot(&mut self, pid: u32, comm: &str) -> ProcessInfo {
         let dir = self.root.join(pid.to_string());
         let Ok(maps) = std::fs::read(dir.join("maps")) else {

@@ -1,10 +1,9 @@
-//! Aggregation into pprof: one location per (mapping, address), one function per distinct
-//! frame, mappings from the process snapshots, `samples/count` and `cpu/nanoseconds` values,
-//! `pid` and `comm` labels. Stacks are leaf first: kernel frames, then user frames.
-//!
-//! A location's address is the instruction it names: for a caller that is the byte before
-//! the return address (inside the call), so the address, its line and its function always
-//! agree, and a return address and a sampled pc at the same byte cannot share a location.
+//! Aggregation and encoding: resolved stacks (from the frames stage) into one pprof
+//! profile, with one location per resolved location, one function per distinct frame,
+//! mappings as the frames stage found them, `samples/count` and `cpu/nanoseconds` values and
+//! `pid`, `comm` and `container_id` labels; then gzip ([`BuiltProfile::encode_gzip`]) and
+//! folded stacks for flame graphs ([`folded()`]). Stacks are leaf first: kernel frames, then
+//! user frames. Nothing here names a frame.
 
 mod folded;
 pub mod pprof;
@@ -12,32 +11,21 @@ pub mod pprof;
 pub use folded::{folded, folded_frame};
 
 use std::{
-    collections::HashMap,
     io::Write as _,
     sync::Arc,
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use flate2::{Compression, write::GzEncoder};
-// foldhash: the builder does about ten hash lookups per frame, and SipHash was a third of
-// the build time; foldhash is seeded per map, so crafted addresses still cannot collide.
+// foldhash: the builder does a few hash lookups per function and label; seeded per map.
 use foldhash::HashMap as FastMap;
 use prost::Message as _;
 
-use crate::{
-    process::{Mapping, ProcessInfo},
-    sampler::{RawSample, Recording, Stack},
-    symbolize::{Frame, Frames, Symbolizer, UNKNOWN},
-};
+use crate::frames::{Frame, Frames, MappingInfo, Stacks, UNKNOWN};
+pub use crate::frames::{KERNEL_MAPPING, LOST_KERNEL_STACK, LOST_USER_STACK};
 
-/// Name of the mapping kernel frames belong to, as perf names it.
-pub const KERNEL_MAPPING: &str = "[kernel.kallsyms]";
 /// Name of the mapping of unmapped addresses and synthetic frames.
 pub const UNKNOWN_MAPPING: &str = "[unknown]";
-/// Frame standing in for a user stack the kernel could not record.
-pub const LOST_USER_STACK: &str = "[lost user stack]";
-/// Frame standing in for a kernel stack the kernel could not record.
-pub const LOST_KERNEL_STACK: &str = "[lost kernel stack]";
 
 /// A built profile and its heaviest functions.
 pub struct BuiltProfile {
@@ -97,41 +85,19 @@ impl BuildOptions {
     }
 }
 
-/// One profile of a whole recording (`record`).
+/// One profile of some resolved stacks, sampled from `start` for `duration`.
 pub fn build(
-    recording: &Recording,
-    symbolizer: &mut dyn Symbolizer,
-    options: &BuildOptions,
-) -> BuiltProfile {
-    prepare_kernel(symbolizer, &recording.samples);
-    build_samples(
-        &recording.samples.iter().collect::<Vec<_>>(),
-        &recording.processes,
-        recording.start,
-        recording.duration,
-        symbolizer,
-        options,
-    )
-}
-
-/// Streams the kernel symbols these samples need into the symbolizer: call once before
-/// building any number of profiles of them.
-pub fn prepare_kernel(symbolizer: &mut dyn Symbolizer, samples: &[RawSample]) {
-    symbolizer.prepare_kernel(&kernel_lookup_addresses(samples));
-}
-
-/// One profile of some samples (one target's, in the daemon). Kernel frames are named from
-/// what [`prepare_kernel`] loaded.
-pub fn build_samples(
-    samples: &[&RawSample],
-    processes: &HashMap<u32, ProcessInfo>,
+    stacks: &Stacks<'_>,
     start: Option<SystemTime>,
     duration: Duration,
-    symbolizer: &mut dyn Symbolizer,
     options: &BuildOptions,
 ) -> BuiltProfile {
-    let mut b = Builder::default();
-    b.profile.sample.reserve_exact(samples.len());
+    let mut b = Builder {
+        location_ids: vec![0; stacks.locations.len()],
+        mapping_ids: vec![0; stacks.mappings.len()],
+        ..Builder::default()
+    };
+    b.profile.sample.reserve_exact(stacks.samples.len());
     let period = 1_000_000_000 / options.sample_rate.max(1) as i64;
     let samples_type = b.value_type("samples", "count");
     let cpu_type = b.value_type("cpu", "nanoseconds");
@@ -149,38 +115,14 @@ pub fn build_samples(
     let comm_label = matches!(options.comm, CommMode::Label | CommMode::Both);
     let comm_frame = matches!(options.comm, CommMode::Stackframe | CommMode::Both);
 
-    let unknown_process = ProcessInfo::default();
     // Self counts by leaf location; named once at the end, not once per sample.
     let mut top: FastMap<u64, u64> = FastMap::default();
     let mut total = 0;
-    for sample in samples {
-        let process = processes.get(&sample.pid).unwrap_or(&unknown_process);
-        let mut location_id = Vec::with_capacity(
-            sample.kernel.frames().len().max(1) + sample.user.frames().len().max(1) + 1,
-        );
-        match &sample.kernel {
-            Stack::Frames(frames) => {
-                for (depth, &address) in frames.iter().enumerate() {
-                    location_id.push(b.kernel_location(symbolizer, address, depth == 0));
-                }
-            }
-            Stack::Lost => location_id.push(b.synthetic_location(LOST_KERNEL_STACK)),
-            Stack::NotCollected => {}
-        }
-        let first_user = if location_id.is_empty() {
-            Role::Leaf
-        } else {
-            Role::KernelEntry
-        };
-        match &sample.user {
-            Stack::Frames(frames) => {
-                for (depth, &address) in frames.iter().enumerate() {
-                    let role = if depth == 0 { first_user } else { Role::Caller };
-                    location_id.push(b.user_location(symbolizer, process, address, role));
-                }
-            }
-            Stack::Lost => location_id.push(b.synthetic_location(LOST_USER_STACK)),
-            Stack::NotCollected => {}
+    for resolved in &stacks.samples {
+        let sample = resolved.sample;
+        let mut location_id = Vec::with_capacity(resolved.stack.len() + 1);
+        for &index in &resolved.stack {
+            location_id.push(b.location(stacks, index));
         }
         if let Some(&leaf) = location_id.first() {
             *top.entry(leaf).or_default() += sample.count;
@@ -205,7 +147,7 @@ pub fn build_samples(
             });
         }
         if options.container_label
-            && let Some(id) = &process.container_id
+            && let Some(id) = resolved.container_id
         {
             label.push(pprof::Label {
                 key: container_key,
@@ -235,65 +177,23 @@ pub fn build_samples(
     }
 }
 
-/// What a stack address is, which decides the instruction it names.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Role {
-    /// The sampled pc: the instruction itself.
-    Leaf,
-    /// A return address: the call is the instruction before it.
-    Caller,
-    /// The user pc saved on entry to the kernel: after a `syscall` instruction it is a return
-    /// address; after an interrupt or fault it is the interrupted instruction itself.
-    KernelEntry,
-}
-
-/// The address to look up for a frame: a caller's address is a return address, and the call
-/// is the instruction before it.
-fn lookup_address(address: u64, leaf: bool) -> u64 {
-    if leaf {
-        address
-    } else {
-        address.saturating_sub(1)
-    }
-}
-
-fn kernel_lookup_addresses(samples: &[RawSample]) -> Vec<u64> {
-    let mut out: Vec<u64> = samples
-        .iter()
-        .flat_map(|s| {
-            s.kernel
-                .frames()
-                .iter()
-                .enumerate()
-                .map(|(depth, &a)| lookup_address(a, depth == 0))
-        })
-        .collect();
-    out.sort_unstable();
-    out.dedup();
-    out
-}
-
 #[derive(Default)]
 struct Builder {
     profile: pprof::Profile,
     strings: FastMap<String, i64>,
     /// By (name, system name, file) string indices: distinct strings, distinct functions.
     functions: FastMap<(i64, i64, Option<i64>), u64>,
-    /// By the addresses of a frame's shared strings: a symbolizer hands out the same strings
-    /// for every address of a function, so most frames are found here without hashing or
-    /// comparing text. Sound because `held` keeps every frame looked up alive, so no address
-    /// is reused for other text while the builder exists.
+    /// By the addresses of a frame's shared strings: a frame source hands out the same
+    /// strings for every address of a function, so most frames are found here without
+    /// hashing or comparing text. Sound because the stacks being built from (or `held`) keep
+    /// every frame looked up alive, so no address is reused for other text meanwhile.
     functions_by_pointer: FastMap<(usize, usize, usize), u64>,
     held: Vec<Frames>,
-    /// By (start, end, offset), then path: looked up per frame without copying the path.
-    mappings: FastMap<(u64, u64, u64), Vec<(String, u64)>>,
-    locations: FastMap<(u64, u64), u64>,
-    /// By (pid, lookup address): a frame seen before in the same process skips the mapping
-    /// search and the path comparison. Processes sharing a mapping still share locations,
-    /// since a miss here falls through to `locations`.
-    process_locations: FastMap<(u32, u64), u64>,
+    /// pprof ids by index of the stacks' locations and mappings; 0 until added.
+    location_ids: Vec<u64>,
+    mapping_ids: Vec<u64>,
+    /// Thread-name frames, by name.
     synthetic: FastMap<String, u64>,
-    kernel_mapping: Option<u64>,
     unknown_mapping: Option<u64>,
 }
 
@@ -319,7 +219,7 @@ impl Builder {
         }
     }
 
-    /// The function of a frame of `held`.
+    /// The function of a frame kept alive by the stacks or `held`.
     fn function(&mut self, frame: &Frame) -> u64 {
         let pointers = (
             Arc::as_ptr(&frame.name) as *const u8 as usize,
@@ -360,24 +260,14 @@ impl Builder {
         id
     }
 
-    fn mapping(
-        &mut self,
-        symbolizer: &mut dyn Symbolizer,
-        process: &ProcessInfo,
-        m: &Mapping,
-    ) -> u64 {
-        let key = (m.start, m.end, m.offset);
-        if let Some(&(_, id)) = self
-            .mappings
-            .get(&key)
-            .and_then(|same| same.iter().find(|(path, _)| *path == m.path))
-        {
-            return id;
+    fn mapping(&mut self, stacks: &Stacks<'_>, index: u32) -> u64 {
+        let known = self.mapping_ids[index as usize];
+        if known != 0 {
+            return known;
         }
+        let m: &MappingInfo = &stacks.mappings[index as usize];
         let id = self.profile.mapping.len() as u64 + 1;
-        let build_id = symbolizer
-            .build_id(process, m)
-            .map_or(0, |b| self.string(&b));
+        let build_id = m.build_id.as_deref().map_or(0, |b| self.string(b));
         let mapping = pprof::Mapping {
             id,
             memory_start: m.start,
@@ -389,10 +279,7 @@ impl Builder {
             ..Default::default()
         };
         self.profile.mapping.push(mapping);
-        self.mappings
-            .entry(key)
-            .or_default()
-            .push((m.path.clone(), id));
+        self.mapping_ids[index as usize] = id;
         id
     }
 
@@ -413,26 +300,19 @@ impl Builder {
         id
     }
 
-    fn kernel_mapping(&mut self) -> u64 {
-        if let Some(id) = self.kernel_mapping {
-            return id;
+    /// The pprof location of the stacks' location `index`, added on first use.
+    fn location(&mut self, stacks: &Stacks<'_>, index: u32) -> u64 {
+        let known = self.location_ids[index as usize];
+        if known != 0 {
+            return known;
         }
-        let id = self.profile.mapping.len() as u64 + 1;
-        let mapping = pprof::Mapping {
-            id,
-            memory_start: 0xffff_8000_0000_0000,
-            memory_limit: u64::MAX,
-            filename: self.string(KERNEL_MAPPING),
-            has_functions: true,
-            ..Default::default()
+        let location = stacks.location(index);
+        let mapping_id = match location.mapping {
+            Some(m) => self.mapping(stacks, m),
+            None => self.unknown_mapping(),
         };
-        self.profile.mapping.push(mapping);
-        self.kernel_mapping = Some(id);
-        id
-    }
-
-    /// `frames` innermost first: pprof wants the inlined callee first and its caller last.
-    fn push_location(&mut self, mapping_id: u64, address: u64, frames: Frames) -> u64 {
+        let frames = &location.frames;
+        // pprof wants the inlined callee first and its caller last, as the frames are.
         let line = frames
             .iter()
             .map(|f| pprof::Line {
@@ -444,7 +324,7 @@ impl Builder {
         self.profile.location.push(pprof::Location {
             id,
             mapping_id,
-            address,
+            address: location.address,
             line,
             is_folded: false,
         });
@@ -457,57 +337,11 @@ impl Builder {
             m.has_line_numbers |= frames.iter().any(|f| f.line > 0);
             m.has_inline_frames |= frames.len() > 1;
         }
-        self.locations.insert((mapping_id, address), id);
-        self.held.push(frames);
+        self.location_ids[index as usize] = id;
         id
     }
 
-    fn user_location(
-        &mut self,
-        symbolizer: &mut dyn Symbolizer,
-        process: &ProcessInfo,
-        address: u64,
-        role: Role,
-    ) -> u64 {
-        let after_call = match role {
-            Role::Leaf => false,
-            Role::Caller => true,
-            Role::KernelEntry => symbolizer.follows_syscall(process, address),
-        };
-        let lookup = lookup_address(address, !after_call);
-        if let Some(&id) = self.process_locations.get(&(process.pid, lookup)) {
-            return id;
-        }
-        let mapping_id = match process.mapping_for(address) {
-            Some(m) => self.mapping(symbolizer, process, m),
-            None => self.unknown_mapping(),
-        };
-        let id = match self.locations.get(&(mapping_id, lookup)) {
-            Some(&id) => id,
-            None => {
-                let frames = symbolizer.user_frames(process, lookup);
-                self.push_location(mapping_id, lookup, frames)
-            }
-        };
-        self.process_locations.insert((process.pid, lookup), id);
-        id
-    }
-
-    fn kernel_location(
-        &mut self,
-        symbolizer: &mut dyn Symbolizer,
-        address: u64,
-        leaf: bool,
-    ) -> u64 {
-        let mapping_id = self.kernel_mapping();
-        let lookup = lookup_address(address, leaf);
-        if let Some(&id) = self.locations.get(&(mapping_id, lookup)) {
-            return id;
-        }
-        let frame = symbolizer.kernel_frame(lookup);
-        self.push_location(mapping_id, lookup, Arc::new([frame]))
-    }
-
+    /// A frame standing for no instruction (the thread name), on the unknown mapping.
     fn synthetic_location(&mut self, name: &str) -> u64 {
         if let Some(&id) = self.synthetic.get(name) {
             return id;

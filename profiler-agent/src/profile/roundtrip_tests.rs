@@ -15,8 +15,10 @@ use super::{
     *,
 };
 use crate::{
-    process::{Mapping as ProcessMapping, MappingKind},
-    symbolize::SymbolizeStats,
+    frames::{Found, FrameKind, FrameSource, MappingClass, Site},
+    process::{Mapping as ProcessMapping, MappingKind, ProcessInfo},
+    sampler::{RawSample, Stack},
+    symbolize::Frame,
 };
 
 fn config() -> ProptestConfig {
@@ -222,23 +224,38 @@ impl ArithmeticSymbolizer {
     }
 }
 
-impl Symbolizer for ArithmeticSymbolizer {
-    fn user_frames(&mut self, _: &ProcessInfo, address: u64) -> Frames {
-        (0..address % 3 + 1)
-            .map(|level| Self::frame("fn", address, level))
-            .collect()
+impl FrameSource for ArithmeticSymbolizer {
+    fn name(&self) -> &'static str {
+        "arithmetic"
     }
-    fn follows_syscall(&mut self, _: &ProcessInfo, address: u64) -> bool {
-        address.is_multiple_of(2)
+    fn serves(&self, _: MappingClass) -> bool {
+        true
     }
-    fn kernel_frame(&mut self, address: u64) -> Frame {
-        Self::frame("k", address, 0)
+    fn kind(&self) -> FrameKind {
+        FrameKind::Native
+    }
+    fn frames(&mut self, site: &Site<'_>) -> Option<Found> {
+        let address = site.address;
+        if site.process.is_none() {
+            return Some(Found::Frames(Arc::new([Self::frame("k", address, 0)])));
+        }
+        Some(Found::Frames(
+            (0..address % 3 + 1)
+                .map(|level| Self::frame("fn", address, level))
+                .collect(),
+        ))
+    }
+    fn read_file(
+        &mut self,
+        _: &ProcessInfo,
+        m: &ProcessMapping,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> bool {
+        super::tests::syscall_at(m, offset, buf).is_multiple_of(2)
     }
     fn build_id(&mut self, _: &ProcessInfo, mapping: &ProcessMapping) -> Option<String> {
         (!mapping.path.ends_with("nobuildid")).then(|| format!("{:x}", mapping.start))
-    }
-    fn stats(&self) -> SymbolizeStats {
-        SymbolizeStats::default()
     }
 }
 
@@ -343,14 +360,13 @@ proptest! {
         options in options(),
     ) {
         let processes = processes();
-        let refs: Vec<&RawSample> = samples.iter().collect();
         let start = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
-        let built = build_samples(
-            &refs,
+        let built = super::tests::build_with(
+            Box::new(ArithmeticSymbolizer),
+            &samples,
             &processes,
             Some(start),
             Duration::from_secs(15),
-            &mut ArithmeticSymbolizer,
             &options,
         );
         let p = &built.profile;

@@ -1,18 +1,73 @@
 use std::time::{Duration, SystemTime};
 
+use std::collections::HashMap;
+
 use super::*;
 use crate::{
-    process::MappingKind,
-    sampler::RawSample,
-    symbolize::{SymbolizeStats, UNKNOWN},
+    frames::{Found, FrameKind, FrameSource, MappingClass, SYSCALL_INSTRUCTION, Site, Sources},
+    process::{Mapping, MappingKind, ProcessInfo},
+    sampler::{RawSample, Recording, Stack},
 };
 
-/// Names addresses by a fixed table: the symbolizer double. The second field lists user
+/// The frames stage and the builder over `samples`, with one frame source double.
+pub(super) fn build_with(
+    source: Box<dyn FrameSource>,
+    samples: &[RawSample],
+    processes: &HashMap<u32, ProcessInfo>,
+    start: Option<SystemTime>,
+    duration: Duration,
+    options: &BuildOptions,
+) -> BuiltProfile {
+    let mut sources = Sources::new(vec![source]);
+    let refs: Vec<&RawSample> = samples.iter().collect();
+    crate::frames::prepare(&mut sources, refs.iter().copied());
+    let stacks = crate::frames::resolve(&mut sources, &refs, processes);
+    super::build(&stacks, start, duration, options)
+}
+
+/// A whole recording through [`build_with`].
+fn build<S: FrameSource + Clone + 'static>(
+    rec: &Recording,
+    source: &mut S,
+    options: &BuildOptions,
+) -> BuiltProfile {
+    build_with(
+        Box::new(source.clone()),
+        &rec.samples,
+        &rec.processes,
+        rec.start,
+        rec.duration,
+        options,
+    )
+}
+
+/// Whether the file offset before a syscall instruction ending at `address` is read.
+pub(super) fn syscall_at(mapping: &Mapping, file_offset: u64, buf: &mut [u8]) -> u64 {
+    buf.copy_from_slice(&SYSCALL_INSTRUCTION[..buf.len().min(SYSCALL_INSTRUCTION.len())]);
+    file_offset + buf.len() as u64 - mapping.offset + mapping.start
+}
+
+/// Names addresses by a fixed table: the frame source double. The second field lists user
 /// addresses that follow a syscall instruction.
+#[derive(Clone)]
 struct TableSymbolizer(HashMap<u64, &'static str>, Vec<u64>);
 
-impl Symbolizer for TableSymbolizer {
-    fn user_frames(&mut self, _: &ProcessInfo, address: u64) -> Frames {
+impl FrameSource for TableSymbolizer {
+    fn name(&self) -> &'static str {
+        "table"
+    }
+    fn serves(&self, _: MappingClass) -> bool {
+        true
+    }
+    fn kind(&self) -> FrameKind {
+        FrameKind::Native
+    }
+    fn frames(&mut self, site: &Site<'_>) -> Option<Found> {
+        let address = site.address;
+        if site.process.is_none() {
+            let name = self.0.get(&address).copied().unwrap_or(UNKNOWN);
+            return Some(Found::Frames(Arc::new([Frame::named(name)])));
+        }
         let name = self.0.get(&address).copied().unwrap_or(UNKNOWN);
         let mut frame = Frame::named(name);
         frame.file = Some("app.c".into());
@@ -21,21 +76,16 @@ impl Symbolizer for TableSymbolizer {
             // leaf is inlined into `inlined_into` at the same address.
             let mut outer = Frame::named("inlined_into");
             outer.line = 7;
-            return Arc::new([frame, outer]);
+            return Some(Found::Frames(Arc::new([frame, outer])));
         }
-        Arc::new([frame])
+        Some(Found::Frames(Arc::new([frame])))
     }
-    fn kernel_frame(&mut self, address: u64) -> Frame {
-        Frame::named(self.0.get(&address).copied().unwrap_or(UNKNOWN))
-    }
-    fn follows_syscall(&mut self, _: &ProcessInfo, address: u64) -> bool {
+    fn read_file(&mut self, _: &ProcessInfo, m: &Mapping, offset: u64, buf: &mut [u8]) -> bool {
+        let address = syscall_at(m, offset, buf);
         self.1.contains(&address)
     }
     fn build_id(&mut self, _: &ProcessInfo, _: &Mapping) -> Option<String> {
         Some("abcd".into())
-    }
-    fn stats(&self) -> SymbolizeStats {
-        SymbolizeStats::default()
     }
 }
 
@@ -285,12 +335,23 @@ fn every_location_has_a_mapping_and_comm_can_be_the_root_frame() {
 
 /// Answers `shared` for every address below 0x3000 (one function's strings, as the real
 /// symbolizer hands them out) and a fresh copy of the same text above it.
+#[derive(Clone)]
 struct SharingSymbolizer {
     shared: Frame,
 }
 
-impl Symbolizer for SharingSymbolizer {
-    fn user_frames(&mut self, _: &ProcessInfo, address: u64) -> Frames {
+impl FrameSource for SharingSymbolizer {
+    fn name(&self) -> &'static str {
+        "sharing"
+    }
+    fn serves(&self, class: MappingClass) -> bool {
+        class != MappingClass::Kernel
+    }
+    fn kind(&self) -> FrameKind {
+        FrameKind::Native
+    }
+    fn frames(&mut self, site: &Site<'_>) -> Option<Found> {
+        let address = site.address;
         let mut frame = if address < 0x3000 {
             self.shared.clone()
         } else {
@@ -302,16 +363,7 @@ impl Symbolizer for SharingSymbolizer {
             }
         };
         frame.line = address as u32;
-        Arc::new([frame])
-    }
-    fn kernel_frame(&mut self, _: u64) -> Frame {
-        Frame::named(UNKNOWN)
-    }
-    fn build_id(&mut self, _: &ProcessInfo, _: &Mapping) -> Option<String> {
-        None
-    }
-    fn stats(&self) -> SymbolizeStats {
-        SymbolizeStats::default()
+        Some(Found::Frames(Arc::new([frame])))
     }
 }
 

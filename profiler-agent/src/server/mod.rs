@@ -1,7 +1,7 @@
 //! The agent's HTTP server: `/metrics` (Prometheus, every registered metric), `/ready` (BPF
 //! attached and the first discovery round done), `/healthz` (the pipeline thread is turning),
 //! and `/`, a page listing the services profiled with each one's latest flame graph
-//! ([`page`]). With the capture API enabled, also `/v1/profile` ([`crate::capture::http`]).
+//! ([`page`]). With the capture API enabled, also `/v1/profile` ([`capture`]).
 //! At most [`MAX_CONNECTIONS`] connections are served at once ([`limit`]), each closed when its
 //! client takes over [`HEADER_READ_TIMEOUT`] to send a request or [`WRITE_STALL_TIMEOUT`] to
 //! read any of an answer ([`serve`](mod@serve), [`stall`]); a loopback
@@ -34,8 +34,9 @@ use axum::{
 use prometheus_client::registry::Registry;
 use tokio::{net::TcpListener, sync::watch};
 
-pub use crate::capture::CaptureApi;
-use crate::{daemon::latest::LatestProfiles, metrics::AgentMetrics};
+mod capture;
+use crate::{interval::latest::LatestProfiles, metrics::AgentMetrics};
+pub use capture::CaptureApi;
 use host::HostCheck;
 pub use limit::MAX_CONNECTIONS;
 pub use page::render_svg;
@@ -65,7 +66,7 @@ pub fn router(state: ServerState) -> Router {
         .route("/healthz", get(healthz))
         .route("/", get(page::index))
         .route("/flamegraph", get(page::flamegraph))
-        .route("/v1/profile", get(crate::capture::http::profile));
+        .route("/v1/profile", get(capture::profile));
     let has_token = state
         .capture
         .as_ref()

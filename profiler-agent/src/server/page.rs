@@ -14,7 +14,7 @@ use bytes::Bytes;
 use tokio::sync::Semaphore;
 
 use super::{ServerState, unix_now};
-use crate::{daemon::latest::ServiceProfile, profile::folded_frame};
+use crate::{interval::latest::ServiceProfile, profile::folded_frame};
 
 /// Flame graphs rendered at once (each on a blocking thread, with its own memory).
 pub const MAX_RENDERS: usize = 2;

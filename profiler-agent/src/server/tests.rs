@@ -13,7 +13,7 @@ use super::{
     *,
 };
 use crate::{
-    daemon::latest::ServiceProfile,
+    interval::latest::ServiceProfile,
     metrics::ServiceLabel,
     profile::{self, pprof},
 };

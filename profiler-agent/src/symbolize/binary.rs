@@ -263,10 +263,14 @@ impl Binary {
     /// the file is shorter than that (truncated since it was loaded).
     pub fn file_bytes<const N: usize>(&self, offset: u64) -> Option<[u8; N]> {
         let mut buf = [0; N];
+        self.read_file_at(offset, &mut buf).then_some(buf)
+    }
+
+    /// Fills `buf` from the file at `offset`; false on a short read.
+    pub fn read_file_at(&self, offset: u64, buf: &mut [u8]) -> bool {
         self.files
-            .first()?
-            .read_exact_at(offset, &mut buf)
-            .then_some(buf)
+            .first()
+            .is_some_and(|f| f.read_exact_at(offset, buf))
     }
 
     /// Bytes this binary holds charged to its budget.

@@ -29,6 +29,9 @@ pub use queue::RetryPolicy;
 /// A label set, sorted by name.
 pub type Labels = std::collections::BTreeMap<String, String>;
 
+/// Where built profiles go: the daemon's current writer (its `submit` only enqueues).
+pub type Submit = std::sync::Arc<dyn Fn(Vec<ProfileSeries>) + Send + Sync>;
+
 /// The metric name label every series carries (as pyroscope.ebpf).
 pub const PROFILE_NAME: &str = "process_cpu";
 

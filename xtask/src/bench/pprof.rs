@@ -74,9 +74,10 @@ fn section(criterion_output: &str, figures: &str) -> Result<String> {
         "One profile of {samples} distinct user stacks x 30 frames ({} frames) of one process, \
          shaped as a call tree (one root, branching with depth), from 20 000 call sites in \
          2000 functions with file and line, every fourth with an inlined callee: {} locations, \
-         {} functions, {} strings. Built by `profile::build_samples` (pid, comm and \
-         container labels) with a symbolizer double answering from a table (shared frames whose \
-         functions share their strings, as from the real one's warm caches), then \
+         {} functions, {} strings. Built by the frames stage (`frames::resolve`) and \
+         `profile::build` (pid, comm and container labels) with a frame source double \
+         answering from a table (shared frames whose functions share their strings, as from \
+         the real ones' warm caches), then \
          `BuiltProfile::encode_gzip` (gzip level {}, the agent's, with flate2's miniz_oxide). \
          Times are criterion's median estimates per profile; allocations are allocator calls \
          (alloc and realloc) per profile, counted by a global allocator in the bench; peak is \

@@ -1,4 +1,4 @@
-//! `GET /v1/profile`: the HTTP face of [`Capturer`]. Checks the bearer token (in constant
+//! `GET /v1/profile`: the HTTP face of the on-demand [`Capturer`]. Checks the bearer token (in constant
 //! time), the parameters, the process and the concurrency limit before any sampling starts,
 //! then answers with the profile in the requested format once the capture ends.
 //! Errors are plain text: 400 bad parameter, 401 token, 404 no process, 429 limit reached,
@@ -13,10 +13,10 @@ use axum::{
 };
 use subtle::ConstantTimeEq as _;
 
-use super::{CaptureError, CaptureRequest, Capturer, Format};
+use super::{ServerState, render_svg};
 use crate::{
+    capture::{CaptureError, CaptureRequest, Capturer, Format},
     profile::{self, BuiltProfile},
-    server::{ServerState, render_svg},
     write::config::Secret,
 };
 

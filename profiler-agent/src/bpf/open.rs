@@ -1,0 +1,66 @@
+//! Opening a sampler: the one way `run`, `record` and captures start sampling. Loads and
+//! attaches the kernel side, and pairs it with a /proc process source and, when asked, the
+//! early-snapshot thread fed by the kernel's new-process announcements.
+
+use super::{BpfError, KernelSampler, SamplerOptions};
+use crate::{
+    process::{ProcfsProcesses, early::EarlySnapshots},
+    sampler::Sampler,
+};
+
+/// A started sampler, with the thread that snapshots announced processes (stopped on drop).
+pub struct OpenSampler {
+    pub sampler: Sampler<KernelSampler, ProcfsProcesses>,
+    /// Drop it after the sampler's last drain.
+    pub early_snapshots: Option<EarlySnapshots>,
+    /// Kernel memory taken by the maps, as the kernel reports it.
+    pub kernel_memory_bytes: u64,
+}
+
+/// Loads and attaches the sampler for `options`. With `early_snapshots`, a process is also
+/// snapshotted within milliseconds of its first sample, so one that exits before the drain
+/// keeps its names; `container_id_cache_size` bounds the container ids remembered.
+pub fn open_sampler(
+    options: &SamplerOptions,
+    container_id_cache_size: usize,
+    early_snapshots: bool,
+) -> Result<OpenSampler, BpfError> {
+    let mut kernel = KernelSampler::start(options)?;
+    let kernel_memory_bytes = kernel.kernel_memory_bytes();
+    let early = if early_snapshots {
+        start_early_snapshots(&mut kernel, container_id_cache_size)
+    } else {
+        None
+    };
+    let processes = ProcfsProcesses::with_container_id_cache("/proc", container_id_cache_size);
+    let mut sampler = Sampler::new(kernel, processes)?;
+    let early_snapshots = early.map(|(thread, snapshots)| {
+        sampler.set_early_snapshots(snapshots);
+        thread
+    });
+    Ok(OpenSampler {
+        sampler,
+        early_snapshots,
+        kernel_memory_bytes,
+    })
+}
+
+/// Early snapshots of the processes `kernel` announces; none (with a warning) when the
+/// thread cannot start or the announcements were taken.
+fn start_early_snapshots(
+    kernel: &mut KernelSampler,
+    container_id_cache_size: usize,
+) -> Option<(
+    EarlySnapshots,
+    std::sync::mpsc::Receiver<crate::process::ProcessInfo>,
+)> {
+    let announcements = kernel.take_new_processes()?;
+    EarlySnapshots::start(announcements, "/proc", container_id_cache_size)
+        .inspect_err(|e| {
+            tracing::warn!(
+                error = %e,
+                "no early snapshots: short-lived processes may go unnamed"
+            )
+        })
+        .ok()
+}

@@ -1,0 +1,33 @@
+//! The registered frame sources, in the order they are asked for a mapping class. A new
+//! source is one file in this module plus one line here.
+
+use super::{
+    FrameSource, Sources, kernel::KallsymsSource, native::NativeSource, perfmap::PerfMapSource,
+    vdso::VdsoSource,
+};
+use crate::symbolize::{
+    CacheConfig, Demangle,
+    budget::{Limits, SymbolBudget},
+    kallsyms::KernelSymbols,
+};
+
+/// The sources the agent names frames with. `kernel` is none when kernel stacks are not
+/// collected or kallsyms could not be read (kernel frames are then `[unknown]`).
+pub fn native(demangle: Demangle, kernel: Option<KernelSymbols>, caches: CacheConfig) -> Sources {
+    // One budget for every binary any source loads.
+    let budget = SymbolBudget::new(caches.symbol_memory_limit, Limits::default());
+    let mut sources: Vec<Box<dyn FrameSource>> = vec![
+        Box::new(PerfMapSource::new(demangle, &caches)),
+        Box::new(VdsoSource::new(demangle, budget.clone())),
+        Box::new(NativeSource::new(demangle, &caches, budget)),
+    ];
+    if let Some(symbols) = kernel {
+        sources.push(Box::new(KallsymsSource::new(symbols)));
+    }
+    Sources::new(sources)
+}
+
+/// [`native`] with the default caches and no kernel symbols.
+pub fn user_only(demangle: Demangle) -> Sources {
+    native(demangle, None, CacheConfig::default())
+}
