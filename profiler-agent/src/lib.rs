@@ -12,6 +12,7 @@ pub mod capture;
 pub mod config;
 pub mod daemon;
 pub mod discovery;
+pub mod duration;
 pub mod frames;
 pub mod interval;
 pub mod metrics;

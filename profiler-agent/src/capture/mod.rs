@@ -52,7 +52,7 @@ pub struct CaptureConfig {
     /// Captures running at once; one more is answered 429. Default 4.
     pub max_concurrent: usize,
     /// How often `[[trigger]]` thresholds are checked. Default 1s.
-    #[serde(with = "crate::config::duration::positive")]
+    #[serde(with = "crate::duration::positive")]
     pub monitor_interval: Duration,
     /// Where triggered captures are kept (`<unix-ms>-<service>-<pid>-<trigger>.pb.gz`);
     /// none by default.

@@ -22,7 +22,7 @@ use tokio::sync::watch;
 
 use super::{CaptureError, Capturer, keep::keep_capture, request};
 use crate::{
-    config::duration,
+    duration,
     metrics::AgentMetrics,
     process::{cgroup, procfs},
     targets::{Labels, SERVICE_NAME, TargetSet},

@@ -7,7 +7,6 @@
 //! embedded default (`config/default.toml`) is used: every process on the host, named by its
 //! container or executable, written to `./profiles`.
 
-pub mod duration;
 pub mod expand;
 #[cfg(test)]
 mod tests;
@@ -40,7 +39,7 @@ pub const DEFAULT_DIRECTORY: &str = "./profiles";
 #[serde(default, deny_unknown_fields)]
 pub struct AgentConfig {
     /// How often profiles are built and written (default 15s).
-    #[serde(with = "duration::positive")]
+    #[serde(with = "crate::duration::positive")]
     pub collect_interval: Duration,
     /// Samples per second on each CPU (default 97).
     pub sample_rate: u64,
@@ -122,7 +121,7 @@ pub struct DiscoveryConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct ProcessDiscoveryConfig {
     /// How often /proc is scanned (default 60s, as Alloy's discovery.process).
-    #[serde(with = "duration::positive")]
+    #[serde(with = "crate::duration::positive")]
     pub refresh_interval: Duration,
 }
 

@@ -77,7 +77,7 @@ pub struct DockerConfig {
     /// (plain HTTP; TLS is not supported).
     pub host: String,
     /// How often the container list is read even without events (humantime, e.g. `60s`).
-    #[serde(with = "crate::config::duration::positive")]
+    #[serde(with = "crate::duration::positive")]
     pub refresh_interval: Duration,
 }
 

@@ -151,7 +151,7 @@ pub struct EndpointConfig {
     #[serde(serialize_with = "serialize_redacted_url")]
     pub url: String,
     pub protocol: Protocol,
-    #[serde(with = "crate::config::duration::positive")]
+    #[serde(with = "crate::duration::positive")]
     pub remote_timeout: Duration,
     /// Extra request headers (e.g. `X-Scope-OrgID`); values are treated as secrets.
     pub headers: BTreeMap<String, Secret>,
@@ -159,9 +159,9 @@ pub struct EndpointConfig {
     pub bearer_token: Option<Secret>,
     pub bearer_token_file: Option<PathBuf>,
     pub tls: TlsConfig,
-    #[serde(with = "crate::config::duration::positive")]
+    #[serde(with = "crate::duration::positive")]
     pub min_backoff_period: Duration,
-    #[serde(with = "crate::config::duration::positive")]
+    #[serde(with = "crate::duration::positive")]
     pub max_backoff_period: Duration,
     /// Retries after the first attempt; 0 sends once.
     pub max_backoff_retries: u32,
