@@ -1,9 +1,22 @@
-//! The profiler agent: pipeline stages from the kernel sampler to pprof.
+//! The profiler agent. Its modules in pipeline order, each importing only modules listed
+//! before it (checked by `tests/module_order.rs`):
 //!
-//! `bpf` loads and drains the kernel side; `sampler` drives it per interval; `process`
-//! snapshots processes; `procfile` is the one way to open a file a process controls (its
-//! binaries, debug files, perf map); `symbolize` names frames; `profile` builds pprof;
-//! `record` is the one-shot command.
+//! 1. Foundations: `backoff` (retry delays), `cache` (round-based LRU), `duration` (config
+//!    durations), `labels` (label sets and name rules), `procfile` (the one way to open a
+//!    file a profiled process controls).
+//! 2. Sample: `process` (process snapshots: mappings, executable, container), `sampler` (the
+//!    drain loop over a stack source), `bpf` (the kernel program, its maps, opening a sampler).
+//! 3. Frames: `symbolize` (ELF, DWARF, Go, kallsyms and perf-map readers), `frames` (the
+//!    stage that resolves raw stacks, and its frame sources).
+//! 4. Counters: `metrics` (the Prometheus registry every later stage reports to).
+//! 5. Targets: `targets` (which series a process's samples go to), `discovery` (Docker,
+//!    Kubernetes, process and static providers, relabeling).
+//! 6. Profile: `profile` (aggregation into pprof, folded stacks), `interval` (one interval from
+//!    samples to one profile per target: the stage `run`, `record` and captures share).
+//! 7. Write: `write` (Pyroscope, DataKit and directory sinks, queue and retries).
+//! 8. Entry points: `capture` (on-demand and triggered captures of one process), `server`
+//!    (HTTP: metrics, health, page, capture API), `config` (the configuration file), `daemon`
+//!    (`run`), `record` (the one-shot command).
 
 pub mod backoff;
 pub mod bpf;

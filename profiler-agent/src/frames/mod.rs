@@ -10,13 +10,9 @@
 //! Whatever no source names becomes `module+0xoffset` when the module is known and
 //! `[unknown]` otherwise, so no sample is dropped for lack of a name.
 
-mod kernel;
-mod native;
-mod perfmap;
 mod resolve;
 mod source;
 pub mod sources;
-mod vdso;
 
 pub use resolve::{prepare, resolve};
 pub use source::{Found, FrameSource, MappingClass, SYSCALL_INSTRUCTION, Site, Sources};

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use super::{Found, Frame, FrameKind, FrameSource, MappingClass, Site};
+use crate::frames::{Found, Frame, FrameKind, FrameSource, MappingClass, Site};
 use crate::symbolize::kallsyms::{KernelNames, KernelSymbols};
 
 pub struct KallsymsSource {

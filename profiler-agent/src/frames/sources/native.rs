@@ -5,7 +5,7 @@
 
 use std::{fs::File, path::PathBuf, rc::Rc};
 
-use super::{Found, FrameKind, FrameSource, MappingClass, Site};
+use crate::frames::{Found, FrameKind, FrameSource, MappingClass, Site};
 use crate::{
     cache::RoundLru,
     process::{FileId, Mapping, MappingKind, ProcessInfo},

@@ -4,7 +4,7 @@
 
 use std::{path::PathBuf, rc::Rc, sync::Arc};
 
-use super::{Found, Frame, FrameKind, FrameSource, MappingClass, Site};
+use crate::frames::{Found, Frame, FrameKind, FrameSource, MappingClass, Site};
 use crate::{
     cache::RoundLru,
     procfile::ProcRoot,

@@ -1,10 +1,16 @@
-//! The registered frame sources, in the order they are asked for a mapping class. A new
-//! source is one file in this module plus one line here.
+//! The registered frame sources, one file each, and their registration: [`native`] lists
+//! them in the order they are asked for a mapping class. A new source is one file here, its
+//! `mod` line and one entry in [`native`].
 
-use super::{
-    FrameSource, Sources, kernel::KallsymsSource, native::NativeSource, perfmap::PerfMapSource,
-    vdso::VdsoSource,
+mod kernel;
+mod native;
+mod perfmap;
+mod vdso;
+
+use self::{
+    kernel::KallsymsSource, native::NativeSource, perfmap::PerfMapSource, vdso::VdsoSource,
 };
+use super::{FrameSource, Sources};
 use crate::symbolize::{
     CacheConfig, Demangle,
     budget::{Limits, SymbolBudget},

@@ -3,7 +3,7 @@
 
 use std::{fs::File, rc::Rc};
 
-use super::{Found, FrameKind, FrameSource, MappingClass, Site};
+use crate::frames::{Found, FrameKind, FrameSource, MappingClass, Site};
 use crate::{
     process::{Mapping, ProcessInfo},
     symbolize::{Demangle, binary::Binary, budget::SymbolBudget},
@@ -25,7 +25,7 @@ impl VdsoSource {
         }
     }
 
-    pub(super) fn image(&mut self) -> Option<Rc<Binary>> {
+    fn image(&mut self) -> Option<Rc<Binary>> {
         self.image
             .get_or_insert_with(|| {
                 read_own_vdso()
