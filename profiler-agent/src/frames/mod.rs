@@ -96,21 +96,32 @@ pub struct ResolvedSample<'a> {
     pub sample: &'a RawSample,
     /// The container of the sampled process, from its snapshot.
     pub container_id: Option<&'a str>,
-    /// Indices into [`Stacks::locations`], leaf first: kernel frames, then user frames.
-    pub stack: Vec<u32>,
+    /// Where its stack is in [`Stacks::frames`] (see [`Stacks::stack`]).
+    pub stack: std::ops::Range<u32>,
 }
 
 /// The resolved stacks of some samples, with their distinct locations and mappings: a
 /// location or mapping seen in several stacks (or processes sharing a mapped file at the
 /// same address) is stored once.
+///
+/// Every location is used by some stack, and locations are numbered in the order stacks
+/// first use them (walking samples in order, each stack leaf first).
 #[derive(Clone, Debug, Default)]
 pub struct Stacks<'a> {
     pub mappings: Vec<MappingInfo>,
     pub locations: Vec<Location>,
     pub samples: Vec<ResolvedSample<'a>>,
+    /// Every sample's stack, one after the other: indices into `locations`.
+    pub frames: Vec<u32>,
 }
 
 impl Stacks<'_> {
+    /// A sample's stack: indices into [`Stacks::locations`], leaf first (kernel frames, then
+    /// user frames).
+    pub fn stack(&self, sample: &ResolvedSample<'_>) -> &[u32] {
+        &self.frames[sample.stack.start as usize..sample.stack.end as usize]
+    }
+
     pub fn location(&self, index: u32) -> &Location {
         &self.locations[index as usize]
     }

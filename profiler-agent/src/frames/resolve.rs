@@ -70,6 +70,12 @@ pub fn resolve<'a>(
         sources,
         stacks: Stacks {
             samples: Vec::with_capacity(samples.len()),
+            frames: Vec::with_capacity(
+                samples
+                    .iter()
+                    .map(|s| s.user.frames().len().max(1) + s.kernel.frames().len().max(1))
+                    .sum(),
+            ),
             ..Stacks::default()
         },
         by_process: FastMap::default(),
@@ -83,7 +89,9 @@ pub fn resolve<'a>(
     let unknown_process = UNKNOWN_PROCESS.get_or_init(ProcessInfo::default);
     for &sample in samples {
         let process = processes.get(&sample.pid).unwrap_or(unknown_process);
-        let stack = r.stack(sample, process);
+        let start = r.stacks.frames.len() as u32;
+        r.stack(sample, process);
+        let stack = start..r.stacks.frames.len() as u32;
         r.stacks.samples.push(ResolvedSample {
             sample,
             container_id: process.container_id.as_deref(),
@@ -109,20 +117,23 @@ struct Resolver<'s, 'a> {
 }
 
 impl Resolver<'_, '_> {
-    fn stack(&mut self, sample: &RawSample, process: &ProcessInfo) -> Vec<u32> {
-        let mut stack = Vec::with_capacity(
-            sample.kernel.frames().len().max(1) + sample.user.frames().len().max(1) + 1,
-        );
+    /// Appends the sample's stack to the stacks' frames.
+    fn stack(&mut self, sample: &RawSample, process: &ProcessInfo) {
+        let start = self.stacks.frames.len();
         match &sample.kernel {
             Stack::Frames(frames) => {
                 for (depth, &address) in frames.iter().enumerate() {
-                    stack.push(self.kernel_location(lookup_address(address, depth != 0)));
+                    let index = self.kernel_location(lookup_address(address, depth != 0));
+                    self.stacks.frames.push(index);
                 }
             }
-            Stack::Lost => stack.push(self.synthetic(LOST_KERNEL_STACK)),
+            Stack::Lost => {
+                let index = self.synthetic(LOST_KERNEL_STACK);
+                self.stacks.frames.push(index);
+            }
             Stack::NotCollected => {}
         }
-        let first_user = if stack.is_empty() {
+        let first_user = if self.stacks.frames.len() == start {
             Role::Leaf
         } else {
             Role::KernelEntry
@@ -131,13 +142,16 @@ impl Resolver<'_, '_> {
             Stack::Frames(frames) => {
                 for (depth, &address) in frames.iter().enumerate() {
                     let role = if depth == 0 { first_user } else { Role::Caller };
-                    stack.push(self.user_location(process, address, role));
+                    let index = self.user_location(process, address, role);
+                    self.stacks.frames.push(index);
                 }
             }
-            Stack::Lost => stack.push(self.synthetic(LOST_USER_STACK)),
+            Stack::Lost => {
+                let index = self.synthetic(LOST_USER_STACK);
+                self.stacks.frames.push(index);
+            }
             Stack::NotCollected => {}
         }
-        stack
     }
 
     fn push(&mut self, location: Location) -> u32 {

@@ -94,8 +94,8 @@ fn raw(pid: u32, user: Vec<u64>, kernel: Stack) -> RawSample {
 }
 
 fn names(stacks: &Stacks<'_>, sample: usize) -> Vec<String> {
-    stacks.samples[sample]
-        .stack
+    stacks
+        .stack(&stacks.samples[sample])
         .iter()
         .map(|&i| stacks.location(i).frames[0].name.to_string())
         .collect()
@@ -114,15 +114,15 @@ fn callers_name_the_call_and_leaves_the_pc() {
     let refs: Vec<&RawSample> = samples.iter().collect();
     let stacks = resolve(&mut sources, &refs, &processes);
     assert_eq!(names(&stacks, 0), ["elf@1100", "elf@11ff", "elf@12ff"]);
-    let addresses: Vec<u64> = stacks.samples[0]
-        .stack
+    let addresses: Vec<u64> = stacks
+        .stack(&stacks.samples[0])
         .iter()
         .map(|&i| stacks.location(i).address)
         .collect();
     assert_eq!(addresses, [0x1100, 0x11ff, 0x12ff]);
     assert!(
-        stacks.samples[0]
-            .stack
+        stacks
+            .stack(&stacks.samples[0])
             .iter()
             .all(|&i| stacks.location(i).kind == FrameKind::Native)
     );
@@ -161,8 +161,8 @@ fn sources_are_asked_by_class_in_order_with_fallbacks() {
             UNKNOWN
         ]
     );
-    let kinds: Vec<FrameKind> = stacks.samples[0]
-        .stack
+    let kinds: Vec<FrameKind> = stacks
+        .stack(&stacks.samples[0])
         .iter()
         .map(|&i| stacks.location(i).kind)
         .collect();
@@ -174,7 +174,10 @@ fn sources_are_asked_by_class_in_order_with_fallbacks() {
     // The kernel mapping, the file, the anonymous region; none for the unmapped address.
     let paths: Vec<&str> = stacks.mappings.iter().map(|m| m.path.as_str()).collect();
     assert_eq!(paths, [KERNEL_MAPPING, "/bin/p", "[anon]"]);
-    assert_eq!(stacks.location(stacks.samples[0].stack[5]).mapping, None);
+    assert_eq!(
+        stacks.location(stacks.stack(&stacks.samples[0])[5]).mapping,
+        None
+    );
 }
 
 #[test]
@@ -191,11 +194,15 @@ fn equal_locations_are_stored_once_across_samples_and_processes() {
     let processes = HashMap::from([(1, process(1)), (2, process(2))]);
     let refs: Vec<&RawSample> = samples.iter().collect();
     let stacks = resolve(&mut sources, &refs, &processes);
-    assert_eq!(stacks.samples[0].stack, stacks.samples[2].stack[1..]);
-    assert_eq!(stacks.samples[0].stack[1], stacks.samples[1].stack[1]);
+    let stack = |i: usize| stacks.stack(&stacks.samples[i]);
+    assert_eq!(stack(0), &stack(2)[1..]);
+    assert_eq!(
+        stacks.stack(&stacks.samples[0])[1],
+        stacks.stack(&stacks.samples[1])[1]
+    );
     assert_eq!(names(&stacks, 2)[0], LOST_KERNEL_STACK);
     assert_eq!(
-        stacks.location(stacks.samples[2].stack[0]).kind,
+        stacks.location(stacks.stack(&stacks.samples[2])[0]).kind,
         FrameKind::Synthetic
     );
     // 0x1100, 0x11ff, 0x1104: three lookups for five frames of process 1 and two of 2.

@@ -93,7 +93,6 @@ pub fn build(
     options: &BuildOptions,
 ) -> BuiltProfile {
     let mut b = Builder {
-        location_ids: vec![0; stacks.locations.len()],
         mapping_ids: vec![0; stacks.mappings.len()],
         ..Builder::default()
     };
@@ -115,15 +114,20 @@ pub fn build(
     let comm_label = matches!(options.comm, CommMode::Label | CommMode::Both);
     let comm_frame = matches!(options.comm, CommMode::Stackframe | CommMode::Both);
 
+    // Every location in the stacks' order, so location `i` has id `i + 1`: one pass over
+    // them while their frames are adjacent, and no lookup per frame below.
+    b.profile.location.reserve_exact(stacks.locations.len());
+    for location in &stacks.locations {
+        b.location(stacks, location);
+    }
     // Self counts by leaf location; named once at the end, not once per sample.
     let mut top: FastMap<u64, u64> = FastMap::default();
     let mut total = 0;
     for resolved in &stacks.samples {
         let sample = resolved.sample;
-        let mut location_id = Vec::with_capacity(resolved.stack.len() + 1);
-        for &index in &resolved.stack {
-            location_id.push(b.location(stacks, index));
-        }
+        let stack = stacks.stack(resolved);
+        let mut location_id = Vec::with_capacity(stack.len() + 1);
+        location_id.extend(stack.iter().map(|&index| u64::from(index) + 1));
         if let Some(&leaf) = location_id.first() {
             *top.entry(leaf).or_default() += sample.count;
         }
@@ -189,8 +193,7 @@ struct Builder {
     /// every frame looked up alive, so no address is reused for other text meanwhile.
     functions_by_pointer: FastMap<(usize, usize, usize), u64>,
     held: Vec<Frames>,
-    /// pprof ids by index of the stacks' locations and mappings; 0 until added.
-    location_ids: Vec<u64>,
+    /// pprof ids by index of the stacks' mappings; 0 until added.
     mapping_ids: Vec<u64>,
     /// Thread-name frames, by name.
     synthetic: FastMap<String, u64>,
@@ -300,13 +303,8 @@ impl Builder {
         id
     }
 
-    /// The pprof location of the stacks' location `index`, added on first use.
-    fn location(&mut self, stacks: &Stacks<'_>, index: u32) -> u64 {
-        let known = self.location_ids[index as usize];
-        if known != 0 {
-            return known;
-        }
-        let location = stacks.location(index);
+    /// Adds the pprof location of one of the stacks' locations, with the next id.
+    fn location(&mut self, stacks: &Stacks<'_>, location: &crate::frames::Location) -> u64 {
         let mapping_id = match location.mapping {
             Some(m) => self.mapping(stacks, m),
             None => self.unknown_mapping(),
@@ -337,7 +335,6 @@ impl Builder {
             m.has_line_numbers |= frames.iter().any(|f| f.line > 0);
             m.has_inline_frames |= frames.len() > 1;
         }
-        self.location_ids[index as usize] = id;
         id
     }
 
