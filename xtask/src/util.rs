@@ -43,9 +43,32 @@ pub fn agent_binary() -> PathBuf {
 
 /// A `cargo` command run from the workspace root. Uses `$CARGO` (the cargo that started
 /// xtask) so nested builds use the same toolchain as the outer one.
+///
+/// Without the variables `cargo run` set for xtask itself (`CARGO_PKG_NAME=xtask`, ...):
+/// ring's build script tracks some of them, so passing them on would make these builds
+/// differ from a plain `cargo build`, and each would rebuild ring and everything above it
+/// (the agent included) after the other.
 pub fn cargo() -> Command {
     let mut cmd = Command::new(env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
     cmd.current_dir(workspace_root());
+    for (name, _) in env::vars_os() {
+        let name = name.to_string_lossy();
+        if name.starts_with("CARGO_PKG_")
+            || name.starts_with("CARGO_BIN_")
+            || [
+                "CARGO_MANIFEST_DIR",
+                "CARGO_MANIFEST_PATH",
+                "CARGO_MANIFEST_LINKS",
+                "CARGO_CRATE_NAME",
+                "CARGO_PRIMARY_PACKAGE",
+                "CARGO_TARGET_TMPDIR",
+                "CARGO_RUSTC_CURRENT_DIR",
+            ]
+            .contains(&&*name)
+        {
+            cmd.env_remove(&*name);
+        }
+    }
     cmd
 }
 

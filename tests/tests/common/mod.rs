@@ -45,12 +45,20 @@ pub fn require_root(test: &str) -> bool {
     false
 }
 
-/// The agent binary, built once per test run.
+/// The agent binary: `PROFILER_AGENT_BIN` when set (`cargo xtask test` builds the agent
+/// before any test starts and sets it), never building then; otherwise built here once per
+/// test binary, on first use (a bare `cargo test`).
 pub fn agent() -> &'static Path {
     static AGENT: OnceLock<PathBuf> = OnceLock::new();
     AGENT.get_or_init(|| {
         if let Some(path) = std::env::var_os("PROFILER_AGENT_BIN") {
-            return PathBuf::from(path);
+            let path = PathBuf::from(path);
+            assert!(
+                path.is_file(),
+                "PROFILER_AGENT_BIN={} is not a file",
+                path.display()
+            );
+            return path;
         }
         let mut cargo = Command::new(env!("CARGO"));
         // cargo sets these for the test (this package's name, directory, ...). ring tracks
