@@ -11,7 +11,7 @@ use std::{
 };
 
 use crate::{
-    targets::{Labels, SERVICE_NAME},
+    labels::{Labels, SERVICE_NAME},
     write::directory::write_new_file,
 };
 

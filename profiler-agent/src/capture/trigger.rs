@@ -23,11 +23,12 @@ use tokio::sync::watch;
 use super::{CaptureError, Capturer, keep::keep_capture, request};
 use crate::{
     duration,
+    labels::{Labels, SERVICE_NAME, check_label_name},
     metrics::AgentMetrics,
     process::{cgroup, procfs},
-    targets::{Labels, SERVICE_NAME, TargetSet},
+    targets::TargetSet,
+    write::ProfileSeries,
     write::Submit,
-    write::{ProfileSeries, config::check_label_name},
 };
 
 /// One `[[trigger]]`.

@@ -22,9 +22,10 @@ use serde::{Deserialize, Serialize};
 use crate::{
     capture::{CaptureConfig, trigger::TriggerConfig},
     discovery::{docker::DockerConfig, kubernetes::KubernetesConfig, relabel::RelabelConfig},
+    labels::{Labels, is_valid_label_name},
     profile::CommMode,
     symbolize::{CacheConfig, Demangle},
-    targets::{Labels, TargetOptions, is_valid_label_name},
+    targets::TargetOptions,
     write::WriteConfig,
 };
 

@@ -26,10 +26,12 @@
 //! good set published meanwhile, counts every failure ([`DockerDiscovery::errors`]) and logs a
 //! warning once per cause until it recovers.
 
-use super::sanitize_label_name;
-use crate::backoff::Backoff;
+use crate::{
+    backoff::Backoff,
+    labels::{Labels, sanitize_label_name},
+};
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::HashMap,
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
@@ -45,9 +47,6 @@ use bollard::{
 use futures_util::StreamExt as _;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
-
-/// One target: label name to value.
-pub type Labels = BTreeMap<String, String>;
 
 pub const LABEL_CONTAINER_ID: &str = "__meta_docker_container_id";
 pub const LABEL_CONTAINER_NAME: &str = "__meta_docker_container_name";

@@ -21,8 +21,8 @@
 //! empty label as an absent one); the optional node, namespace, deployment and job metadata
 //! are not attached.
 
-use super::sanitize_label_name;
 use crate::backoff::Backoff;
+use crate::labels::{Labels, sanitize_label_name};
 use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;
 use std::pin::pin;
@@ -37,9 +37,6 @@ use kube::runtime::watcher;
 use kube::{Api, Client};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
-
-/// One target: label name to value.
-pub type Labels = BTreeMap<String, String>;
 
 /// The environment variable naming this node when `node_name` is not configured (set it
 /// from the downward API: `fieldRef: {fieldPath: spec.nodeName}`).

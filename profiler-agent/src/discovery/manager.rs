@@ -30,8 +30,9 @@ use super::{
 };
 use crate::{
     config::AgentConfig,
+    labels::Labels,
     metrics::{AgentMetrics, ProviderLabel},
-    targets::{Labels, TargetOptions, TargetSet},
+    targets::{TargetOptions, TargetSet},
 };
 
 /// Longest wait for every provider's first answer before the first set is built anyway.

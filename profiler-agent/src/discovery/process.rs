@@ -7,8 +7,8 @@
 use std::{collections::HashMap, path::Path};
 
 use crate::{
+    labels::Labels,
     process::{cgroup, procfs},
-    targets::Labels,
 };
 
 pub const EXE: &str = "__meta_process_exe";
