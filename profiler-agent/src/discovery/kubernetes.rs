@@ -1,5 +1,5 @@
-//! Kubernetes pod discovery: the pods of this node as targets, labelled as Prometheus'
-//! `kubernetes_sd_configs` role `pod` labels them.
+//! Kubernetes pod discovery (the `kubernetes` [`super::Provider`]): the pods of this node as
+//! targets, labelled as Prometheus' `kubernetes_sd_configs` role `pod` labels them.
 //!
 //! The real `kube` client lists the pods with `fieldSelector=spec.nodeName=<node>`, then
 //! watches from the list's resourceVersion (kube's runtime watcher, which relists when the
@@ -30,7 +30,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use futures_util::StreamExt;
+use futures_util::{StreamExt, future::BoxFuture};
 use k8s_openapi::api::core::v1::{ContainerStatus, Pod};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::runtime::watcher;
@@ -265,6 +265,20 @@ fn needs_restart(err: &watcher::Error) -> bool {
         watcher::Error::WatchStartFailed(kube::Error::Api(status))
         | watcher::Error::WatchFailed(kube::Error::Api(status)) => status.code == 410,
         _ => false,
+    }
+}
+
+impl super::Provider for PodDiscovery {
+    fn name(&self) -> &'static str {
+        "kubernetes"
+    }
+
+    fn errors(&self) -> Arc<AtomicU64> {
+        PodDiscovery::errors(self)
+    }
+
+    fn run(self: Box<Self>, tx: watch::Sender<Vec<Labels>>) -> BoxFuture<'static, ()> {
+        Box::pin(PodDiscovery::run(*self, tx))
     }
 }
 
