@@ -20,15 +20,14 @@ use regex::Regex;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use super::{CaptureError, Capturer, keep::keep_capture, request};
+use super::{CaptureError, Capturer, request};
 use crate::{
     duration,
     labels::{Labels, SERVICE_NAME, check_label_name},
     metrics::AgentMetrics,
     process::{cgroup, procfs},
     targets::TargetSet,
-    write::ProfileSeries,
-    write::Submit,
+    write::{ProfileSeries, Submit, directory::keep_capture},
 };
 
 /// One `[[trigger]]`.
