@@ -4,7 +4,7 @@
 //! its full set; every change is relabeled and resolved into a new set, published on a watch
 //! channel that the pipeline reads once per interval (so processes seen before their target
 //! existed are matched as soon as it does). The first set waits until every provider
-//! answered or failed once, or [`FIRST_ROUND_TIMEOUT`].
+//! answered or failed once, or for `FIRST_ROUND_TIMEOUT`.
 //!
 //! Providers that fail keep retrying inside their own task and keep their last good targets;
 //! their failure counts are exported per provider. Dropping [`Discovery`] stops every
