@@ -295,46 +295,32 @@ mod tests {
 
     #[test]
     fn hostile_service_names_stay_one_short_file_name() {
-        let dir = tempfile::tempdir().unwrap();
+        // Two levels below a root of its own, so `../..` stays where the test can see it.
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("a").join("b");
+        std::fs::create_dir_all(&dir).unwrap();
         let long = "s".repeat(300);
-        keep_capture(dir.path(), 10, &service(&long), 1, "memory", b"long");
-        keep_capture(dir.path(), 10, &service("../../etc/x"), 2, "cpu", b"dots");
-        keep_capture(dir.path(), 10, &service(".."), 3, "cpu", b"dotdot");
-        keep_capture(
-            dir.path(),
-            10,
-            &service(&"é/".repeat(200)),
-            4,
-            "cpu",
-            b"wide",
-        );
-        let names = names(dir.path());
-        assert_eq!(names.len(), 4, "{names:?}");
-        for name in &names {
+        keep_capture(&dir, 10, &service(&long), 1, "memory", b"long");
+        keep_capture(&dir, 10, &service("../../etc/x"), 2, "cpu", b"dots");
+        keep_capture(&dir, 10, &service(".."), 3, "cpu", b"dotdot");
+        keep_capture(&dir, 10, &service(&"é/".repeat(200)), 4, "cpu", b"wide");
+        let kept = names(&dir);
+        assert_eq!(kept.len(), 4, "{kept:?}");
+        for name in &kept {
             assert!(name.len() <= 15 + MAX_SERVICE_BYTES + 30, "{name}");
             assert!(!name.contains('/') && !name.contains(".."), "{name}");
         }
-        let long_one = names
+        let long_one = kept
             .iter()
             .find(|n| n.ends_with("-1-memory.pb.gz"))
             .unwrap();
         assert!(long_one.contains(&"s".repeat(MAX_SERVICE_BYTES)));
         assert!(!long_one.contains(&"s".repeat(MAX_SERVICE_BYTES + 1)));
-        assert!(
-            names
-                .iter()
-                .any(|n| n.ends_with("-______etc_x-2-cpu.pb.gz"))
-        );
-        assert!(names.iter().any(|n| n.ends_with("-__-3-cpu.pb.gz")));
+        assert!(kept.iter().any(|n| n.ends_with("-______etc_x-2-cpu.pb.gz")));
+        assert!(kept.iter().any(|n| n.ends_with("-__-3-cpu.pb.gz")));
         // Nothing was written outside the directory.
-        assert_eq!(
-            std::fs::read_dir(dir.path().parent().unwrap())
-                .unwrap()
-                .flatten()
-                .filter(|e| e.file_name() == "x" || e.file_name() == "etc")
-                .count(),
-            0
-        );
+        assert_eq!(names(root.path()), ["a"]);
+        assert_eq!(names(&root.path().join("a")), ["b"]);
     }
 
     #[test]
