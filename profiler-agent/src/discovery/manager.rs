@@ -25,7 +25,7 @@ use tokio::{
 };
 
 use super::{
-    Provider,
+    DiscoveryConfig, Provider,
     docker::DockerDiscovery,
     kubernetes::{KubernetesError, PodDiscovery},
     process::ProcessDiscovery,
@@ -33,7 +33,6 @@ use super::{
     static_targets::StaticTargets,
 };
 use crate::{
-    config::AgentConfig,
     labels::Labels,
     metrics::{AgentMetrics, ProviderLabel},
     targets::{TargetOptions, TargetSet},
@@ -71,38 +70,20 @@ struct Source {
 }
 
 impl Discovery {
-    /// Starts the providers of `config` and the combiner publishing into `targets`, which
-    /// flips `ready` to true once the first set is built. Must run inside a tokio runtime.
-    pub async fn start(
-        config: &AgentConfig,
-        targets: TargetsTx,
-        ready: Arc<watch::Sender<bool>>,
-        metrics: Arc<AgentMetrics>,
-    ) -> Result<Self, KubernetesError> {
-        Ok(Self::with_providers(
-            Self::providers(config).await?,
-            config.relabel.clone(),
-            config.target_options(),
-            targets,
-            ready,
-            metrics,
-        ))
-    }
-
-    /// The providers `config` enables: its static targets, then Docker, Kubernetes and
-    /// process scans when configured.
+    /// The providers to run: the configured static `targets`, then Docker, Kubernetes and
+    /// process scans when `config` has their tables.
     pub async fn providers(
-        config: &AgentConfig,
+        config: &DiscoveryConfig,
+        targets: Vec<Labels>,
     ) -> Result<Vec<Box<dyn Provider>>, KubernetesError> {
-        let mut providers: Vec<Box<dyn Provider>> =
-            vec![Box::new(StaticTargets::new(config.targets.clone()))];
-        if let Some(docker) = &config.discovery.docker {
+        let mut providers: Vec<Box<dyn Provider>> = vec![Box::new(StaticTargets::new(targets))];
+        if let Some(docker) = &config.docker {
             providers.push(Box::new(DockerDiscovery::new(docker.clone())));
         }
-        if let Some(kubernetes) = &config.discovery.kubernetes {
+        if let Some(kubernetes) = &config.kubernetes {
             providers.push(Box::new(PodDiscovery::from_config(kubernetes).await?));
         }
-        if let Some(scan) = &config.discovery.process {
+        if let Some(scan) = &config.process {
             providers.push(Box::new(ProcessDiscovery::new(scan.refresh_interval)));
         }
         Ok(providers)
@@ -111,7 +92,7 @@ impl Discovery {
     /// Runs `providers`, each in its own task, and the combiner that relabels their sets
     /// and publishes the result into `targets`, flipping `ready` to true once the first set
     /// is built. Must run inside a tokio runtime.
-    pub fn with_providers(
+    pub fn start(
         providers: Vec<Box<dyn Provider>>,
         relabel: Vec<RelabelConfig>,
         options: TargetOptions,
@@ -259,6 +240,7 @@ impl Combiner {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::AgentConfig;
     use futures_util::future::BoxFuture;
     use prometheus_client::registry::Registry;
 
@@ -293,14 +275,17 @@ mod tests {
         let metrics = Arc::new(AgentMetrics::register(&mut registry));
         let (targets_tx, mut targets_rx) = watch::channel(Arc::new(TargetSet::default()));
         let (ready_tx, mut ready_rx) = watch::channel(false);
+        let providers = Discovery::providers(&config.discovery, config.targets.clone())
+            .await
+            .unwrap();
         let _discovery = Discovery::start(
-            &config,
+            providers,
+            config.relabel.clone(),
+            config.target_options(),
             Arc::new(targets_tx),
             Arc::new(ready_tx),
             metrics.clone(),
-        )
-        .await
-        .unwrap();
+        );
         tokio::time::timeout(Duration::from_secs(5), ready_rx.wait_for(|r| *r))
             .await
             .expect("ready with only static targets")
@@ -386,7 +371,7 @@ mod tests {
         let metrics = Arc::new(AgentMetrics::register(&mut Registry::default()));
         let (targets_tx, targets) = watch::channel(Arc::new(TargetSet::default()));
         let (ready_tx, ready) = watch::channel(false);
-        let discovery = Discovery::with_providers(
+        let discovery = Discovery::start(
             providers,
             Vec::new(),
             TargetOptions::default(),

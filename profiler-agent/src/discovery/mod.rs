@@ -2,7 +2,7 @@
 //! [`Provider`] (`static_targets` from config, `docker`, `kubernetes`, `process` scans)
 //! publishes its full current targets on a watch channel, `manager` runs them and combines
 //! their sets, and `relabel` applies Prometheus relabel rules before `crate::targets`
-//! resolves processes to them.
+//! resolves processes to them. Owns the `[discovery]` table ([`DiscoveryConfig`]).
 
 pub mod docker;
 pub mod kubernetes;
@@ -14,9 +14,19 @@ pub mod static_targets;
 use std::sync::{Arc, atomic::AtomicU64};
 
 use futures_util::future::BoxFuture;
+use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use crate::labels::Labels;
+
+/// `[discovery]`: a provider runs when its table is present.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DiscoveryConfig {
+    pub docker: Option<docker::DockerConfig>,
+    pub kubernetes: Option<kubernetes::KubernetesConfig>,
+    pub process: Option<process::ProcessDiscoveryConfig>,
+}
 
 /// A source of targets, run by [`manager::Discovery`] in a task of its own. A new source is
 /// one implementation plus its line in [`manager::Discovery::providers`].

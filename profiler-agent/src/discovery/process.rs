@@ -8,6 +8,7 @@
 use std::{collections::HashMap, path::Path, time::Duration};
 
 use futures_util::future::BoxFuture;
+use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use super::Provider;
@@ -20,6 +21,23 @@ pub const EXE: &str = "__meta_process_exe";
 pub const COMMANDLINE: &str = "__meta_process_commandline";
 pub const USERNAME: &str = "__meta_process_username";
 pub const UID: &str = "__meta_process_uid";
+
+/// `[discovery.process]`.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ProcessDiscoveryConfig {
+    /// How often /proc is scanned (default 60s, as Alloy's discovery.process).
+    #[serde(with = "crate::duration::positive")]
+    pub refresh_interval: Duration,
+}
+
+impl Default for ProcessDiscoveryConfig {
+    fn default() -> Self {
+        Self {
+            refresh_interval: Duration::from_secs(60),
+        }
+    }
+}
 
 /// `discovery.process`: scans /proc every `period`.
 pub struct ProcessDiscovery {
