@@ -28,6 +28,7 @@ pub mod discovery;
 pub mod duration;
 pub mod frames;
 pub mod interval;
+pub mod labels;
 pub mod metrics;
 pub mod process;
 pub mod procfile;

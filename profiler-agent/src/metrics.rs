@@ -1,7 +1,8 @@
 //! The agent's own Prometheus metrics: pyroscope.ebpf's names where it has one, `profiler_`
 //! names for what it does not measure (kernel counters, symbolization, caches, discovery),
-//! and the process's own CPU and memory. Write-path metrics live with the writer
-//! (`crate::write::WriteMetrics`) and are registered in the same [`Registry`].
+//! and the process's own CPU and memory (read through `crate::process::procfs`). Write-path
+//! metrics live with the writer (`crate::write::WriteMetrics`) and are registered in the
+//! same [`Registry`].
 //!
 //! Kernel counters and cache statistics are cumulative values read from their owners;
 //! [`Cumulative`] turns them into counter increments so the exported counters never go
@@ -23,6 +24,7 @@ use prometheus_client::{
 
 use crate::{
     cache::CacheStats,
+    process::procfs,
     sampler::CounterSnapshot,
     symbolize::{SymbolizeStats, budget::Degraded},
 };
@@ -444,21 +446,10 @@ fn cache(m: &AgentMetrics, name: &str, was: &CacheStats, now: &CacheStats) {
 
 /// (CPU seconds, resident bytes) of this process.
 fn own_usage() -> Option<(f64, u64)> {
-    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
-    let fields: Vec<&str> = stat[stat.rfind(')')? + 2..].split_whitespace().collect();
-    // Fields 14 and 15 (utime, stime) and 24 (rss in pages), counted from 1 with comm as 2.
-    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
-    let rss_pages: u64 = fields.get(21)?.parse().ok()?;
-    // SAFETY: sysconf has no preconditions.
-    let (hz, page) = unsafe {
-        (
-            libc::sysconf(libc::_SC_CLK_TCK),
-            libc::sysconf(libc::_SC_PAGESIZE),
-        )
-    };
+    let stat = procfs::stat(std::path::Path::new("/proc/self"))?;
     Some((
-        ticks as f64 / hz.max(1) as f64,
-        rss_pages * page.max(1) as u64,
+        stat.cpu_ticks as f64 / procfs::clock_ticks() as f64,
+        stat.rss_pages * procfs::page_size(),
     ))
 }
 

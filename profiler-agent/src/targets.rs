@@ -9,16 +9,14 @@
 //! `service_name` inferred when absent. Resolution is a lookup in the current set, so a
 //! process seen before its target appeared is matched as soon as the set is rebuilt.
 
-use std::{
-    collections::{BTreeMap, HashMap},
-    sync::Arc,
-};
+use std::{collections::HashMap, sync::Arc};
 
-pub type Labels = BTreeMap<String, String>;
+// Re-exported for the modules that still import them from here.
+use crate::labels::is_valid_label_name;
+pub use crate::labels::{Labels, SERVICE_NAME};
 
 pub const PROCESS_PID: &str = "__process_pid__";
 pub const CONTAINER_ID: &str = "__container_id__";
-pub const SERVICE_NAME: &str = "service_name";
 const K8S_CONTAINER_ID: &str = "__meta_kubernetes_pod_container_id";
 const DOCKER_CONTAINER_ID: &str = "__meta_docker_container_id";
 const SWARM_CONTAINER_ID: &str = "__meta_dockerswarm_task_container_id";
@@ -178,15 +176,6 @@ pub fn infer_service_name(labels: &Labels) -> String {
         .or_else(|| non_empty(SWARM_SERVICE_NAME))
         .cloned()
         .unwrap_or_else(|| UNSPECIFIED.to_owned())
-}
-
-/// Prometheus' legacy label name rule: `[a-zA-Z_][a-zA-Z0-9_]*`.
-pub fn is_valid_label_name(name: &str) -> bool {
-    let mut chars = name.chars();
-    chars
-        .next()
-        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
-        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
 /// Label values longer than this are refused, as Pyroscope's distributor does by default.

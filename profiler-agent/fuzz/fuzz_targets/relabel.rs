@@ -11,9 +11,8 @@
 use libfuzzer_sys::arbitrary::{self, Unstructured};
 use libfuzzer_sys::fuzz_target;
 use profiler_agent::config::AgentConfig;
-use profiler_agent::discovery::relabel::{
-    Action, Labels, RelabelConfig, RelabelConfigSpec, is_valid_label_name, process,
-};
+use profiler_agent::discovery::relabel::{Action, RelabelConfig, RelabelConfigSpec, process};
+use profiler_agent::labels::{Labels, is_valid_label_name};
 
 const ACTIONS: [&str; 11] = [
     "replace",

@@ -5,11 +5,10 @@
 //! Owns the `[capture]` configuration, the concurrency limit, the perf-event descriptor
 //! budget ([`events`]: a process with more than 1024 threads is sampled per CPU with a pid
 //! filter instead of per thread) and the capture metrics; [`trigger`] starts captures on CPU
-//! and memory thresholds, [`keep`] keeps the triggered ones in a directory, and [`reload`]
-//! applies `[capture]` and `[[trigger]]` on SIGHUP.
+//! and memory thresholds (kept in a directory through the directory sink,
+//! `crate::write::directory`), and [`reload`] applies `[capture]` and `[[trigger]]` on SIGHUP.
 
 pub mod events;
-pub mod keep;
 pub mod reload;
 pub mod request;
 pub mod trigger;

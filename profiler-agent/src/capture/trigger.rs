@@ -20,14 +20,14 @@ use regex::Regex;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use super::{CaptureError, Capturer, keep::keep_capture, request};
+use super::{CaptureError, Capturer, request};
 use crate::{
     duration,
+    labels::{Labels, SERVICE_NAME, check_label_name},
     metrics::AgentMetrics,
     process::{cgroup, procfs},
-    targets::{Labels, SERVICE_NAME, TargetSet},
-    write::Submit,
-    write::{ProfileSeries, config::check_label_name},
+    targets::TargetSet,
+    write::{ProfileSeries, Submit, directory::keep_capture},
 };
 
 /// One `[[trigger]]`.
@@ -288,9 +288,9 @@ impl Monitor {
     }
 
     fn check(&mut self, elapsed: Duration) {
-        let ticks_per_s = clock_ticks() as f64;
+        let ticks_per_s = procfs::clock_ticks() as f64;
         let mem_total = mem_total_bytes(&self.proc_root);
-        let page = page_size();
+        let page = procfs::page_size();
         let me = std::process::id();
         let mut seen = HashMap::with_capacity(self.readings.len());
         for pid in procfs::pids(&self.proc_root).filter(|&pid| pid != me) {
@@ -441,18 +441,6 @@ impl TriggeredCapture {
             samples: built.total_samples,
         }]);
     }
-}
-
-fn clock_ticks() -> u64 {
-    // SAFETY: sysconf has no preconditions.
-    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    if ticks > 0 { ticks as u64 } else { 100 }
-}
-
-fn page_size() -> u64 {
-    // SAFETY: sysconf has no preconditions.
-    let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    if size > 0 { size as u64 } else { 4096 }
 }
 
 #[cfg(test)]

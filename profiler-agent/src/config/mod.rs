@@ -21,10 +21,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     capture::{CaptureConfig, trigger::TriggerConfig},
-    discovery::{docker::DockerConfig, kubernetes::KubernetesConfig, relabel::RelabelConfig},
+    discovery::{DiscoveryConfig, relabel::RelabelConfig},
+    labels::{Labels, is_valid_label_name},
     profile::CommMode,
     symbolize::{CacheConfig, Demangle},
-    targets::{Labels, TargetOptions, is_valid_label_name},
+    targets::TargetOptions,
     write::WriteConfig,
 };
 
@@ -104,31 +105,6 @@ impl Default for AgentConfig {
             server: ServerConfig::default(),
             capture: CaptureConfig::default(),
             trigger: Vec::new(),
-        }
-    }
-}
-
-/// Discovery providers; a provider runs when its table is present.
-#[derive(Clone, Debug, Default, Deserialize, Serialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct DiscoveryConfig {
-    pub docker: Option<DockerConfig>,
-    pub kubernetes: Option<KubernetesConfig>,
-    pub process: Option<ProcessDiscoveryConfig>,
-}
-
-#[derive(Clone, Debug, Deserialize, Serialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct ProcessDiscoveryConfig {
-    /// How often /proc is scanned (default 60s, as Alloy's discovery.process).
-    #[serde(with = "crate::duration::positive")]
-    pub refresh_interval: Duration,
-}
-
-impl Default for ProcessDiscoveryConfig {
-    fn default() -> Self {
-        Self {
-            refresh_interval: Duration::from_secs(60),
         }
     }
 }

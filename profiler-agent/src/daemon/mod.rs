@@ -25,7 +25,10 @@ use crate::{
     bpf::BpfError,
     capture::{Capturer, reload::Triggers},
     config::{AgentConfig, ConfigError},
-    discovery::{kubernetes::KubernetesError, manager::Discovery},
+    discovery::{
+        kubernetes::KubernetesError,
+        manager::{Discovery, TargetsTx},
+    },
     metrics::AgentMetrics,
     profile::BuildOptions,
     server::{self, CaptureApi, ServerState},
@@ -166,7 +169,7 @@ async fn run_async(source: ConfigSource, mut config: AgentConfig) -> Result<(), 
         &config.write,
         write_metrics.clone(),
     )?)));
-    let mut discovery = Discovery::start(
+    let mut discovery = start_discovery(
         &config,
         targets_tx.clone(),
         ready_tx.clone(),
@@ -242,7 +245,7 @@ async fn run_async(source: ConfigSource, mut config: AgentConfig) -> Result<(), 
                     Ok(new_config) => {
                         // Discovery restarts; the last published targets stay until then.
                         drop(discovery);
-                        discovery = Discovery::start(
+                        discovery = start_discovery(
                             &new_config,
                             targets_tx.clone(),
                             ready_tx.clone(),
@@ -275,6 +278,25 @@ async fn run_async(source: ConfigSource, mut config: AgentConfig) -> Result<(), 
     let _ = server_stop_tx.send(true);
     let _ = server.await;
     Ok(())
+}
+
+/// Starts the discovery `config` describes, publishing into `targets` and flipping `ready`
+/// once the first set is built.
+async fn start_discovery(
+    config: &AgentConfig,
+    targets: TargetsTx,
+    ready: Arc<watch::Sender<bool>>,
+    metrics: Arc<AgentMetrics>,
+) -> Result<Discovery, KubernetesError> {
+    let providers = Discovery::providers(&config.discovery, config.targets.clone()).await?;
+    Ok(Discovery::start(
+        providers,
+        config.relabel.clone(),
+        config.target_options(),
+        targets,
+        ready,
+        metrics,
+    ))
 }
 
 fn listener_display(address: std::net::SocketAddr) -> String {

@@ -1,7 +1,7 @@
 //! Docker container discovery, the label sets of Prometheus' `docker_sd` (as used by Alloy's
 //! `discovery.docker`), kept current from the Docker events stream.
 //!
-//! [`DockerDiscovery::run`] lists the running containers, then follows the daemon's events
+//! [`DockerDiscovery::run`] (the `docker` [`Provider`]) lists the running containers, then follows the daemon's events
 //! (`start`, `die`, `stop`, `kill`, `destroy`, `rename`, `pause`, `unpause`, `restart`) and
 //! lists again after each of them, and every `refresh_interval` as a safety net. The full set
 //! of current targets, one label set per container sorted by container id, is published on a
@@ -26,10 +26,13 @@
 //! good set published meanwhile, counts every failure ([`DockerDiscovery::errors`]) and logs a
 //! warning once per cause until it recovers.
 
-use super::sanitize_label_name;
-use crate::backoff::Backoff;
+use super::Provider;
+use crate::{
+    backoff::Backoff,
+    labels::{Labels, sanitize_label_name},
+};
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::HashMap,
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
@@ -42,12 +45,9 @@ use bollard::{
     models::{ContainerSummary, EventMessage},
     query_parameters::{EventsOptions, ListContainersOptions},
 };
-use futures_util::StreamExt as _;
+use futures_util::{StreamExt as _, future::BoxFuture};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
-
-/// One target: label name to value.
-pub type Labels = BTreeMap<String, String>;
 
 pub const LABEL_CONTAINER_ID: &str = "__meta_docker_container_id";
 pub const LABEL_CONTAINER_NAME: &str = "__meta_docker_container_name";
@@ -344,6 +344,20 @@ fn event_needs_list(
         None => Err(DockerDiscoveryError::EventsEnded),
         Some(Err(e)) => Err(DockerDiscoveryError::Events(e)),
         Some(Ok(m)) => Ok(is_relevant(&m)),
+    }
+}
+
+impl Provider for DockerDiscovery {
+    fn name(&self) -> &'static str {
+        "docker"
+    }
+
+    fn errors(&self) -> Arc<AtomicU64> {
+        DockerDiscovery::errors(self)
+    }
+
+    fn run(self: Box<Self>, tx: watch::Sender<Vec<Labels>>) -> BoxFuture<'static, ()> {
+        Box::pin(DockerDiscovery::run(*self, tx))
     }
 }
 

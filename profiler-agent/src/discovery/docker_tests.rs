@@ -47,24 +47,6 @@ fn labels(pairs: &[(&str, &str)]) -> Labels {
 }
 
 #[test]
-fn sanitizes_label_names_like_prometheus() {
-    assert_eq!(
-        sanitize_label_name("app.kubernetes.io/name"),
-        "app_kubernetes_io_name"
-    );
-    assert_eq!(
-        sanitize_label_name("com.docker.compose.project"),
-        "com_docker_compose_project"
-    );
-    assert_eq!(sanitize_label_name("a-b c:d"), "a_b_c_d");
-    assert_eq!(sanitize_label_name("Already_OK_09"), "Already_OK_09");
-    // One underscore per character, not per UTF-8 byte (Go's regexp works on runes).
-    assert_eq!(sanitize_label_name("café"), "caf_");
-    assert_eq!(sanitize_label_name("9lives"), "9lives");
-    assert_eq!(sanitize_label_name(""), "");
-}
-
-#[test]
 fn builds_labels_without_the_leading_slash() {
     let c = summary(
         ID_A,

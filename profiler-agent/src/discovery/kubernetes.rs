@@ -1,5 +1,5 @@
-//! Kubernetes pod discovery: the pods of this node as targets, labelled as Prometheus'
-//! `kubernetes_sd_configs` role `pod` labels them.
+//! Kubernetes pod discovery (the `kubernetes` [`super::Provider`]): the pods of this node as
+//! targets, labelled as Prometheus' `kubernetes_sd_configs` role `pod` labels them.
 //!
 //! The real `kube` client lists the pods with `fieldSelector=spec.nodeName=<node>`, then
 //! watches from the list's resourceVersion (kube's runtime watcher, which relists when the
@@ -21,8 +21,8 @@
 //! empty label as an absent one); the optional node, namespace, deployment and job metadata
 //! are not attached.
 
-use super::sanitize_label_name;
 use crate::backoff::Backoff;
+use crate::labels::{Labels, sanitize_label_name};
 use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;
 use std::pin::pin;
@@ -30,16 +30,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use futures_util::StreamExt;
+use futures_util::{StreamExt, future::BoxFuture};
 use k8s_openapi::api::core::v1::{ContainerStatus, Pod};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::runtime::watcher;
 use kube::{Api, Client};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
-
-/// One target: label name to value.
-pub type Labels = BTreeMap<String, String>;
 
 /// The environment variable naming this node when `node_name` is not configured (set it
 /// from the downward API: `fieldRef: {fieldPath: spec.nodeName}`).
@@ -268,6 +265,20 @@ fn needs_restart(err: &watcher::Error) -> bool {
         watcher::Error::WatchStartFailed(kube::Error::Api(status))
         | watcher::Error::WatchFailed(kube::Error::Api(status)) => status.code == 410,
         _ => false,
+    }
+}
+
+impl super::Provider for PodDiscovery {
+    fn name(&self) -> &'static str {
+        "kubernetes"
+    }
+
+    fn errors(&self) -> Arc<AtomicU64> {
+        PodDiscovery::errors(self)
+    }
+
+    fn run(self: Box<Self>, tx: watch::Sender<Vec<Labels>>) -> BoxFuture<'static, ()> {
+        Box::pin(PodDiscovery::run(*self, tx))
     }
 }
 

@@ -1,8 +1,10 @@
 //! Runs the configured providers and turns their label sets into the current [`TargetSet`]:
-//! static targets, Docker, Kubernetes and process scans each publish their full set; every
-//! change is relabeled and resolved into a new set, published on a watch channel that the
-//! pipeline reads once per interval (so processes seen before their target existed are
-//! matched as soon as it does).
+//! [`Discovery::providers`] lists what the config enables (static targets, Docker,
+//! Kubernetes, process scans) as `Box<dyn Provider>`, each runs in its own task and publishes
+//! its full set; every change is relabeled and resolved into a new set, published on a watch
+//! channel that the pipeline reads once per interval (so processes seen before their target
+//! existed are matched as soon as it does). The first set waits until every provider
+//! answered or failed once, or for `FIRST_ROUND_TIMEOUT`.
 //!
 //! Providers that fail keep retrying inside their own task and keep their last good targets;
 //! their failure counts are exported per provider. Dropping [`Discovery`] stops every
@@ -23,15 +25,17 @@ use tokio::{
 };
 
 use super::{
+    DiscoveryConfig, Provider,
     docker::DockerDiscovery,
     kubernetes::{KubernetesError, PodDiscovery},
-    process,
+    process::ProcessDiscovery,
     relabel::{self, RelabelConfig},
+    static_targets::StaticTargets,
 };
 use crate::{
-    config::AgentConfig,
+    labels::Labels,
     metrics::{AgentMetrics, ProviderLabel},
-    targets::{Labels, TargetOptions, TargetSet},
+    targets::{TargetOptions, TargetSet},
 };
 
 /// Longest wait for every provider's first answer before the first set is built anyway.
@@ -59,78 +63,68 @@ struct Update {
     targets: Vec<Labels>,
 }
 
-struct Provider {
+/// What the combiner keeps of a provider once its task runs.
+struct Source {
     name: &'static str,
     errors: Arc<AtomicU64>,
 }
 
 impl Discovery {
-    /// Starts the providers of `config` and the combiner publishing into `targets`, which
-    /// flips `ready` to true once the first set is built. Must run inside a tokio runtime.
-    pub async fn start(
-        config: &AgentConfig,
+    /// The providers to run: the configured static `targets`, then Docker, Kubernetes and
+    /// process scans when `config` has their tables.
+    pub async fn providers(
+        config: &DiscoveryConfig,
+        targets: Vec<Labels>,
+    ) -> Result<Vec<Box<dyn Provider>>, KubernetesError> {
+        let mut providers: Vec<Box<dyn Provider>> = vec![Box::new(StaticTargets::new(targets))];
+        if let Some(docker) = &config.docker {
+            providers.push(Box::new(DockerDiscovery::new(docker.clone())));
+        }
+        if let Some(kubernetes) = &config.kubernetes {
+            providers.push(Box::new(PodDiscovery::from_config(kubernetes).await?));
+        }
+        if let Some(scan) = &config.process {
+            providers.push(Box::new(ProcessDiscovery::new(scan.refresh_interval)));
+        }
+        Ok(providers)
+    }
+
+    /// Runs `providers`, each in its own task, and the combiner that relabels their sets
+    /// and publishes the result into `targets`, flipping `ready` to true once the first set
+    /// is built. Must run inside a tokio runtime.
+    pub fn start(
+        providers: Vec<Box<dyn Provider>>,
+        relabel: Vec<RelabelConfig>,
+        options: TargetOptions,
         targets: TargetsTx,
         ready: Arc<watch::Sender<bool>>,
         metrics: Arc<AgentMetrics>,
-    ) -> Result<Self, KubernetesError> {
+    ) -> Self {
         let (updates_tx, updates_rx) = mpsc::channel::<Update>(16);
-        let mut providers = Vec::new();
-        let mut tasks = Vec::new();
-        let mut initial = vec![config.targets.clone()];
-        providers.push(Provider {
-            name: "static",
-            errors: Arc::default(),
-        });
-
-        let mut add =
-            |name: &'static str,
-             errors: Arc<AtomicU64>,
-             spawn: &mut dyn FnMut(watch::Sender<Vec<Labels>>) -> JoinHandle<()>| {
-                let (tx, rx) = watch::channel(Vec::new());
-                let index = providers.len();
-                providers.push(Provider { name, errors });
-                initial.push(Vec::new());
-                tasks.push(spawn(tx));
-                tasks.push(tokio::spawn(forward(index, rx, updates_tx.clone())));
-            };
-
-        if let Some(docker) = &config.discovery.docker {
-            let provider = DockerDiscovery::new(docker.clone());
-            let errors = provider.errors();
-            let mut provider = Some(provider);
-            add("docker", errors, &mut |tx| {
-                let p = provider.take().expect("spawned once");
-                tokio::spawn(p.run(tx))
+        let mut sources = Vec::with_capacity(providers.len());
+        let mut tasks = Vec::with_capacity(2 * providers.len() + 1);
+        for (index, provider) in providers.into_iter().enumerate() {
+            let (tx, rx) = watch::channel(Vec::new());
+            sources.push(Source {
+                name: provider.name(),
+                errors: provider.errors(),
             });
-        }
-        if let Some(kubernetes) = &config.discovery.kubernetes {
-            let provider = PodDiscovery::from_config(kubernetes).await?;
-            let errors = provider.errors();
-            let mut provider = Some(provider);
-            add("kubernetes", errors, &mut |tx| {
-                let p = provider.take().expect("spawned once");
-                tokio::spawn(p.run(tx))
-            });
-        }
-        if let Some(scan) = &config.discovery.process {
-            let period = scan.refresh_interval;
-            add("process", Arc::default(), &mut |tx| {
-                tokio::spawn(scan_processes(period, tx))
-            });
+            tasks.push(tokio::spawn(provider.run(tx)));
+            tasks.push(tokio::spawn(forward(index, rx, updates_tx.clone())));
         }
         drop(updates_tx);
 
         let combiner = Combiner {
-            providers,
-            current: initial,
-            relabel: config.relabel.clone(),
-            options: config.target_options(),
+            current: vec![Vec::new(); sources.len()],
+            sources,
+            relabel,
+            options,
             metrics,
             errors_seen: Vec::new(),
             logged: HashSet::new(),
         };
         tasks.push(tokio::spawn(combiner.run(updates_rx, targets, ready)));
-        Ok(Self { tasks })
+        Self { tasks }
     }
 }
 
@@ -143,28 +137,8 @@ async fn forward(provider: usize, mut rx: watch::Receiver<Vec<Labels>>, tx: mpsc
     }
 }
 
-/// `discovery.process`: a fresh scan of /proc every `period`, off the async threads.
-async fn scan_processes(period: Duration, tx: watch::Sender<Vec<Labels>>) {
-    let mut tick = tokio::time::interval(period);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            () = tx.closed() => return,
-        }
-        let scan = tokio::task::spawn_blocking(|| process::scan(std::path::Path::new("/proc")));
-        if let Ok(targets) = scan.await {
-            tx.send_if_modified(|current| {
-                let changed = *current != targets;
-                *current = targets;
-                changed
-            });
-        }
-    }
-}
-
 struct Combiner {
-    providers: Vec<Provider>,
+    sources: Vec<Source>,
     current: Vec<Vec<Labels>>,
     relabel: Vec<RelabelConfig>,
     options: TargetOptions,
@@ -181,9 +155,9 @@ impl Combiner {
         targets: TargetsTx,
         ready: Arc<watch::Sender<bool>>,
     ) {
-        self.errors_seen = vec![0; self.providers.len()];
+        self.errors_seen = vec![0; self.sources.len()];
         // The first set waits until every provider answered or failed once.
-        let mut answered: Vec<bool> = (0..self.providers.len()).map(|i| i == 0).collect();
+        let mut answered = vec![false; self.sources.len()];
         let first_deadline = tokio::time::Instant::now() + FIRST_ROUND_TIMEOUT;
         let mut poll = tokio::time::interval(Duration::from_millis(250));
         let mut published = false;
@@ -224,7 +198,7 @@ impl Combiner {
 
     /// Exports provider failures; returns which providers failed since the last call.
     fn count_errors(&mut self) -> Vec<bool> {
-        self.providers
+        self.sources
             .iter()
             .zip(self.errors_seen.iter_mut())
             .map(|(p, seen)| {
@@ -266,6 +240,8 @@ impl Combiner {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::AgentConfig;
+    use futures_util::future::BoxFuture;
     use prometheus_client::registry::Registry;
 
     #[tokio::test]
@@ -299,14 +275,17 @@ mod tests {
         let metrics = Arc::new(AgentMetrics::register(&mut registry));
         let (targets_tx, mut targets_rx) = watch::channel(Arc::new(TargetSet::default()));
         let (ready_tx, mut ready_rx) = watch::channel(false);
+        let providers = Discovery::providers(&config.discovery, config.targets.clone())
+            .await
+            .unwrap();
         let _discovery = Discovery::start(
-            &config,
+            providers,
+            config.relabel.clone(),
+            config.target_options(),
             Arc::new(targets_tx),
             Arc::new(ready_tx),
             metrics.clone(),
-        )
-        .await
-        .unwrap();
+        );
         tokio::time::timeout(Duration::from_secs(5), ready_rx.wait_for(|r| *r))
             .await
             .expect("ready with only static targets")
@@ -317,5 +296,179 @@ mod tests {
         assert_eq!(set.resolve(4242, None).unwrap().service_name(), "svc-db");
         assert_eq!(set.resolve(1, Some("abc")).unwrap().service_name(), "web");
         assert!(set.resolve(7, None).is_none());
+    }
+
+    /// Publishes `targets` once, as a provider whose source never changes.
+    struct Fixed(Vec<Labels>);
+
+    impl Provider for Fixed {
+        fn name(&self) -> &'static str {
+            "fixed"
+        }
+
+        fn run(self: Box<Self>, tx: watch::Sender<Vec<Labels>>) -> BoxFuture<'static, ()> {
+            Box::pin(async move {
+                tx.send_replace(self.0);
+                tx.closed().await;
+            })
+        }
+    }
+
+    /// Cannot reach its source: counts one failure and never publishes.
+    #[derive(Default)]
+    struct Failing(Arc<AtomicU64>);
+
+    impl Provider for Failing {
+        fn name(&self) -> &'static str {
+            "failing"
+        }
+
+        fn errors(&self) -> Arc<AtomicU64> {
+            self.0.clone()
+        }
+
+        fn run(self: Box<Self>, tx: watch::Sender<Vec<Labels>>) -> BoxFuture<'static, ()> {
+            Box::pin(async move {
+                self.0.fetch_add(1, Ordering::Relaxed);
+                tx.closed().await;
+            })
+        }
+    }
+
+    /// Publishes each set the test sends it.
+    struct Scripted(mpsc::Receiver<Vec<Labels>>);
+
+    impl Provider for Scripted {
+        fn name(&self) -> &'static str {
+            "scripted"
+        }
+
+        fn run(mut self: Box<Self>, tx: watch::Sender<Vec<Labels>>) -> BoxFuture<'static, ()> {
+            Box::pin(async move {
+                while let Some(set) = self.0.recv().await {
+                    tx.send_replace(set);
+                }
+                tx.closed().await;
+            })
+        }
+    }
+
+    fn target(pairs: &[(&str, &str)]) -> Labels {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    struct Running {
+        _discovery: Discovery,
+        targets: watch::Receiver<Arc<TargetSet>>,
+        ready: watch::Receiver<bool>,
+        metrics: Arc<AgentMetrics>,
+    }
+
+    fn run(providers: Vec<Box<dyn Provider>>) -> Running {
+        let metrics = Arc::new(AgentMetrics::register(&mut Registry::default()));
+        let (targets_tx, targets) = watch::channel(Arc::new(TargetSet::default()));
+        let (ready_tx, ready) = watch::channel(false);
+        let discovery = Discovery::start(
+            providers,
+            Vec::new(),
+            TargetOptions::default(),
+            Arc::new(targets_tx),
+            Arc::new(ready_tx),
+            metrics.clone(),
+        );
+        Running {
+            _discovery: discovery,
+            targets,
+            ready,
+            metrics,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failing_provider_does_not_hold_back_the_others() {
+        let failing = Failing::default();
+        let errors = failing.errors();
+        let mut running = run(vec![
+            Box::new(Fixed(vec![target(&[
+                ("__process_pid__", "10"),
+                ("service_name", "a"),
+            ])])),
+            Box::new(failing),
+            Box::new(Fixed(vec![target(&[
+                ("__container_id__", "c1"),
+                ("service_name", "b"),
+            ])])),
+        ]);
+        // Well before FIRST_ROUND_TIMEOUT: the failure counts as the provider's answer.
+        assert!(FIRST_ROUND_TIMEOUT > Duration::from_secs(5));
+        tokio::time::timeout(Duration::from_secs(5), running.ready.wait_for(|r| *r))
+            .await
+            .expect("ready although one provider fails")
+            .unwrap();
+        let set = running.targets.borrow_and_update().clone();
+        assert_eq!(set.active(), 2);
+        assert_eq!(set.resolve(10, None).unwrap().service_name(), "a");
+        assert_eq!(set.resolve(11, Some("c1")).unwrap().service_name(), "b");
+        assert_eq!(errors.load(Ordering::Relaxed), 1);
+        let exported = |provider: &str| {
+            running
+                .metrics
+                .discovery_errors
+                .get_or_create(&ProviderLabel {
+                    provider: provider.to_owned(),
+                })
+                .get()
+        };
+        assert_eq!(exported("failing"), 1);
+        assert_eq!(exported("fixed"), 0);
+    }
+
+    #[tokio::test]
+    async fn the_first_set_waits_for_every_provider_and_later_sets_replace_earlier_ones() {
+        let (script, scripted) = mpsc::channel(4);
+        let mut running = run(vec![
+            Box::new(Fixed(vec![target(&[("__process_pid__", "1")])])),
+            Box::new(Scripted(scripted)),
+        ]);
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        assert!(
+            !*running.ready.borrow(),
+            "published before every provider answered"
+        );
+
+        script
+            .send(vec![target(&[("__process_pid__", "2")])])
+            .await
+            .unwrap();
+        tokio::time::timeout(Duration::from_secs(5), running.ready.wait_for(|r| *r))
+            .await
+            .expect("ready once every provider answered")
+            .unwrap();
+        let set = running.targets.borrow_and_update().clone();
+        assert_eq!(set.active(), 2);
+        assert!(set.resolve(2, None).is_some());
+
+        script
+            .send(vec![target(&[("__process_pid__", "3")])])
+            .await
+            .unwrap();
+        tokio::time::timeout(Duration::from_secs(5), running.targets.changed())
+            .await
+            .expect("a new set")
+            .unwrap();
+        let set = running.targets.borrow_and_update().clone();
+        assert_eq!(set.active(), 2);
+        assert!(
+            set.resolve(1, None).is_some(),
+            "the other provider's target stays"
+        );
+        assert!(
+            set.resolve(2, None).is_none(),
+            "replaced by the provider's new set"
+        );
+        assert!(set.resolve(3, None).is_some());
     }
 }

@@ -2,19 +2,82 @@
 //! target carrying `__process_pid__` (so it matches exactly that process), its container id
 //! when it runs in one, and `__meta_process_exe`, `__meta_process_commandline` and
 //! `__meta_process_username` for relabel rules to select or name it. Processes that vanish
-//! mid-read are skipped: the next scan is a fresh one.
+//! mid-read are skipped: the next scan is a fresh one. [`ProcessDiscovery`] is the provider:
+//! a fresh [`scan`] of /proc every `refresh_interval`, off the async threads.
 
-use std::{collections::HashMap, path::Path};
+use std::{collections::HashMap, path::Path, time::Duration};
 
+use futures_util::future::BoxFuture;
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use super::Provider;
 use crate::{
+    labels::Labels,
     process::{cgroup, procfs},
-    targets::Labels,
 };
 
 pub const EXE: &str = "__meta_process_exe";
 pub const COMMANDLINE: &str = "__meta_process_commandline";
 pub const USERNAME: &str = "__meta_process_username";
 pub const UID: &str = "__meta_process_uid";
+
+/// `[discovery.process]`.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ProcessDiscoveryConfig {
+    /// How often /proc is scanned (default 60s, as Alloy's discovery.process).
+    #[serde(with = "crate::duration::positive")]
+    pub refresh_interval: Duration,
+}
+
+impl Default for ProcessDiscoveryConfig {
+    fn default() -> Self {
+        Self {
+            refresh_interval: Duration::from_secs(60),
+        }
+    }
+}
+
+/// `discovery.process`: scans /proc every `period`.
+pub struct ProcessDiscovery {
+    period: Duration,
+}
+
+impl ProcessDiscovery {
+    pub fn new(period: Duration) -> Self {
+        Self { period }
+    }
+}
+
+impl Provider for ProcessDiscovery {
+    fn name(&self) -> &'static str {
+        "process"
+    }
+
+    fn run(self: Box<Self>, tx: watch::Sender<Vec<Labels>>) -> BoxFuture<'static, ()> {
+        Box::pin(scan_every(self.period, tx))
+    }
+}
+
+async fn scan_every(period: Duration, tx: watch::Sender<Vec<Labels>>) {
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = tx.closed() => return,
+        }
+        let scan = tokio::task::spawn_blocking(|| scan(Path::new("/proc")));
+        if let Ok(targets) = scan.await {
+            tx.send_if_modified(|current| {
+                let changed = *current != targets;
+                *current = targets;
+                changed
+            });
+        }
+    }
+}
 
 /// One scan of `proc_root` (normally /proc). Kernel threads (no executable) are left out.
 pub fn scan(proc_root: &Path) -> Vec<Labels> {

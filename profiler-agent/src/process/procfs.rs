@@ -1,8 +1,11 @@
-//! The small /proc readings several stages share: which pids exist, a process's CPU time,
-//! start time and resident pages from /proc/PID/stat, and its command line. Each returns
-//! `None` (or skips the pid) when the process is gone or the file is unreadable.
+//! The one /proc reader for what several stages share: which pids exist, a process's CPU
+//! time, start time and resident pages from /proc/PID/stat (the agent's own, for its
+//! metrics, and every other process's, for the registry and the trigger monitor), its
+//! command line, and the units those counts are in ([`clock_ticks`], [`page_size`], read
+//! once). Each reading returns `None` (or skips the pid) when the process is gone or the
+//! file is unreadable.
 
-use std::path::Path;
+use std::{path::Path, sync::LazyLock};
 
 /// The pids under `proc_root`; empty if it cannot be read.
 pub fn pids(proc_root: &Path) -> impl Iterator<Item = u32> + use<> {
@@ -24,9 +27,13 @@ pub struct Stat {
     pub rss_pages: u64,
 }
 
-/// /proc/PID/stat of the process directory `proc_pid`.
+/// /proc/PID/stat of the process directory `proc_pid` (`/proc/self` for the agent).
 pub fn stat(proc_pid: &Path) -> Option<Stat> {
-    let stat = std::fs::read_to_string(proc_pid.join("stat")).ok()?;
+    parse_stat(&std::fs::read_to_string(proc_pid.join("stat")).ok()?)
+}
+
+/// The fields of [`Stat`] from the text of a /proc/PID/stat file.
+pub fn parse_stat(stat: &str) -> Option<Stat> {
     // comm (field 2) may contain spaces and parentheses: fields resume after the last ')',
     // at field 3.
     let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
@@ -36,6 +43,29 @@ pub fn stat(proc_pid: &Path) -> Option<Stat> {
         start_time: field(22)?,
         rss_pages: field(24)?,
     })
+}
+
+/// Clock ticks per second, the unit of [`Stat::cpu_ticks`] and [`Stat::start_time`]
+/// (`sysconf(_SC_CLK_TCK)`, 100 if it fails).
+pub fn clock_ticks() -> u64 {
+    static TICKS: LazyLock<u64> = LazyLock::new(|| sysconf_or(libc::_SC_CLK_TCK, 100));
+    *TICKS
+}
+
+/// Bytes per page, the unit of [`Stat::rss_pages`] (`sysconf(_SC_PAGESIZE)`, 4096 if it
+/// fails).
+pub fn page_size() -> u64 {
+    static SIZE: LazyLock<u64> = LazyLock::new(|| sysconf_or(libc::_SC_PAGESIZE, 4096));
+    *SIZE
+}
+
+fn sysconf_or(name: libc::c_int, fallback: u64) -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    let value = unsafe { libc::sysconf(name) };
+    u64::try_from(value)
+        .ok()
+        .filter(|v| *v > 0)
+        .unwrap_or(fallback)
 }
 
 /// The command line, arguments joined by spaces; `None` for kernel threads (which have
@@ -68,6 +98,18 @@ mod tests {
         assert_eq!((s.cpu_ticks, s.start_time, s.rss_pages), (42, 555, 77));
         std::fs::write(dir.path().join("stat"), "7 (short) R 1").unwrap();
         assert_eq!(stat(dir.path()), None);
+        assert_eq!(parse_stat("7 no-parenthesis R 1 1 1"), None);
+        assert_eq!(stat(&dir.path().join("absent")), None);
+    }
+
+    #[test]
+    fn this_process_and_its_units() {
+        let me = stat(Path::new("/proc/self")).expect("/proc/self/stat");
+        assert!(me.start_time > 0);
+        assert!(me.rss_pages * page_size() > 1 << 20, "{me:?}");
+        // Linux reports stat times in USER_HZ, 100 on every architecture it supports.
+        assert_eq!(clock_ticks(), 100);
+        assert!(page_size().is_power_of_two() && page_size() >= 4096);
     }
 
     #[test]

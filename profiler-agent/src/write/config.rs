@@ -8,7 +8,7 @@ use std::{collections::BTreeMap, fmt, path::PathBuf, time::Duration};
 
 use serde::{Deserialize, Serialize};
 
-use super::Labels;
+use crate::labels::{Labels, check_label_name};
 
 /// Default per-endpoint queue length, in batches (one batch per collect interval: 16 batches
 /// of 15 s are four minutes of profiles kept while an endpoint is down).
@@ -375,19 +375,4 @@ impl EndpointConfig {
 pub(crate) fn read_secret(path: &std::path::Path) -> Result<Secret, String> {
     let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
     Ok(Secret(text.trim_end_matches(['\r', '\n']).to_string()))
-}
-
-/// Prometheus label-name rules; `__` names are reserved for the agent.
-pub(crate) fn check_label_name(name: &str) -> Result<(), &'static str> {
-    let mut chars = name.chars();
-    let first_ok = chars
-        .next()
-        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_');
-    if !first_ok || !chars.all(|c| c.is_ascii_alphanumeric() || c == '_') {
-        return Err("not a valid label name ([a-zA-Z_][a-zA-Z0-9_]*)");
-    }
-    if name.starts_with("__") {
-        return Err("names starting with __ are reserved");
-    }
-    Ok(())
 }

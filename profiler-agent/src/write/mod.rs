@@ -26,8 +26,7 @@ pub use config::{
 pub use metrics::{DropReason, WriteMetrics};
 pub use queue::RetryPolicy;
 
-/// A label set, sorted by name.
-pub type Labels = std::collections::BTreeMap<String, String>;
+use crate::labels::{Labels, SERVICE_NAME};
 
 /// Where built profiles go: the daemon's current writer (its `submit` only enqueues).
 pub type Submit = std::sync::Arc<dyn Fn(Vec<ProfileSeries>) + Send + Sync>;
@@ -56,7 +55,7 @@ impl ProfileSeries {
     /// `service_name`, or `unspecified`.
     pub fn service_name(&self) -> &str {
         self.labels
-            .get("service_name")
+            .get(SERVICE_NAME)
             .map_or("unspecified", String::as_str)
     }
 }

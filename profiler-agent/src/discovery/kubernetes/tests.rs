@@ -1,4 +1,4 @@
-//! Unit tests: labels, sanitising, config, backoff; the pod fixtures shared with
+//! Unit tests: labels, config, backoff; the pod fixtures shared with
 //! `watch_tests`.
 
 use serde_json::{Value, json};
@@ -176,16 +176,6 @@ fn pod_label_edge_cases() {
         pod_targets(&from_json(p))[0]["__meta_kubernetes_pod_ready"],
         "false"
     );
-}
-
-#[test]
-fn sanitizes_like_prometheus() {
-    assert_eq!(
-        sanitize_label_name("app.kubernetes.io/name"),
-        "app_kubernetes_io_name"
-    );
-    assert_eq!(sanitize_label_name("a-b_c9"), "a_b_c9");
-    assert_eq!(sanitize_label_name("ünï"), "_n_");
 }
 
 #[test]

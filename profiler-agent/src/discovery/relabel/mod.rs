@@ -6,8 +6,9 @@
 //! deserialized): a [`RelabelConfig`] that exists is one Prometheus would accept, so
 //! [`process`] never fails and never panics.
 //!
-//! Label names follow Prometheus' legacy rule (`[a-zA-Z_][a-zA-Z0-9_]*`), the one Alloy's
-//! pyroscope components and the Pyroscope push API expect. Regexes use Go's RE2 syntax and
+//! Label names follow Prometheus' legacy rule (`[a-zA-Z_][a-zA-Z0-9_]*`,
+//! [`crate::labels::is_valid_label_name`]), the one Alloy's pyroscope components and the
+//! Pyroscope push API expect. Regexes use Go's RE2 syntax and
 //! `$` templates Go's `Regexp.Expand` rules, reproduced in [`go`].
 
 #[cfg(test)]
@@ -16,7 +17,7 @@ mod go;
 #[cfg(test)]
 mod tests;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::fmt;
 use std::str::FromStr;
 use std::sync::LazyLock;
@@ -25,8 +26,7 @@ use md5::{Digest, Md5};
 use regex::{Captures, Regex, RegexBuilder};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-/// A target's label set, ordered by name as Prometheus keeps labels.
-pub type Labels = BTreeMap<String, String>;
+use crate::labels::{Labels, is_valid_label_name};
 
 /// What a rule does; names as in Prometheus, matched case-insensitively as it does.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -249,15 +249,6 @@ fn compile_anchored(pattern: &str) -> Result<Regex, RelabelError> {
         .octal(true)
         .build()
         .map_err(|e| fail(e.to_string().lines().last().unwrap_or_default().to_owned()))
-}
-
-/// Whether `name` is a label name under Prometheus' legacy rule `[a-zA-Z_][a-zA-Z0-9_]*`.
-pub fn is_valid_label_name(name: &str) -> bool {
-    let mut bytes = name.bytes();
-    bytes
-        .next()
-        .is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
-        && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_')
 }
 
 /// A name that becomes valid once its `$1`/`${name}` references are filled with word

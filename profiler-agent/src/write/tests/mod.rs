@@ -13,9 +13,9 @@ use std::{
 };
 
 use super::{
-    EndpointConfig, Labels, ProfileSeries, Protocol, WriteConfig, WriteConfigError, WriteMetrics,
-    Writer,
+    EndpointConfig, ProfileSeries, Protocol, WriteConfig, WriteConfigError, WriteMetrics, Writer,
 };
+use crate::labels::Labels;
 
 fn labels(pairs: &[(&str, &str)]) -> Labels {
     pairs
