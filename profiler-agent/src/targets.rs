@@ -13,7 +13,7 @@ use std::{collections::HashMap, sync::Arc};
 
 // Re-exported for the modules that still import them from here.
 use crate::labels::is_valid_label_name;
-pub use crate::labels::{Labels, SERVICE_NAME};
+use crate::labels::{Labels, SERVICE_NAME};
 
 pub const PROCESS_PID: &str = "__process_pid__";
 pub const CONTAINER_ID: &str = "__container_id__";

@@ -5,9 +5,10 @@ use super::*;
 use crate::{
     frames::{Found, FrameKind, FrameSource, MappingClass, Site},
     interval::latest::STALE_INTERVALS,
+    labels::SERVICE_NAME,
     process::{Mapping, MappingKind, ProcessInfo},
     sampler::{CounterSnapshot, RawSample, Stack},
-    targets::{CONTAINER_ID, PROCESS_PID, SERVICE_NAME, TargetOptions},
+    targets::{CONTAINER_ID, PROCESS_PID, TargetOptions},
 };
 
 #[test]
@@ -136,7 +137,7 @@ fn sample(pid: u32, leaf: u64, count: u64) -> RawSample {
     }
 }
 
-fn labels(pairs: &[(&str, &str)]) -> crate::targets::Labels {
+fn labels(pairs: &[(&str, &str)]) -> crate::labels::Labels {
     pairs
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))

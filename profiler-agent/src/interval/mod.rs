@@ -13,9 +13,10 @@ use std::{
 
 use crate::{
     frames::{self, Sources},
+    labels::Labels,
     profile::{self, BuildOptions, BuiltProfile},
     sampler::{RawSample, Recording, Stack},
-    targets::{Labels, Target, TargetOptions, TargetSet},
+    targets::{Target, TargetOptions, TargetSet},
 };
 
 /// One target's profile of the interval.

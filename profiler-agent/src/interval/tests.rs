@@ -6,9 +6,10 @@ use std::collections::HashMap;
 use super::*;
 use crate::{
     frames::{Found, FrameKind, FrameSource, MappingClass, Site},
+    labels::SERVICE_NAME,
     process::{Mapping, MappingKind, ProcessInfo},
     symbolize::Frame,
-    targets::{CONTAINER_ID, PROCESS_PID, SERVICE_NAME},
+    targets::{CONTAINER_ID, PROCESS_PID},
 };
 
 /// Names every address of anonymous memory `fn_<address hex>`.
