@@ -1,7 +1,9 @@
-//! On-demand captures of one process (served as `GET /v1/profile` by [`crate::server`]): picks the process, samples it
-//! with perf events of its own at the requested rate for the requested time (a separate BPF
-//! instance with its own maps, so the continuous profile's counts never change), and has
-//! the pipeline thread symbolize the recording with the continuous profile's warm caches.
+//! On-demand captures of one process (served as `GET /v1/profile` by [`crate::server`]):
+//! picks the process, samples it with perf events of its own at the requested rate for the
+//! requested time (a separate BPF instance with its own maps, opened by
+//! [`crate::bpf::open_sampler`], so a capture and the continuous profile never share a
+//! sample), and has the pipeline thread build the recording ([`crate::interval::build_one`])
+//! with the continuous profile's warm frame caches.
 //! Owns the `[capture]` configuration, the concurrency limit, the perf-event descriptor
 //! budget ([`events`]: a process with more than 1024 threads is sampled per CPU with a pid
 //! filter instead of per thread) and the capture metrics; [`trigger`] starts captures on CPU

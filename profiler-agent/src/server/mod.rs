@@ -1,7 +1,7 @@
 //! The agent's HTTP server: `/metrics` (Prometheus, every registered metric), `/ready` (BPF
 //! attached and the first discovery round done), `/healthz` (the pipeline thread is turning),
 //! and `/`, a page listing the services profiled with each one's latest flame graph
-//! ([`page`]). With the capture API enabled, also `/v1/profile` ([`capture`]).
+//! ([`page`]). With the capture API enabled, also `/v1/profile` (`capture.rs`).
 //! At most [`MAX_CONNECTIONS`] connections are served at once ([`limit`]), each closed when its
 //! client takes over [`HEADER_READ_TIMEOUT`] to send a request or [`WRITE_STALL_TIMEOUT`] to
 //! read any of an answer ([`serve`](mod@serve), [`stall`]); a loopback
