@@ -3,6 +3,10 @@
 //! is `#[repr(C)]`, has explicit padding and a size assert.
 #![no_std]
 
+mod unwind;
+
+pub use unwind::UnwindRow;
+
 /// Hash map `SampleKey -> u64` counting samples; one per generation.
 pub const COUNTS_MAPS: [&str; 2] = ["COUNTS_0", "COUNTS_1"];
 /// Stack trace maps (`BPF_MAP_TYPE_STACK_TRACE`); one per generation.
@@ -160,10 +164,11 @@ impl Counter {
 
 #[cfg(feature = "user")]
 mod pod {
-    // SAFETY: both types are repr(C), Copy, with no padding and no pointers; any bit pattern
+    // SAFETY: these types are repr(C), Copy, with no padding and no pointers; any bit pattern
     // is a valid value.
     unsafe impl aya::Pod for super::SampleKey {}
     unsafe impl aya::Pod for super::SamplerConfig {}
+    unsafe impl aya::Pod for super::UnwindRow {}
 }
 
 #[cfg(test)]
@@ -198,6 +203,18 @@ mod tests {
         assert_eq!(&key.user_stack_id as *const _ as usize - base, 4);
         assert_eq!(&key.kernel_stack_id as *const _ as usize - base, 8);
         assert_eq!(&key.comm as *const _ as usize - base, 12);
+    }
+
+    #[test]
+    fn unwind_row_field_offsets_have_no_padding() {
+        let row = UnwindRow::default();
+        let base = &row as *const _ as usize;
+        assert_eq!(&row.cfa_offset as *const _ as usize - base, 4);
+        assert_eq!(&row.rbp_offset as *const _ as usize - base, 8);
+        assert_eq!(&row.ra_offset as *const _ as usize - base, 10);
+        assert_eq!(&row.cfa_kind as *const _ as usize - base, 12);
+        assert_eq!(&row.flags as *const _ as usize - base, 15);
+        assert_eq!(row.cfa_kind, UnwindRow::CFA_NO_INFO);
     }
 
     #[test]
