@@ -7,7 +7,8 @@
 //! 2. Sample: `process` (process snapshots: mappings, executable, container), `sampler` (the
 //!    drain loop over a stack source), `bpf` (the kernel program, its maps, opening a sampler).
 //! 3. Frames: `symbolize` (ELF, DWARF, Go, kallsyms and perf-map readers), `frames` (the
-//!    stage that resolves raw stacks, and its frame sources).
+//!    stage that resolves raw stacks, and its frame sources), `unwind` (unwind tables from
+//!    `.eh_frame` and `.debug_frame`, for walking user stacks without frame pointers).
 //! 4. Counters: `metrics` (the Prometheus registry every later stage reports to).
 //! 5. Targets: `targets` (which series a process's samples go to), `discovery` (Docker,
 //!    Kubernetes, process and static providers, relabeling).
@@ -38,4 +39,5 @@ pub mod sampler;
 pub mod server;
 pub mod symbolize;
 pub mod targets;
+pub mod unwind;
 pub mod write;
