@@ -5,10 +5,11 @@
 //!    durations), `labels` (label sets and name rules), `procfile` (the one way to open a
 //!    file a profiled process controls).
 //! 2. Sample: `process` (process snapshots: mappings, executable, container), `sampler` (the
-//!    drain loop over a stack source), `bpf` (the kernel program, its maps, opening a sampler).
+//!    drain loop over a stack source), `unwind` (unwind tables from `.eh_frame` and
+//!    `.debug_frame`, which the kernel program will walk user stacks with: before `bpf`, which
+//!    loads them), `bpf` (the kernel program, its maps, opening a sampler).
 //! 3. Frames: `symbolize` (ELF, DWARF, Go, kallsyms and perf-map readers), `frames` (the
-//!    stage that resolves raw stacks, and its frame sources), `unwind` (unwind tables from
-//!    `.eh_frame` and `.debug_frame`, for walking user stacks without frame pointers).
+//!    stage that resolves raw stacks, and its frame sources).
 //! 4. Counters: `metrics` (the Prometheus registry every later stage reports to).
 //! 5. Targets: `targets` (which series a process's samples go to), `discovery` (Docker,
 //!    Kubernetes, process and static providers, relabeling).
