@@ -257,18 +257,19 @@ impl<S: StackSource, P: ProcessSource> Sampler<S, P> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::process::ProcessInfo;
 
     #[derive(Debug, thiserror::Error)]
     #[error("never")]
-    struct Never;
+    pub(crate) struct Never;
 
-    /// Hands out prepared drains in order, counting each sample as recorded.
-    struct ScriptedSource {
-        drains: Vec<Vec<RawSample>>,
-        recorded: u64,
+    /// Hands out prepared drains in order (one per call, then nothing), counting each sample
+    /// as recorded: the stack source double.
+    pub(crate) struct ScriptedSource {
+        pub(crate) drains: Vec<Vec<RawSample>>,
+        pub(crate) recorded: u64,
     }
 
     impl StackSource for ScriptedSource {

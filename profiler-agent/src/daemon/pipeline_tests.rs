@@ -3,11 +3,13 @@
 
 use super::*;
 use crate::{
-    frames::{Found, FrameKind, FrameSource, MappingClass, Site},
-    interval::latest::STALE_INTERVALS,
+    interval::{
+        latest::STALE_INTERVALS,
+        tests::{Names, labels},
+    },
     labels::SERVICE_NAME,
     process::{Mapping, MappingKind, ProcessInfo},
-    sampler::{CounterSnapshot, RawSample, Stack},
+    sampler::{RawSample, Stack, tests::ScriptedSource},
     targets::{CONTAINER_ID, PROCESS_PID, TargetOptions},
 };
 
@@ -59,35 +61,6 @@ fn ever_new_services_leave_metrics_and_page_bounded() {
     assert_eq!((latest.len(), series(&registry)), (0, 0));
 }
 
-/// Hands out one prepared drain per call, then nothing; counts what it handed out.
-struct ScriptedSource {
-    drains: Vec<Vec<RawSample>>,
-    recorded: u64,
-    stopped: bool,
-}
-
-impl StackSource for ScriptedSource {
-    type Error = std::io::Error;
-    fn drain(&mut self) -> Result<Vec<RawSample>, Self::Error> {
-        let next = if self.drains.is_empty() {
-            Vec::new()
-        } else {
-            self.drains.remove(0)
-        };
-        self.recorded += next.iter().map(|s| s.count).sum::<u64>();
-        Ok(next)
-    }
-    fn counters(&self) -> Result<CounterSnapshot, Self::Error> {
-        let mut c = CounterSnapshot::default();
-        c.values[profiler_common::Counter::Recorded as usize] = self.recorded;
-        Ok(c)
-    }
-    fn stop(&mut self) -> Result<(), Self::Error> {
-        self.stopped = true;
-        Ok(())
-    }
-}
-
 /// Every process has one anonymous mapping; pid 3 is in container `c0ffee`.
 struct Processes;
 
@@ -107,26 +80,6 @@ impl ProcessSource for Processes {
     }
 }
 
-/// Names anonymous code `fn_<address hex>`.
-struct Names;
-
-impl FrameSource for Names {
-    fn name(&self) -> &'static str {
-        "names"
-    }
-    fn serves(&self, class: MappingClass) -> bool {
-        class == MappingClass::Anonymous
-    }
-    fn kind(&self) -> FrameKind {
-        FrameKind::Jit
-    }
-    fn frames(&mut self, site: &Site<'_>) -> Option<Found> {
-        Some(Found::Frames(Arc::new([crate::symbolize::Frame::named(
-            format!("fn_{:x}", site.address),
-        )])))
-    }
-}
-
 fn sample(pid: u32, leaf: u64, count: u64) -> RawSample {
     RawSample {
         pid,
@@ -135,13 +88,6 @@ fn sample(pid: u32, leaf: u64, count: u64) -> RawSample {
         kernel: Stack::NotCollected,
         count,
     }
-}
-
-fn labels(pairs: &[(&str, &str)]) -> crate::labels::Labels {
-    pairs
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
 }
 
 /// Runs a worker over scripted drains until `stop_after`, returning what it submitted
@@ -187,7 +133,6 @@ fn run_worker(
     let source = ScriptedSource {
         drains,
         recorded: 0,
-        stopped: false,
     };
     let stop = AtomicBool::new(false);
     std::thread::scope(|scope| {

@@ -133,4 +133,4 @@ fn merge(samples: Vec<RawSample>) -> Vec<RawSample> {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -12,8 +12,8 @@ use crate::{
     targets::{CONTAINER_ID, PROCESS_PID},
 };
 
-/// Names every address of anonymous memory `fn_<address hex>`.
-struct Names;
+/// Names every address of anonymous memory `fn_<address hex>`: the frame source double.
+pub(crate) struct Names;
 
 impl FrameSource for Names {
     fn name(&self) -> &'static str {
@@ -59,7 +59,7 @@ fn sample(pid: u32, leaf: u64, count: u64) -> RawSample {
     }
 }
 
-fn labels(pairs: &[(&str, &str)]) -> Labels {
+pub(crate) fn labels(pairs: &[(&str, &str)]) -> Labels {
     pairs
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
