@@ -94,6 +94,7 @@ pub fn run(args: &RecordArgs) -> Result<(), RecordError> {
         sample_rate: args.sample_rate,
         collect_interval: args.drain_interval,
         collect_user: !args.no_user_stacks,
+        unwind_table_memory: crate::bpf::DEFAULT_UNWIND_TABLE_MEMORY,
         collect_kernel: !args.no_kernel_stacks,
         pids: (!args.pids.is_empty()).then(|| args.pids.clone()),
         // Named processes get events of their own, so the rest of the host is never

@@ -82,6 +82,9 @@ pub trait StackSource {
     fn stop(&mut self) -> Result<(), Self::Error>;
     /// An interval ended (after its last drain).
     fn next_interval(&mut self) {}
+    /// A fresh snapshot of a sampled process: the kernel sampler loads the unwind tables of
+    /// its mappings.
+    fn observe(&mut self, _info: &ProcessInfo) {}
 }
 
 /// Snapshots taken early (when the kernel announced a process's first sample) are kept this
@@ -181,6 +184,9 @@ impl<S: StackSource, P: ProcessSource> Sampler<S, P> {
                         ..early.clone()
                     };
                     self.early_snapshots_used += 1;
+                }
+                if !info.vanished {
+                    self.source.observe(&info);
                 }
                 // A process that exited meanwhile keeps the snapshot it had.
                 if !info.vanished || !self.recording.processes.contains_key(&sample.pid) {

@@ -5,11 +5,15 @@
 
 mod unwind;
 
-pub use unwind::UnwindRow;
+pub use unwind::{
+    MAPPINGS_MAP, MappingInfo, MappingKey, UNWIND_PROGRAM_INDEX, UNWIND_PROGRAM_NAME,
+    UNWIND_PROGRAMS_MAP, UNWIND_ROWS_MAP, USER_STACKS_MAPS, UnwindRow, UserStack,
+};
 
 /// Hash map `SampleKey -> u64` counting samples; one per generation.
 pub const COUNTS_MAPS: [&str; 2] = ["COUNTS_0", "COUNTS_1"];
-/// Stack trace maps (`BPF_MAP_TYPE_STACK_TRACE`); one per generation.
+/// Stack trace maps (`BPF_MAP_TYPE_STACK_TRACE`) of kernel stacks; one per generation. User
+/// stacks are walked by the program itself and stored in [`USER_STACKS_MAPS`].
 pub const STACK_MAPS: [&str; 2] = ["STACKS_0", "STACKS_1"];
 /// One-entry array holding the generation (0 or 1) the kernel side writes to.
 pub const GENERATION_MAP: &str = "GENERATION";
@@ -33,7 +37,8 @@ pub const CONFIG_GLOBAL: &str = "CONFIG";
 /// Name of the `perf_event` program.
 pub const PROGRAM_NAME: &str = "profile_cpu";
 
-/// Depth of a stack in a stack trace map (the kernel's `PERF_MAX_STACK_DEPTH`).
+/// Depth of a stack in a stack trace map (the kernel's `PERF_MAX_STACK_DEPTH`), and of a user
+/// stack walked by the program.
 pub const MAX_STACK_DEPTH: usize = 127;
 /// `PF_KTHREAD` in `task_struct.flags`.
 pub const PF_KTHREAD: u32 = 0x0020_0000;
@@ -44,6 +49,9 @@ pub const STACK_NOT_COLLECTED: i32 = -1;
 /// Stack id stored when the kernel could not record the stack; the cause is counted in
 /// [`Counter`].
 pub const STACK_LOST: i32 = -2;
+/// User stack id stored when the walked user stack is in the generation's
+/// [`USER_STACKS_MAPS`] map under [`SampleKey::user_stack_hash`].
+pub const STACK_WALKED: i32 = 0;
 
 /// Load-time configuration of the kernel side, written into the read-only global
 /// [`CONFIG_GLOBAL`].
@@ -54,6 +62,10 @@ pub struct SamplerConfig {
     pub task_flags_offset: u32,
     /// Bit set of `COLLECT_USER`, `COLLECT_KERNEL`, `FILTER_PIDS`.
     pub flags: u32,
+    /// Byte offset of `stack` (the kernel stack's base) in `struct task_struct`, from BTF:
+    /// the user registers of a thread sampled in kernel mode sit at the top of that stack.
+    pub task_stack_offset: u32,
+    pub _pad: u32,
 }
 
 impl SamplerConfig {
@@ -66,7 +78,7 @@ impl SamplerConfig {
     }
 }
 
-const _: () = assert!(core::mem::size_of::<SamplerConfig>() == 8);
+const _: () = assert!(core::mem::size_of::<SamplerConfig>() == 16);
 
 /// Key of the counts maps: one entry per distinct (process, thread name, user stack, kernel
 /// stack) seen in a generation.
@@ -75,16 +87,20 @@ const _: () = assert!(core::mem::size_of::<SamplerConfig>() == 8);
 pub struct SampleKey {
     /// Thread group id: the process id user space sees.
     pub pid: u32,
-    /// Id in the generation's stack map, or [`STACK_NOT_COLLECTED`] / [`STACK_LOST`].
+    /// [`STACK_WALKED`], [`STACK_NOT_COLLECTED`] or [`STACK_LOST`].
     pub user_stack_id: i32,
     /// Id in the generation's stack map, or [`STACK_NOT_COLLECTED`] / [`STACK_LOST`].
     pub kernel_stack_id: i32,
     /// `comm` of the sampled thread, NUL padded.
     pub comm: [u8; 16],
+    pub _pad: u32,
+    /// With [`STACK_WALKED`]: the key of the user stack in the generation's
+    /// [`USER_STACKS_MAPS`] map (a hash of its frames); zero otherwise.
+    pub user_stack_hash: u64,
 }
 
-const _: () = assert!(core::mem::size_of::<SampleKey>() == 28);
-const _: () = assert!(core::mem::align_of::<SampleKey>() == 4);
+const _: () = assert!(core::mem::size_of::<SampleKey>() == 40);
+const _: () = assert!(core::mem::align_of::<SampleKey>() == 8);
 
 /// Indices into the per-CPU [`COUNTERS_MAP`]. Everything the program does ends in exactly one
 /// of `Recorded` or a `Skipped*` counter; the `*Error` counters explain lost stacks or samples.
@@ -116,10 +132,36 @@ pub enum Counter {
     /// The new-process ring buffer was full: that process is snapshotted at the next drain
     /// instead, and its samples go unnamed if it has exited by then.
     NewProcessLostError = 12,
+    /// Two different walked user stacks had the same 64-bit hash in one generation: the
+    /// second one's sample has its user stack lost.
+    UserStackHashCollisionError = 13,
+    /// The tail call into the user-stack walker failed (its program was not installed): the
+    /// sample has its user stack lost.
+    UnwindTailCallError = 14,
+    /// Walks ended at the outermost frame (`_start`, a thread's entry: the return address is
+    /// undefined there, or zero).
+    UnwindComplete = 15,
+    /// Walks ended in code with no unwind table (JIT, a file without `.eh_frame`, a file over
+    /// the table budget) where frame pointers gave out.
+    UnwindNoTable = 16,
+    /// Walks ended at an address user space had loaded no mapping for (a process not loaded
+    /// yet, or a library it just mapped), where frame pointers gave out.
+    UnwindMappingUnknown = 17,
+    /// Walks ended because a saved register could not be read from the stack, or read as an
+    /// impossible value (a frame below the one before it).
+    UnwindReadError = 18,
+    /// Walks cut at the depth limit ([`MAX_STACK_DEPTH`] frames).
+    UnwindDepthLimit = 19,
+    /// Walks ended at a rule the program does not follow (a CFA from another register or a
+    /// DWARF expression, a return address not saved at CFA + offset).
+    UnwindUnsupportedRule = 20,
+    /// Walks not started: the user registers of a thread sampled in the kernel were not where
+    /// the task's kernel stack says.
+    UnwindNoRegisters = 21,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 13;
+    pub const COUNT: u32 = 22;
 
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Counter::Recorded,
@@ -135,6 +177,15 @@ impl Counter {
         Counter::CountsMapFullError,
         Counter::TaskReadError,
         Counter::NewProcessLostError,
+        Counter::UserStackHashCollisionError,
+        Counter::UnwindTailCallError,
+        Counter::UnwindComplete,
+        Counter::UnwindNoTable,
+        Counter::UnwindMappingUnknown,
+        Counter::UnwindReadError,
+        Counter::UnwindDepthLimit,
+        Counter::UnwindUnsupportedRule,
+        Counter::UnwindNoRegisters,
     ];
 
     /// The snake_case name used in logs and metric labels.
@@ -153,12 +204,28 @@ impl Counter {
             Counter::CountsMapFullError => "counts_map_full",
             Counter::TaskReadError => "task_read",
             Counter::NewProcessLostError => "new_process_lost",
+            Counter::UserStackHashCollisionError => "user_stack_hash_collision",
+            Counter::UnwindTailCallError => "unwind_tail_call",
+            Counter::UnwindComplete => "complete",
+            Counter::UnwindNoTable => "no_table",
+            Counter::UnwindMappingUnknown => "mapping_unknown",
+            Counter::UnwindReadError => "read_error",
+            Counter::UnwindDepthLimit => "depth_limit",
+            Counter::UnwindUnsupportedRule => "unsupported_rule",
+            Counter::UnwindNoRegisters => "no_registers",
         }
     }
 
     /// Whether this counter records a failure (as opposed to a sample or a deliberate skip).
     pub const fn is_error(self) -> bool {
-        self as u32 >= Counter::UserStackCollisionError as u32
+        let i = self as u32;
+        i >= Counter::UserStackCollisionError as u32 && i <= Counter::UnwindTailCallError as u32
+    }
+
+    /// Whether this counter is one of the ways a user-stack walk ends (exported apart from the
+    /// sample outcomes and the errors: every walk ends in exactly one of them).
+    pub const fn is_walk_end(self) -> bool {
+        self as u32 >= Counter::UnwindComplete as u32
     }
 }
 
@@ -169,6 +236,9 @@ mod pod {
     unsafe impl aya::Pod for super::SampleKey {}
     unsafe impl aya::Pod for super::SamplerConfig {}
     unsafe impl aya::Pod for super::UnwindRow {}
+    unsafe impl aya::Pod for super::MappingKey {}
+    unsafe impl aya::Pod for super::MappingInfo {}
+    unsafe impl aya::Pod for super::UserStack {}
 }
 
 #[cfg(test)]
@@ -186,7 +256,11 @@ mod tests {
     #[test]
     fn error_counters_are_exactly_the_failures() {
         let errors = Counter::ALL.iter().filter(|c| c.is_error()).count();
-        assert_eq!(errors, 9);
+        assert_eq!(errors, 11);
+        let ends = Counter::ALL.iter().filter(|c| c.is_walk_end()).count();
+        assert_eq!(ends, 7);
+        assert!(!Counter::UnwindComplete.is_error());
+        assert!(!Counter::NewProcessLostError.is_walk_end());
         assert!(!Counter::SkippedFiltered.is_error());
         assert!(Counter::UserStackCollisionError.is_error());
     }
@@ -198,11 +272,14 @@ mod tests {
             user_stack_id: 0,
             kernel_stack_id: 0,
             comm: [0; 16],
+            _pad: 0,
+            user_stack_hash: 0,
         };
         let base = &key as *const _ as usize;
         assert_eq!(&key.user_stack_id as *const _ as usize - base, 4);
         assert_eq!(&key.kernel_stack_id as *const _ as usize - base, 8);
         assert_eq!(&key.comm as *const _ as usize - base, 12);
+        assert_eq!(&key.user_stack_hash as *const _ as usize - base, 32);
     }
 
     #[test]
@@ -220,8 +297,8 @@ mod tests {
     #[test]
     fn config_flags() {
         let c = SamplerConfig {
-            task_flags_offset: 0,
             flags: SamplerConfig::COLLECT_USER | SamplerConfig::FILTER_PIDS,
+            ..SamplerConfig::default()
         };
         assert!(c.has(SamplerConfig::COLLECT_USER));
         assert!(!c.has(SamplerConfig::COLLECT_KERNEL));

@@ -1,13 +1,102 @@
-//! The unwind row the kernel program will read to walk a user stack without frame pointers: one
-//! row per address range of a file, built in user space from `.eh_frame` / `.debug_frame`
-//! (`profiler_agent::unwind`). Rows of one file are sorted by `pc`; a row applies from its `pc`
-//! up to the next row's `pc`. Nothing loads them into a map yet.
+//! What the kernel program reads to walk a user stack without frame pointers.
+//!
+//! - [`UNWIND_ROWS_MAP`]: one array of [`UnwindRow`]s holding every loaded file's table, each
+//!   file a contiguous run, built in user space from `.eh_frame` / `.debug_frame`
+//!   (`profiler_agent::unwind`). Rows of one file are sorted by `pc`; a row applies from its
+//!   `pc` up to the next row's `pc`.
+//! - [`MAPPINGS_MAP`]: a longest-prefix-match trie from (pid, address) to the
+//!   [`MappingInfo`] of the executable mapping holding that address: where its file's rows are
+//!   and how to turn an address into a row `pc`. A mapping's range is stored as the few
+//!   aligned power-of-two blocks that cover it, plus one entry per process covering its whole
+//!   address space, which says "a process user space has loaded, an address it has not".
+//! - The walked stacks go to [`USER_STACKS_MAPS`] as [`UserStack`]s keyed by a hash of their
+//!   frames.
 //!
 //! The layout is x86_64's (CFA from rsp or rbp, return address and rbp saved at CFA + offset).
 //! aarch64 would need the same three rules with other registers: CFA from sp (x31) or x29,
 //! x29 saved at CFA + offset, and the return address in x30, which in a leaf or a prologue is
 //! still in the register rather than saved, so its rule needs a "still in the link register"
 //! kind (and pointer-authentication state, `DW_CFA_AARCH64_negate_ra_state`, a flag).
+
+/// Array of [`UnwindRow`]; its size is the configured table budget.
+pub const UNWIND_ROWS_MAP: &str = "UNWIND_ROWS";
+/// LPM trie `Key<MappingKey> -> MappingInfo`.
+pub const MAPPINGS_MAP: &str = "MAPPINGS";
+/// Hash maps `u64 -> UserStack` of walked user stacks; one per generation.
+pub const USER_STACKS_MAPS: [&str; 2] = ["USER_STACKS_0", "USER_STACKS_1"];
+/// Program array holding the walker, which tail-calls itself until the walk ends.
+pub const UNWIND_PROGRAMS_MAP: &str = "UNWIND_PROGRAMS";
+/// Index of the walker in [`UNWIND_PROGRAMS_MAP`].
+pub const UNWIND_PROGRAM_INDEX: u32 = 0;
+/// Name of the walker program.
+pub const UNWIND_PROGRAM_NAME: &str = "unwind_user";
+
+/// The data of a [`MAPPINGS_MAP`] key: pid and address, both big-endian, so that a prefix of
+/// the key's bits is the pid followed by the high bits of the address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct MappingKey {
+    pub pid_be: u32,
+    pub address_high_be: u32,
+    pub address_low_be: u32,
+}
+
+impl MappingKey {
+    /// Bits of the pid, which every entry matches exactly.
+    pub const PID_BITS: u32 = 32;
+    /// Bits of the whole key.
+    pub const BITS: u32 = 96;
+
+    pub const fn new(pid: u32, address: u64) -> Self {
+        Self {
+            pid_be: pid.to_be(),
+            address_high_be: ((address >> 32) as u32).to_be(),
+            address_low_be: (address as u32).to_be(),
+        }
+    }
+}
+
+const _: () = assert!(core::mem::size_of::<MappingKey>() == 12);
+
+/// The value of a [`MAPPINGS_MAP`] entry.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct MappingInfo {
+    /// Subtracted from an address of the mapping to give the `pc` of its file's rows.
+    pub bias: u64,
+    /// Index of the file's first row in [`UNWIND_ROWS_MAP`].
+    pub row_start: u32,
+    /// Rows of the file.
+    pub row_count: u32,
+    /// One of the `KIND_*`.
+    pub kind: u32,
+    pub _pad: u32,
+}
+
+impl MappingInfo {
+    /// A file with a table at `row_start..row_start + row_count`.
+    pub const KIND_TABLE: u32 = 1;
+    /// Executable code with no table (anonymous JIT memory, a file without unwind info or over
+    /// the budget): walked with frame pointers.
+    pub const KIND_NO_TABLE: u32 = 2;
+    /// The whole address space of a loaded process: an address that matches only this entry
+    /// is in no mapping user space knows of.
+    pub const KIND_PROCESS: u32 = 3;
+}
+
+const _: () = assert!(core::mem::size_of::<MappingInfo>() == 24);
+
+/// A walked user stack: `len` return addresses, innermost first (the first one is the sampled
+/// pc itself). Frames past `len` are garbage.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct UserStack {
+    pub len: u32,
+    pub _pad: u32,
+    pub frames: [u64; crate::MAX_STACK_DEPTH],
+}
+
+const _: () = assert!(core::mem::size_of::<UserStack>() == 1024);
 
 /// One unwind row: 16 bytes, no implicit padding, any bit pattern valid (unknown kinds are
 /// treated as unsupported by the reader).

@@ -1,13 +1,17 @@
 //! Kernel side of the profiler: a `perf_event` program run on every CPU at the sampling
-//! frequency. It records the sampled thread's user and kernel stacks in the current
-//! generation's stack map and counts the sample in that generation's counts map. User space
-//! flips the generation before draining, so no sample is lost or counted twice at an interval
-//! boundary. Every path ends in one per-CPU counter (see `profiler_common::Counter`).
+//! frequency. It records the sampled thread's kernel stack in the current generation's stack
+//! map, hands the user stack to the walker ([`unwind`], a second program it tail-calls), which
+//! stores the walked stack under a hash of its frames and counts the sample in that
+//! generation's counts map. User space flips the generation before draining, so no sample is
+//! lost or counted twice at an interval boundary. Every path ends in one per-CPU counter (see
+//! `profiler_common::Counter`), and every walk in one more.
 #![no_std]
 #![no_main]
 
+mod unwind;
+
 use aya_ebpf::{
-    bindings::{BPF_F_FAST_STACK_CMP, BPF_F_USER_STACK, BPF_NOEXIST},
+    bindings::{BPF_F_FAST_STACK_CMP, BPF_NOEXIST},
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_probe_read_kernel,
         generated::bpf_get_current_task,
@@ -17,8 +21,8 @@ use aya_ebpf::{
     programs::{PerfEventContext, tracing::StackIdContext as _},
 };
 use profiler_common::{
-    Counter, NEW_PROCESSES_BYTES, PF_KTHREAD, SEEN_PROCESSES_ENTRIES, STACK_LOST,
-    STACK_NOT_COLLECTED, SampleKey, SamplerConfig,
+    Counter, MAX_STACK_DEPTH, NEW_PROCESSES_BYTES, PF_KTHREAD, SEEN_PROCESSES_ENTRIES, STACK_LOST,
+    STACK_NOT_COLLECTED, STACK_WALKED, SampleKey, SamplerConfig, UserStack,
 };
 
 // Sizes below are placeholders: user space sets every size at load time from the sample rate,
@@ -32,6 +36,10 @@ static COUNTS_1: PerCpuHashMap<SampleKey, u64> = PerCpuHashMap::with_max_entries
 static STACKS_0: StackTrace = StackTrace::with_max_entries(1, 0);
 #[map]
 static STACKS_1: StackTrace = StackTrace::with_max_entries(1, 0);
+#[map]
+static USER_STACKS_0: HashMap<u64, UserStack> = HashMap::with_max_entries(1, 0);
+#[map]
+static USER_STACKS_1: HashMap<u64, UserStack> = HashMap::with_max_entries(1, 0);
 #[map]
 static GENERATION: Array<u32> = Array::with_max_entries(1, 0);
 #[map]
@@ -49,6 +57,8 @@ static SEEN_PROCESSES: LruHashMap<u32, u8> =
 static CONFIG: SamplerConfig = SamplerConfig {
     task_flags_offset: 0,
     flags: 0,
+    task_stack_offset: 0,
+    _pad: 0,
 };
 
 const EEXIST: i32 = 17;
@@ -88,21 +98,118 @@ fn try_profile_cpu(ctx: &PerfEventContext) -> Result<Counter, Counter> {
         Some(g) => *g,
         None => 0,
     };
-    let (user_stack_id, kernel_stack_id) = if generation == 0 {
-        stack_ids(ctx, &STACKS_0, config)
+    let kernel_stack_id = if generation == 0 {
+        kernel_stack(ctx, &STACKS_0, config)
     } else {
-        stack_ids(ctx, &STACKS_1, config)
+        kernel_stack(ctx, &STACKS_1, config)
     };
-    let key = SampleKey {
+    let mut key = SampleKey {
         pid,
-        user_stack_id,
+        user_stack_id: STACK_NOT_COLLECTED,
         kernel_stack_id,
         comm: bpf_get_current_comm().unwrap_or([0; 16]),
+        _pad: 0,
+        user_stack_hash: 0,
     };
-    if generation == 0 {
-        count(&COUNTS_0, &key)
+    if config.has(SamplerConfig::COLLECT_USER) {
+        key.user_stack_id = STACK_WALKED;
+        match unwind::begin(ctx, &key, generation, config.task_stack_offset) {
+            Ok(()) => {
+                unwind::start(ctx);
+                // Only reached when the tail call failed.
+                bump(Counter::UnwindTailCallError);
+            }
+            Err(end) => bump(end),
+        }
+        key.user_stack_id = STACK_LOST;
+    }
+    count_in(generation, &key)
+}
+
+/// The walker: continues the walk [`profile_cpu`] began, tail-calling itself until it ends,
+/// then stores the stack and counts the sample.
+#[perf_event]
+pub fn unwind_user(ctx: PerfEventContext) -> u32 {
+    let Some(walk) = unwind::current() else {
+        return 0;
+    };
+    let end = match unwind::steps(walk) {
+        Some(end) => end,
+        None => {
+            unwind::start(&ctx);
+            // The kernel's tail-call limit, reached only if a walk outgrew its frame budget.
+            Counter::UnwindDepthLimit
+        }
+    };
+    bump(end);
+    let outcome = match finish_walk(walk) {
+        Ok(outcome) => outcome,
+        Err(error) => error,
+    };
+    bump(outcome);
+    0
+}
+
+fn finish_walk(walk: &mut unwind::Walk) -> Result<Counter, Counter> {
+    let mut key = walk.key;
+    if walk.reload != 0 {
+        // The next sample announces the process again.
+        let _ = SEEN_PROCESSES.remove(&key.pid);
+    }
+    let stacks = if walk.generation == 0 {
+        &USER_STACKS_0
     } else {
-        count(&COUNTS_1, &key)
+        &USER_STACKS_1
+    };
+    walk.hash = (walk.hash ^ walk.stack.len as u64).wrapping_mul(0x0000_0100_0000_01b3);
+    match store_user_stack(stacks, walk.hash, &walk.stack) {
+        Ok(()) => {
+            key.user_stack_id = STACK_WALKED;
+            key.user_stack_hash = walk.hash;
+        }
+        Err(error) => {
+            bump(error);
+            key.user_stack_id = STACK_LOST;
+        }
+    }
+    count_in(walk.generation, &key)
+}
+
+/// Stores `stack` under `hash` unless it is there already; a different stack under the same
+/// hash is a collision (checked on its length and outermost and innermost frames).
+fn store_user_stack(
+    stacks: &HashMap<u64, UserStack>,
+    hash: u64,
+    stack: &UserStack,
+) -> Result<(), Counter> {
+    if let Some(stored) = stacks.get_ptr(&hash) {
+        // SAFETY: a map value pointer, valid during this program run.
+        let stored = unsafe { &*stored };
+        let len = stack.len as usize;
+        let same = stored.len == stack.len
+            && (len == 0
+                || (len <= MAX_STACK_DEPTH
+                    && stored.frames[0] == stack.frames[0]
+                    && stored.frames[len - 1] == stack.frames[len - 1]));
+        return if same {
+            Ok(())
+        } else {
+            Err(Counter::UserStackHashCollisionError)
+        };
+    }
+    match stacks.insert(&hash, stack, BPF_NOEXIST as u64) {
+        Ok(()) => Ok(()),
+        // Another CPU stored the same stack meanwhile.
+        Err(errno) if -errno == EEXIST as _ => Ok(()),
+        Err(_) => Err(Counter::UserStackMapFullError),
+    }
+}
+
+fn count_in(generation: u32, key: &SampleKey) -> Result<Counter, Counter> {
+    if generation == 0 {
+        count(&COUNTS_0, key)
+    } else {
+        count(&COUNTS_1, key)
     }
 }
 
@@ -136,36 +243,20 @@ fn is_kernel_thread(task_flags_offset: u32) -> Result<bool, Counter> {
 // BPF_F_FAST_STACK_CMP: a stack whose hash matches a stored one is taken to be it, skipping a
 // compare of up to 1 KiB per sample; a true 32-bit hash collision between two live stacks is
 // far rarer than the bucket collisions already counted.
-fn stack_ids(ctx: &PerfEventContext, stacks: &StackTrace, config: SamplerConfig) -> (i32, i32) {
-    let user = if config.has(SamplerConfig::COLLECT_USER) {
-        stack_id(
-            ctx,
-            stacks,
-            (BPF_F_USER_STACK | BPF_F_FAST_STACK_CMP) as u64,
-            [
-                Counter::UserStackCollisionError,
-                Counter::UserStackMapFullError,
-                Counter::UserStackReadError,
-            ],
-        )
-    } else {
-        STACK_NOT_COLLECTED
-    };
-    let kernel = if config.has(SamplerConfig::COLLECT_KERNEL) {
-        stack_id(
-            ctx,
-            stacks,
-            BPF_F_FAST_STACK_CMP as u64,
-            [
-                Counter::KernelStackCollisionError,
-                Counter::KernelStackMapFullError,
-                Counter::KernelStackReadError,
-            ],
-        )
-    } else {
-        STACK_NOT_COLLECTED
-    };
-    (user, kernel)
+fn kernel_stack(ctx: &PerfEventContext, stacks: &StackTrace, config: SamplerConfig) -> i32 {
+    if !config.has(SamplerConfig::COLLECT_KERNEL) {
+        return STACK_NOT_COLLECTED;
+    }
+    stack_id(
+        ctx,
+        stacks,
+        BPF_F_FAST_STACK_CMP as u64,
+        [
+            Counter::KernelStackCollisionError,
+            Counter::KernelStackMapFullError,
+            Counter::KernelStackReadError,
+        ],
+    )
 }
 
 /// `errors` is [collision, map full, anything else].
@@ -173,9 +264,7 @@ fn stack_id(ctx: &PerfEventContext, stacks: &StackTrace, flags: u64, errors: [Co
     match ctx.get_stackid(stacks, flags) {
         Ok(id) => id as i32,
         // A sample taken in user mode has no kernel stack: empty, not lost.
-        Err(errno) if -errno == EFAULT && flags & BPF_F_USER_STACK as u64 == 0 => {
-            STACK_NOT_COLLECTED
-        }
+        Err(errno) if -errno == EFAULT => STACK_NOT_COLLECTED,
         Err(errno) => {
             bump(match -errno {
                 EEXIST => errors[0],

@@ -9,6 +9,7 @@ mod loader;
 mod new_processes;
 mod open;
 pub mod sizing;
+mod unwind_maps;
 
 use std::{
     collections::HashMap as StdHashMap,
@@ -20,8 +21,8 @@ use std::{
 use aya::{
     Ebpf,
     maps::{
-        Array, HashMap, IterableMap as _, MapData, PerCpuArray, PerCpuHashMap, RingBuf,
-        StackTraceMap,
+        Array, HashMap, IterableMap as _, MapData, PerCpuArray, PerCpuHashMap, ProgramArray,
+        RingBuf, StackTraceMap, lpm_trie::LpmTrie,
     },
     programs::{
         PerfEvent,
@@ -33,13 +34,20 @@ use aya::{
 pub use new_processes::NewProcesses;
 pub use open::{OpenSampler, open_sampler};
 use profiler_common::{
-    CONFIG_GLOBAL, COUNTERS_MAP, COUNTS_MAPS, Counter, GENERATION_MAP, NEW_PROCESSES_MAP,
-    PID_FILTER_MAP, PROGRAM_NAME, SEEN_PROCESSES_MAP, STACK_LOST, STACK_MAPS, STACK_NOT_COLLECTED,
-    SampleKey, SamplerConfig,
+    CONFIG_GLOBAL, COUNTERS_MAP, COUNTS_MAPS, Counter, GENERATION_MAP, MAPPINGS_MAP,
+    NEW_PROCESSES_MAP, PID_FILTER_MAP, PROGRAM_NAME, SEEN_PROCESSES_MAP, STACK_LOST, STACK_MAPS,
+    STACK_NOT_COLLECTED, STACK_WALKED, SampleKey, SamplerConfig, UNWIND_PROGRAM_INDEX,
+    UNWIND_PROGRAM_NAME, UNWIND_PROGRAMS_MAP, UNWIND_ROWS_MAP, USER_STACKS_MAPS, UserStack,
 };
 pub use sizing::MapSizes;
+pub use unwind_maps::SharedLoader;
 
-use crate::sampler::{CounterSnapshot, RawSample, Stack, StackSource};
+use crate::{
+    process::ProcessInfo,
+    sampler::{CounterSnapshot, RawSample, Stack, StackSource},
+    unwind::{Loader, LoaderStats},
+};
+use unwind_maps::KernelTables;
 
 /// The eBPF object built by build.rs, embedded once.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/profiler"));
@@ -94,7 +102,18 @@ pub enum BpfError {
     },
     #[error("eBPF map {name} is missing from the object")]
     MissingMap { name: &'static str },
+    #[error(
+        "this kernel ({release}) is older than {minimum}, the oldest the sampler needs \
+         (BPF ring buffers, bounded loops, LPM tries and tail calls between perf_event programs)"
+    )]
+    KernelTooOld {
+        release: String,
+        minimum: &'static str,
+    },
 }
+
+/// The oldest kernel the sampler loads on: ring buffers (5.8) are its newest need.
+pub const MINIMUM_KERNEL: (u32, u32) = (5, 8);
 
 /// What to sample and how often.
 #[derive(Clone, Debug)]
@@ -106,7 +125,14 @@ pub struct SamplerOptions {
     /// When set, only these processes are sampled (filtered in the kernel).
     pub pids: Option<Vec<u32>>,
     pub scope: Scope,
+    /// Bytes of kernel memory for unwind tables (`unwind_table_memory`): 16 bytes a row.
+    pub unwind_table_memory: u64,
 }
+
+/// Default of `unwind_table_memory`: 32 MiB, two million rows (libc has about 30 000).
+pub const DEFAULT_UNWIND_TABLE_MEMORY: u64 = 32 << 20;
+/// Entries of the (pid, address) trie: a mapping takes a handful, a process a few dozen.
+const MAPPING_ENTRIES: u32 = 1 << 18;
 
 /// Where the perf events that run the sampler are opened.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -132,6 +158,8 @@ pub struct KernelSampler {
     links: Vec<PerfEventLinkId>,
     counts: [PerCpuHashMap<MapData, SampleKey, u64>; 2],
     stacks: [StackTraceMap<MapData>; 2],
+    user_stacks: [HashMap<MapData, u64, UserStack>; 2],
+    loader: SharedLoader,
     generation_map: Array<MapData, u32>,
     counters: PerCpuArray<MapData, u64>,
     memlock_fds: Vec<i32>,
@@ -149,8 +177,11 @@ impl KernelSampler {
         if !has_bpf_privilege() {
             return Err(BpfError::MissingPrivilege);
         }
+        check_kernel_version()?;
         let task_flags_offset =
             btf::member_offset_in_file(Path::new(btf::VMLINUX), "task_struct", "flags")?;
+        let task_stack_offset =
+            btf::member_offset_in_file(Path::new(btf::VMLINUX), "task_struct", "stack")?;
         let cpus =
             aya::util::online_cpus().map_err(|(what, source)| BpfError::Cpus { what, source })?;
         let sizes = MapSizes::derive(options.sample_rate, cpus.len(), options.collect_interval);
@@ -168,7 +199,10 @@ impl KernelSampler {
         let config = SamplerConfig {
             task_flags_offset,
             flags,
+            task_stack_offset,
+            _pad: 0,
         };
+        let unwind_rows = unwind_rows(options.unwind_table_memory);
 
         let mut loader = loader::loader_without_kernel_btf();
         loader.override_global(CONFIG_GLOBAL, &config, true);
@@ -178,15 +212,41 @@ impl KernelSampler {
         for name in STACK_MAPS {
             loader.map_max_entries(name, sizes.stack_entries);
         }
+        for name in USER_STACKS_MAPS {
+            loader.map_max_entries(name, sizes.user_stack_entries);
+        }
+        loader.map_max_entries(UNWIND_ROWS_MAP, unwind_rows);
+        loader.map_max_entries(MAPPINGS_MAP, MAPPING_ENTRIES);
         loader.map_max_entries(PID_FILTER_MAP, pid_filter_len);
         let mut ebpf = loader.load(EBPF_OBJECT)?;
-        // Load the program before taking maps out of `ebpf`: the verifier resolves map fds,
+        // Load the programs before taking maps out of `ebpf`: the verifier resolves map fds,
         // and a taken map that is dropped (the PID filter) closes its fd.
-        let program: &mut PerfEvent = ebpf
-            .program_mut(PROGRAM_NAME)
-            .ok_or(BpfError::Program(aya::programs::ProgramError::NotLoaded))?
-            .try_into()?;
-        program.load()?;
+        for name in [PROGRAM_NAME, UNWIND_PROGRAM_NAME] {
+            let program: &mut PerfEvent = ebpf
+                .program_mut(name)
+                .ok_or(BpfError::Program(aya::programs::ProgramError::NotLoaded))?
+                .try_into()?;
+            program.load()?;
+        }
+        {
+            let walker: &PerfEvent = ebpf
+                .program(UNWIND_PROGRAM_NAME)
+                .ok_or(BpfError::Program(aya::programs::ProgramError::NotLoaded))?
+                .try_into()?;
+            let walker_fd = walker
+                .fd()?
+                .try_clone()
+                .map_err(|e| BpfError::Program(aya::programs::ProgramError::IOError(e)))?;
+            let mut programs: ProgramArray<MapData> = typed(&mut ebpf, UNWIND_PROGRAMS_MAP)?;
+            programs
+                .set(UNWIND_PROGRAM_INDEX, &walker_fd, 0)
+                .map_err(|source| BpfError::Map {
+                    name: UNWIND_PROGRAMS_MAP,
+                    source,
+                })?;
+            // The array keeps its entry while a program that uses it is loaded.
+            std::mem::forget(programs);
+        }
 
         if let Some(pids) = &options.pids {
             let mut filter: HashMap<MapData, u32, u8> = typed(&mut ebpf, PID_FILTER_MAP)?;
@@ -205,6 +265,16 @@ impl KernelSampler {
             typed(&mut ebpf, STACK_MAPS[0])?,
             typed(&mut ebpf, STACK_MAPS[1])?,
         ];
+        let user_stacks: [HashMap<MapData, u64, UserStack>; 2] = [
+            typed(&mut ebpf, USER_STACKS_MAPS[0])?,
+            typed(&mut ebpf, USER_STACKS_MAPS[1])?,
+        ];
+        let tables = KernelTables::new(
+            typed(&mut ebpf, UNWIND_ROWS_MAP)?,
+            unwind_rows,
+            typed::<LpmTrie<MapData, _, _>>(&mut ebpf, MAPPINGS_MAP)?,
+        );
+        let loader = SharedLoader::new(Loader::new(tables, unwind_rows));
         let generation_map = typed(&mut ebpf, GENERATION_MAP)?;
         let counters: PerCpuArray<MapData, u64> = typed(&mut ebpf, COUNTERS_MAP)?;
         let seen_processes = typed(&mut ebpf, SEEN_PROCESSES_MAP)?;
@@ -215,6 +285,8 @@ impl KernelSampler {
             .map(|m| m.map().fd().as_fd().as_raw_fd())
             .collect();
         memlock_fds.extend(stacks.iter().map(|m| m.map().fd().as_fd().as_raw_fd()));
+        memlock_fds.extend(user_stacks.iter().map(|m| m.map().fd().as_fd().as_raw_fd()));
+        memlock_fds.extend(loader.raw_fds());
 
         let program: &mut PerfEvent = ebpf
             .program_mut(PROGRAM_NAME)
@@ -233,6 +305,8 @@ impl KernelSampler {
             sample_rate = options.sample_rate,
             counts_entries = sizes.counts_entries,
             stack_entries = sizes.stack_entries,
+            user_stack_entries = sizes.user_stack_entries,
+            unwind_rows,
             "eBPF sampler attached"
         );
         Ok(Self {
@@ -240,6 +314,8 @@ impl KernelSampler {
             links,
             counts,
             stacks,
+            user_stacks,
+            loader,
             generation_map,
             counters,
             memlock_fds,
@@ -254,6 +330,15 @@ impl KernelSampler {
     /// The kernel's announcements of newly sampled processes, for a reader thread (once).
     pub fn take_new_processes(&mut self) -> Option<NewProcesses> {
         self.new_processes.take()
+    }
+
+    /// The unwind-table loader, for the thread that loads processes at their first sample.
+    pub fn loader(&self) -> SharedLoader {
+        self.loader.clone()
+    }
+
+    pub fn unwind_stats(&self) -> LoaderStats {
+        self.loader.stats()
     }
 
     pub fn sizes(&self) -> MapSizes {
@@ -293,6 +378,30 @@ impl KernelSampler {
             }
         }
 
+        let user_stacks = &mut self.user_stacks[old];
+        let mut walked: StdHashMap<u64, Stack> = StdHashMap::new();
+        let mut user = |key: &SampleKey| -> Stack {
+            match key.user_stack_id {
+                STACK_WALKED => walked
+                    .entry(key.user_stack_hash)
+                    .or_insert_with(|| match user_stacks.get(&key.user_stack_hash, 0) {
+                        Ok(stack) => {
+                            let len = (stack.len as usize).min(stack.frames.len());
+                            Stack::Frames(stack.frames[..len].to_vec())
+                        }
+                        Err(_) => Stack::Lost,
+                    })
+                    .clone(),
+                STACK_NOT_COLLECTED => Stack::NotCollected,
+                _ => Stack::Lost,
+            }
+        };
+        let user: Vec<Stack> = totals.iter().map(|(key, _)| user(key)).collect();
+        let hashes: Vec<u64> = user_stacks.keys().filter_map(Result::ok).collect();
+        for hash in hashes {
+            let _ = user_stacks.remove(&hash);
+        }
+
         let stacks = &mut self.stacks[old];
         let mut resolved: StdHashMap<i32, Stack> = StdHashMap::new();
         let mut lookup = |id: i32| -> Stack {
@@ -311,10 +420,11 @@ impl KernelSampler {
         };
         let samples = totals
             .into_iter()
-            .map(|(key, count)| RawSample {
+            .zip(user)
+            .map(|((key, count), user)| RawSample {
                 pid: key.pid,
                 comm: comm_string(&key.comm),
-                user: lookup(key.user_stack_id),
+                user,
                 kernel: lookup(key.kernel_stack_id),
                 count,
             })
@@ -348,9 +458,16 @@ impl StackSource for KernelSampler {
         self.drain_generation(old)
     }
 
+    /// Loads (or refreshes) the process's unwind tables.
+    fn observe(&mut self, info: &ProcessInfo) {
+        self.loader.load(info);
+    }
+
     /// Forgets which processes were announced, so that each process sampled in the next
-    /// interval is announced (and snapshotted) afresh, as the drain snapshots them afresh.
+    /// interval is announced (and snapshotted) afresh, as the drain snapshots them afresh;
+    /// drops the unwind entries of processes that exited.
     fn next_interval(&mut self) {
+        self.loader.prune(Path::new("/proc"));
         let pids: Vec<u32> = self.seen_processes.keys().filter_map(Result::ok).collect();
         for pid in pids {
             let _ = self.seen_processes.remove(&pid);
@@ -482,6 +599,32 @@ where
 {
     let map = ebpf.take_map(name).ok_or(BpfError::MissingMap { name })?;
     M::try_from(map).map_err(|source| BpfError::Map { name, source })
+}
+
+/// Rows of the unwind table array for `memory` bytes (at least one page's worth).
+fn unwind_rows(memory: u64) -> u32 {
+    let row = std::mem::size_of::<profiler_common::UnwindRow>() as u64;
+    (memory / row).clamp(256, u64::from(u32::MAX / 2)) as u32
+}
+
+/// Refuses kernels older than [`MINIMUM_KERNEL`] with a message naming what they lack,
+/// rather than a verifier log.
+fn check_kernel_version() -> Result<(), BpfError> {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let release = release.trim();
+    let mut parts = release
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|p| p.parse::<u32>().ok());
+    let version = (parts.next(), parts.next());
+    if let (Some(major), Some(minor)) = version
+        && (major, minor) < MINIMUM_KERNEL
+    {
+        return Err(BpfError::KernelTooOld {
+            release: release.to_owned(),
+            minimum: "5.8",
+        });
+    }
+    Ok(())
 }
 
 fn comm_string(raw: &[u8; 16]) -> String {

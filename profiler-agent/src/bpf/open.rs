@@ -1,6 +1,7 @@
 //! Opening a sampler: the one way `run`, `record` and captures start sampling. Loads and
-//! attaches the kernel side, and pairs it with a /proc process source and, when asked, the
-//! early-snapshot thread fed by the kernel's new-process announcements.
+//! attaches the kernel side, and pairs it with a /proc process source and the early-snapshot
+//! thread fed by the kernel's new-process announcements, which loads each process's unwind
+//! tables at its first sample (and, when asked, hands its snapshot to the sampler).
 
 use super::{BpfError, KernelSampler, SamplerOptions};
 use crate::{
@@ -17,9 +18,10 @@ pub struct OpenSampler {
     pub kernel_memory_bytes: u64,
 }
 
-/// Loads and attaches the sampler for `options`. With `early_snapshots`, a process is also
-/// snapshotted within milliseconds of its first sample, so one that exits before the drain
-/// keeps its names; `container_id_cache_size` bounds the container ids remembered.
+/// Loads and attaches the sampler for `options`. Every process is snapshotted within
+/// milliseconds of its first sample, to load its unwind tables; with `early_snapshots` the
+/// sampler keeps those snapshots too, so one that exits before the drain keeps its names.
+/// `container_id_cache_size` bounds the container ids remembered.
 pub fn open_sampler(
     options: &SamplerOptions,
     container_id_cache_size: usize,
@@ -27,15 +29,13 @@ pub fn open_sampler(
 ) -> Result<OpenSampler, BpfError> {
     let mut kernel = KernelSampler::start(options)?;
     let kernel_memory_bytes = kernel.kernel_memory_bytes();
-    let early = if early_snapshots {
-        start_early_snapshots(&mut kernel, container_id_cache_size)
-    } else {
-        None
-    };
+    let early = start_early_snapshots(&mut kernel, container_id_cache_size);
     let processes = ProcfsProcesses::with_container_id_cache("/proc", container_id_cache_size);
     let mut sampler = Sampler::new(kernel, processes)?;
     let early_snapshots = early.map(|(thread, snapshots)| {
-        sampler.set_early_snapshots(snapshots);
+        if early_snapshots {
+            sampler.set_early_snapshots(snapshots);
+        }
         thread
     });
     Ok(OpenSampler {
@@ -55,12 +55,18 @@ fn start_early_snapshots(
     std::sync::mpsc::Receiver<crate::process::ProcessInfo>,
 )> {
     let announcements = kernel.take_new_processes()?;
-    EarlySnapshots::start(announcements, "/proc", container_id_cache_size)
-        .inspect_err(|e| {
-            tracing::warn!(
-                error = %e,
-                "no early snapshots: short-lived processes may go unnamed"
-            )
-        })
-        .ok()
+    let loader = kernel.loader();
+    EarlySnapshots::start(
+        announcements,
+        "/proc",
+        container_id_cache_size,
+        move |info: &crate::process::ProcessInfo| loader.load(info),
+    )
+    .inspect_err(|e| {
+        tracing::warn!(
+            error = %e,
+            "no early snapshots: short-lived processes may go unnamed"
+        )
+    })
+    .ok()
 }

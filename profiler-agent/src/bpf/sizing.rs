@@ -8,8 +8,10 @@ use std::time::Duration;
 pub struct MapSizes {
     /// Entries of each counts map: at most one new key per sample.
     pub counts_entries: u32,
-    /// Entries of each stack trace map: up to two stacks (user, kernel) per sample.
+    /// Entries of each kernel stack trace map.
     pub stack_entries: u32,
+    /// Entries of each walked user stack map: one per distinct user stack.
+    pub user_stack_entries: u32,
 }
 
 /// A drain may run up to one interval late, so a generation can see two intervals of samples.
@@ -22,6 +24,10 @@ const MIN_COUNTS: u64 = 1024;
 const MIN_STACKS: u64 = 4096;
 /// Stack map values are 127 x 8 bytes: past this a map pins more than 128 MiB.
 const MAX_STACKS: u64 = 1 << 17;
+/// A walked user stack is 1 KiB, and its map is a hash map (no bucket collisions): one entry
+/// per sample of a generation is the worst case, capped at 32 MiB a generation.
+const MIN_USER_STACKS: u64 = 1024;
+const MAX_USER_STACKS: u64 = 1 << 15;
 const MAX_COUNTS: u64 = 1 << 20;
 
 impl MapSizes {
@@ -35,9 +41,13 @@ impl MapSizes {
         let stacks = (per_generation * STACKS_PER_SAMPLE)
             .next_power_of_two()
             .clamp(MIN_STACKS, MAX_STACKS);
+        let user_stacks = per_generation
+            .next_power_of_two()
+            .clamp(MIN_USER_STACKS, MAX_USER_STACKS);
         Self {
             counts_entries: counts.min(MAX_COUNTS) as u32,
             stack_entries: stacks as u32,
+            user_stack_entries: user_stacks as u32,
         }
     }
 }
@@ -64,6 +74,7 @@ mod tests {
         // 2910 samples, 5820 per generation.
         assert_eq!(s.counts_entries, 8192);
         assert_eq!(s.stack_entries, 16_384);
+        assert_eq!(s.user_stack_entries, 8192);
     }
 
     #[test]

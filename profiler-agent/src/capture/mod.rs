@@ -147,6 +147,10 @@ pub struct SymbolizeJob {
 
 /// Drains a capture's maps this often (as `record` does).
 const DRAIN_INTERVAL: Duration = Duration::from_secs(1);
+/// Kernel memory for one capture's unwind tables: one process's files (python3.11 and its
+/// libraries take about 200 000 rows, 3 MiB).
+const CAPTURE_UNWIND_TABLE_MEMORY: u64 = 8 << 20;
+
 /// How long symbolization may take once the capture ended.
 const SYMBOLIZE_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -316,6 +320,7 @@ impl Capturer {
             collect_kernel: self.collect_kernel,
             pids: Some(vec![pid]),
             scope,
+            unwind_table_memory: CAPTURE_UNWIND_TABLE_MEMORY,
         };
         let per_thread = Scope::Threads {
             pids: vec![pid],

@@ -53,6 +53,10 @@ pub struct AgentConfig {
     /// tables, parsed DWARF) may take together (default 64 MiB); binaries past it degrade to
     /// their symbol table or `module+0x...`.
     pub symbol_memory_limit: u64,
+    /// Bytes of kernel memory for unwind tables, 16 a row (default 32 MiB, two million rows;
+    /// libc takes about 30 000). A binary whose table does not fit is walked with frame
+    /// pointers, and counted in `profiler_unwind_tables_total{outcome="over_budget"}`.
+    pub unwind_table_memory: u64,
     pub collect_user_profile: bool,
     pub collect_kernel_profile: bool,
     /// none | simplified | templates | full (default simplified).
@@ -91,6 +95,7 @@ impl Default for AgentConfig {
             container_id_cache_size: 1024,
             cache_rounds: caches.cache_rounds,
             symbol_memory_limit: caches.symbol_memory_limit,
+            unwind_table_memory: crate::bpf::DEFAULT_UNWIND_TABLE_MEMORY,
             collect_user_profile: true,
             collect_kernel_profile: true,
             demangle: Demangle::Simplified,

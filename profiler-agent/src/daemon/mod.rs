@@ -193,6 +193,7 @@ async fn run_async(source: ConfigSource, mut config: AgentConfig) -> Result<(), 
         demangle: config.demangle,
         caches: config.cache_config(),
         container_id_cache_size: config.container_id_cache_size,
+        unwind_table_memory: config.unwind_table_memory,
         build: BuildOptions {
             sample_rate: config.sample_rate,
             comm: config.comm,

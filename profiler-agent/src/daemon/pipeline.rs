@@ -50,6 +50,8 @@ pub struct PipelineSettings {
     pub caches: CacheConfig,
     pub container_id_cache_size: usize,
     pub build: BuildOptions,
+    /// Kernel memory for unwind tables (`unwind_table_memory`).
+    pub unwind_table_memory: u64,
 }
 
 /// Handle on the running pipeline thread. Its heartbeat (unix seconds of the last loop
@@ -91,6 +93,7 @@ impl Pipeline {
                         collect_kernel: settings.collect_kernel,
                         pids: None,
                         scope: Scope::EveryCpu,
+                        unwind_table_memory: settings.unwind_table_memory,
                     };
                     let metrics = outputs.metrics.clone();
                     metrics.profiling_sessions.inc();

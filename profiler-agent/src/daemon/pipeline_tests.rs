@@ -121,6 +121,7 @@ fn run_worker(
         demangle: Demangle::None,
         caches: CacheConfig::default(),
         container_id_cache_size: 16,
+        unwind_table_memory: 1 << 20,
         build: BuildOptions::record(97),
     };
     let outputs = Outputs {

@@ -33,11 +33,13 @@ pub struct EarlySnapshots {
 }
 
 impl EarlySnapshots {
-    /// Starts the thread; snapshots of live processes arrive on the returned receiver.
+    /// Starts the thread; snapshots of live processes arrive on the returned receiver, each
+    /// first shown to `on_snapshot` (which loads its unwind tables) on the thread.
     pub fn start(
         mut announcements: impl Announcements,
         proc_root: impl Into<PathBuf>,
         container_id_cache_size: usize,
+        mut on_snapshot: impl FnMut(&ProcessInfo) + Send + 'static,
     ) -> std::io::Result<(Self, mpsc::Receiver<ProcessInfo>)> {
         let (tx, rx) = mpsc::channel();
         let stop = Arc::new(AtomicBool::new(false));
@@ -51,9 +53,13 @@ impl EarlySnapshots {
                     while !stop.load(Ordering::Relaxed) {
                         for pid in announcements.wait(POLL) {
                             let info = processes.snapshot(pid, "");
-                            if !info.vanished && tx.send(info).is_err() {
-                                return;
+                            if info.vanished {
+                                continue;
                             }
+                            on_snapshot(&info);
+                            // The receiver may be gone (nobody takes the snapshots): the
+                            // thread still serves `on_snapshot`.
+                            let _ = tx.send(info);
                         }
                     }
                 })?
@@ -97,10 +103,18 @@ mod tests {
     fn snapshots_live_announced_processes_and_skips_gone_ones() {
         let me = std::process::id();
         let gone = u32::MAX - 1;
-        let (snapshots, rx) =
-            EarlySnapshots::start(Scripted(vec![vec![gone, me]]), "/proc", 16).unwrap();
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let shown = seen.clone();
+        let (snapshots, rx) = EarlySnapshots::start(
+            Scripted(vec![vec![gone, me]]),
+            "/proc",
+            16,
+            move |info: &ProcessInfo| shown.lock().unwrap().push(info.pid),
+        )
+        .unwrap();
         let info = rx.recv_timeout(Duration::from_secs(10)).unwrap();
         assert_eq!(info.pid, me);
+        assert_eq!(*seen.lock().unwrap(), [me]);
         assert!(!info.mappings.is_empty());
         drop(snapshots);
         assert!(rx.try_recv().is_err(), "nothing for the gone pid");

@@ -1,14 +1,19 @@
 //! Unwind tables: a binary's `.eh_frame` (and `.debug_frame` when present) turned into a
 //! compact, sorted table of rows, one per address range, saying how to find the caller's frame
-//! (CFA, return address, rbp) at any pc of the file. This is the user-space half of unwinding
-//! user stacks without frame pointers; nothing loads the tables into the kernel program yet.
+//! (CFA, return address, rbp) at any pc of the file, and the [`Loader`] that keeps the kernel
+//! program's maps of them in step with the processes sampled. This is the user-space half of
+//! unwinding user stacks without frame pointers; the walk itself is in `profiler-ebpf`.
 //!
 //! Rows use file virtual addresses and are x86_64's (DWARF registers rsp = 7, rbp = 6, return
 //! address = 16). [`UnwindTable::compact`] gives the 16-byte [`UnwindRow`]s the kernel program
-//! will read; [`UnwindTable::row_for`] is the same lookup in user space.
+//! reads; [`UnwindTable::row_for`] is the same lookup in user space.
 
+mod file;
+mod loader;
 mod table;
 
+pub use file::{FileTable, Segment};
+pub use loader::{Loader, LoaderStats, TableSink, prefixes};
 pub use profiler_common::UnwindRow;
 pub use table::{DEFAULT_MAX_ROWS, UnwindTable};
 

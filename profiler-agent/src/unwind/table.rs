@@ -70,8 +70,19 @@ impl UnwindTable {
     }
 
     /// The table of an ELF file, refused with [`UnwindError::TooManyRows`] past `max_rows`.
-    pub fn from_elf_with(bytes: &[u8], max_rows: usize) -> Result<UnwindTable, UnwindError> {
+    pub fn from_elf_with<'d, R: object::ReadRef<'d>>(
+        bytes: R,
+        max_rows: usize,
+    ) -> Result<UnwindTable, UnwindError> {
         let file = object::File::parse(bytes).map_err(|source| UnwindError::Elf { source })?;
+        Self::from_object(&file, max_rows)
+    }
+
+    /// The table of a parsed ELF file, refused past `max_rows` rows.
+    pub fn from_object<'d, R: object::ReadRef<'d>>(
+        file: &object::File<'d, R>,
+        max_rows: usize,
+    ) -> Result<UnwindTable, UnwindError> {
         if file.architecture() != object::Architecture::X86_64 {
             return Err(UnwindError::Architecture {
                 architecture: file.architecture(),
@@ -160,8 +171,8 @@ impl UnwindTable {
     }
 }
 
-fn section_data<'a>(
-    section: &object::Section<'a, '_>,
+fn section_data<'a, R: object::ReadRef<'a>>(
+    section: &object::Section<'a, '_, R>,
     name: &'static str,
 ) -> Result<Cow<'a, [u8]>, UnwindError> {
     let unreadable = |source| UnwindError::Section {

@@ -340,13 +340,13 @@ fn row_bound_is_an_error() {
     let dir = tempfile::tempdir().unwrap();
     let binary = compile(dir.path(), "bound", &["-O2"]);
     let bytes = std::fs::read(&binary).unwrap();
-    let err = UnwindTable::from_elf_with(&bytes, 3).unwrap_err();
+    let err = UnwindTable::from_elf_with(&bytes[..], 3).unwrap_err();
     assert!(
         matches!(err, UnwindError::TooManyRows { limit: 3 }),
         "{err}"
     );
     let rows = UnwindTable::from_elf(&bytes).unwrap().rows().len();
-    assert!(UnwindTable::from_elf_with(&bytes, rows).is_ok());
+    assert!(UnwindTable::from_elf_with(&bytes[..], rows).is_ok());
 }
 
 #[test]
