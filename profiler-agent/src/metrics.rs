@@ -25,7 +25,7 @@ use prometheus_client::{
 use crate::{
     cache::CacheStats,
     process::procfs,
-    sampler::CounterSnapshot,
+    sampler::{CounterSnapshot, UnwindTableStats},
     symbolize::{SymbolizeStats, budget::Degraded},
 };
 use profiler_common::Counter as KernelCounter;
@@ -43,6 +43,16 @@ pub struct NameLabel {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CacheLabel {
     pub cache: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EndLabel {
+    pub end: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabel {
+    pub outcome: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -90,6 +100,16 @@ pub struct AgentMetrics {
     pub bpf_samples: Family<NameLabel, Counter>,
     /// Kernel failure branches (stack map full, collision, counts map full, ...).
     pub bpf_errors: Family<NameLabel, Counter>,
+    /// User-stack walks by how they ended (complete, no_table, read_error, ...).
+    pub unwind_walks: Family<EndLabel, Counter>,
+    /// Unwind tables by outcome (loaded, evicted, over_budget, unavailable).
+    pub unwind_tables: Family<OutcomeLabel, Counter>,
+    /// Mapping entries the kernel refused (its trie full).
+    pub unwind_entries_refused: Counter,
+    /// Bytes of the unwind-table array in use.
+    pub unwind_table_memory: Gauge,
+    /// Processes whose mappings are loaded for unwinding.
+    pub unwind_processes: Gauge,
     /// Samples of processes that matched no target (dropped when `targets_only`).
     pub samples_untargeted: Counter,
     /// On-demand and triggered captures by cause and outcome.
@@ -130,6 +150,11 @@ impl AgentMetrics {
             pprofs_dropped: Counter::default(),
             bpf_samples: Family::default(),
             bpf_errors: Family::default(),
+            unwind_walks: Family::default(),
+            unwind_tables: Family::default(),
+            unwind_entries_refused: Counter::default(),
+            unwind_table_memory: Gauge::default(),
+            unwind_processes: Gauge::default(),
             samples_untargeted: Counter::default(),
             captures: Family::default(),
             triggers_fired: Family::default(),
@@ -196,6 +221,36 @@ impl AgentMetrics {
             "profiler_bpf_errors",
             "Kernel failure branches by name; each lost or degraded sample counts once",
             m.bpf_errors.clone(),
+        );
+        r.register(
+            "profiler_unwind_walks",
+            "User-stack walks by how they ended: complete (reached the process or thread \
+             entry), no_table, mapping_unknown, read_error, depth_limit, unsupported_rule, \
+             no_registers",
+            m.unwind_walks.clone(),
+        );
+        r.register(
+            "profiler_unwind_tables",
+            "Unwind tables by outcome: loaded, evicted (to make room), over_budget (walked \
+             with frame pointers), unavailable (no usable .eh_frame)",
+            m.unwind_tables.clone(),
+        );
+        r.register(
+            "profiler_unwind_entries_refused",
+            "Mapping entries the kernel's trie refused; those mappings are walked with frame \
+             pointers",
+            m.unwind_entries_refused.clone(),
+        );
+        r.register_with_unit(
+            "profiler_unwind_table_memory",
+            "Kernel memory of unwind tables in use, of unwind_table_memory",
+            Unit::Bytes,
+            m.unwind_table_memory.clone(),
+        );
+        r.register(
+            "profiler_unwind_processes",
+            "Processes whose mappings are loaded for the kernel's stack walker",
+            m.unwind_processes.clone(),
         );
         r.register(
             "profiler_samples_untargeted",
@@ -367,6 +422,7 @@ impl Collector for UnsafeFiles {
 #[derive(Default)]
 pub struct Cumulative {
     kernel: CounterSnapshot,
+    unwind_tables: UnwindTableStats,
     symbolize: SymbolizeStats,
     container_ids: CacheStats,
     unreadable: u64,
@@ -376,6 +432,14 @@ impl Cumulative {
     pub fn kernel(&mut self, m: &AgentMetrics, now: &CounterSnapshot) {
         let delta = now.since(&self.kernel);
         for counter in KernelCounter::ALL {
+            if counter.is_walk_end() {
+                m.unwind_walks
+                    .get_or_create(&EndLabel {
+                        end: counter.name().to_owned(),
+                    })
+                    .inc_by(delta.get(counter));
+                continue;
+            }
             let family = if counter.is_error() {
                 &m.bpf_errors
             } else {
@@ -388,6 +452,28 @@ impl Cumulative {
                 .inc_by(delta.get(counter));
         }
         self.kernel = *now;
+    }
+
+    pub fn unwind_tables(&mut self, m: &AgentMetrics, now: &UnwindTableStats) {
+        let was = &self.unwind_tables;
+        for (outcome, now, was) in [
+            ("loaded", now.tables_loaded, was.tables_loaded),
+            ("evicted", now.tables_evicted, was.tables_evicted),
+            ("over_budget", now.tables_over_budget, was.tables_over_budget),
+            ("unavailable", now.tables_unavailable, was.tables_unavailable),
+        ] {
+            m.unwind_tables
+                .get_or_create(&OutcomeLabel {
+                    outcome: outcome.to_owned(),
+                })
+                .inc_by(now.saturating_sub(was));
+        }
+        m.unwind_entries_refused
+            .inc_by(now.entries_refused.saturating_sub(was.entries_refused));
+        let row = std::mem::size_of::<profiler_common::UnwindRow>() as u64;
+        m.unwind_table_memory.set((now.rows_used * row) as i64);
+        m.unwind_processes.set(now.processes as i64);
+        self.unwind_tables = *now;
     }
 
     pub fn symbolize(&mut self, m: &AgentMetrics, now: &SymbolizeStats) {

@@ -160,6 +160,16 @@ pub fn run(args: &RecordArgs) -> Result<(), RecordError> {
     // The whole recording is one interval, named with the default caches.
     let mut sources = sources::native(args.demangle, kernel_symbols, CacheConfig::default());
     let counters = recording.counters;
+    let tables = recording.unwind_tables;
+    eprintln!(
+        "unwind tables: loaded={} over_budget={} unavailable={} rows={} of {} processes={}",
+        tables.tables_loaded,
+        tables.tables_over_budget,
+        tables.tables_unavailable,
+        tables.rows_used,
+        tables.rows_capacity,
+        tables.processes,
+    );
     let summary = Summary {
         processes: recording.processes.len(),
         duration: recording.duration,

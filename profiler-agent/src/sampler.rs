@@ -71,6 +71,28 @@ impl CounterSnapshot {
     }
 }
 
+/// What a source's unwind tables hold now and did so far (zero for a source without them);
+/// built by `crate::unwind::Loader`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UnwindTableStats {
+    /// Tables built and loaded.
+    pub tables_loaded: u64,
+    /// Tables dropped to make room for others.
+    pub tables_evicted: u64,
+    /// Files whose table did not fit in the budget: walked with frame pointers.
+    pub tables_over_budget: u64,
+    /// Files with no usable table (no `.eh_frame`, unreadable, not x86_64, malformed).
+    pub tables_unavailable: u64,
+    /// Mapping entries the kernel refused (map full): those mappings fall back to frame
+    /// pointers.
+    pub entries_refused: u64,
+    /// Rows in use now, of `rows_capacity`.
+    pub rows_used: u64,
+    pub rows_capacity: u64,
+    /// Processes loaded now.
+    pub processes: u64,
+}
+
 /// Where samples come from: the seam between the kernel and the pipeline.
 pub trait StackSource {
     type Error: std::error::Error + Send + Sync + 'static;
@@ -85,6 +107,10 @@ pub trait StackSource {
     /// A fresh snapshot of a sampled process: the kernel sampler loads the unwind tables of
     /// its mappings.
     fn observe(&mut self, _info: &ProcessInfo) {}
+    /// The unwind tables' statistics.
+    fn unwind_tables(&self) -> UnwindTableStats {
+        UnwindTableStats::default()
+    }
 }
 
 /// Snapshots taken early (when the kernel announced a process's first sample) are kept this
@@ -99,6 +125,8 @@ pub struct Recording {
     pub start: Option<SystemTime>,
     pub duration: Duration,
     pub counters: CounterSnapshot,
+    /// The source's unwind tables at the end of the recording.
+    pub unwind_tables: UnwindTableStats,
     pub drains: u64,
 }
 
@@ -233,6 +261,7 @@ impl<S: StackSource, P: ProcessSource> Sampler<S, P> {
         let mut done = std::mem::replace(&mut self.recording, next);
         done.duration = now.duration_since(self.started);
         done.counters = self.source.counters()?;
+        done.unwind_tables = self.source.unwind_tables();
         self.source.next_interval();
         let oldest = self.drains_total.saturating_sub(EARLY_SNAPSHOT_DRAINS);
         self.early.retain(|_, (_, drain)| *drain >= oldest);
@@ -254,6 +283,7 @@ impl<S: StackSource, P: ProcessSource> Sampler<S, P> {
         self.source.stop()?;
         self.drain()?;
         self.recording.counters = self.source.counters()?;
+        self.recording.unwind_tables = self.source.unwind_tables();
         Ok(self.recording)
     }
 

@@ -6,7 +6,7 @@
 //! 127-frame loop. Every walk ends in exactly one `Unwind*` counter.
 
 use aya_ebpf::{
-    bindings::pt_regs,
+    bindings::{BPF_F_MMAPABLE, pt_regs},
     helpers::{bpf_probe_read_kernel, bpf_probe_read_user, generated::bpf_get_current_task},
     macros::map,
     maps::{Array, LpmTrie, PerCpuArray, ProgramArray, lpm_trie::Key},
@@ -17,8 +17,9 @@ use profiler_common::{
     UserStack,
 };
 
+/// Mappable, so user space writes a table with one copy.
 #[map]
-pub static UNWIND_ROWS: Array<UnwindRow> = Array::with_max_entries(1, 0);
+pub static UNWIND_ROWS: Array<UnwindRow> = Array::with_max_entries(1, BPF_F_MMAPABLE);
 #[map]
 pub static MAPPINGS: LpmTrie<MappingKey, MappingInfo> = LpmTrie::with_max_entries(1, 0);
 #[map]

@@ -25,7 +25,7 @@ use aya::{
         RingBuf, StackTraceMap, lpm_trie::LpmTrie,
     },
     programs::{
-        PerfEvent,
+        PerfEvent, TracePoint,
         perf_event::{
             PerfEventConfig, PerfEventLinkId, PerfEventScope, SamplePolicy, SoftwareEvent,
         },
@@ -34,7 +34,8 @@ use aya::{
 pub use new_processes::NewProcesses;
 pub use open::{OpenSampler, open_sampler};
 use profiler_common::{
-    CONFIG_GLOBAL, COUNTERS_MAP, COUNTS_MAPS, Counter, GENERATION_MAP, MAPPINGS_MAP,
+    CONFIG_GLOBAL, COUNTERS_MAP, COUNTS_MAPS, Counter, EXEC_PROGRAM_NAME, GENERATION_MAP,
+    MAPPINGS_MAP,
     NEW_PROCESSES_MAP, PID_FILTER_MAP, PROGRAM_NAME, SEEN_PROCESSES_MAP, STACK_LOST, STACK_MAPS,
     STACK_NOT_COLLECTED, STACK_WALKED, SampleKey, SamplerConfig, UNWIND_PROGRAM_INDEX,
     UNWIND_PROGRAM_NAME, UNWIND_PROGRAMS_MAP, UNWIND_ROWS_MAP, USER_STACKS_MAPS, UserStack,
@@ -43,7 +44,7 @@ pub use sizing::MapSizes;
 pub use unwind_maps::SharedLoader;
 
 use crate::{
-    process::ProcessInfo,
+    process::{ProcessInfo, ProcessSource as _, ProcfsProcesses},
     sampler::{CounterSnapshot, RawSample, Stack, StackSource},
     unwind::{Loader, LoaderStats},
 };
@@ -275,6 +276,13 @@ impl KernelSampler {
             typed::<LpmTrie<MapData, _, _>>(&mut ebpf, MAPPINGS_MAP)?,
         );
         let loader = SharedLoader::new(Loader::new(tables, unwind_rows));
+        // Processes named up front have their tables before their first sample.
+        if let Some(pids) = &options.pids {
+            let mut processes = ProcfsProcesses::new("/proc");
+            for &pid in pids {
+                loader.load(&processes.snapshot(pid, ""));
+            }
+        }
         let generation_map = typed(&mut ebpf, GENERATION_MAP)?;
         let counters: PerCpuArray<MapData, u64> = typed(&mut ebpf, COUNTERS_MAP)?;
         let seen_processes = typed(&mut ebpf, SEEN_PROCESSES_MAP)?;
@@ -288,6 +296,7 @@ impl KernelSampler {
         memlock_fds.extend(user_stacks.iter().map(|m| m.map().fd().as_fd().as_raw_fd()));
         memlock_fds.extend(loader.raw_fds());
 
+        watch_execs(&mut ebpf);
         let program: &mut PerfEvent = ebpf
             .program_mut(PROGRAM_NAME)
             .ok_or(BpfError::Program(aya::programs::ProgramError::NotLoaded))?
@@ -463,6 +472,10 @@ impl StackSource for KernelSampler {
         self.loader.load(info);
     }
 
+    fn unwind_tables(&self) -> LoaderStats {
+        self.loader.stats()
+    }
+
     /// Forgets which processes were announced, so that each process sampled in the next
     /// interval is announced (and snapshotted) afresh, as the drain snapshots them afresh;
     /// drops the unwind entries of processes that exited.
@@ -599,6 +612,23 @@ where
 {
     let map = ebpf.take_map(name).ok_or(BpfError::MissingMap { name })?;
     M::try_from(map).map_err(|source| BpfError::Map { name, source })
+}
+
+/// Attaches the exec tracepoint; without it (no tracefs, say) an exec'd process keeps its old
+/// program's unwind entries until the next interval reloads it.
+fn watch_execs(ebpf: &mut Ebpf) {
+    let attached = (|| -> Result<(), aya::programs::ProgramError> {
+        let Some(program) = ebpf.program_mut(EXEC_PROGRAM_NAME) else {
+            return Err(aya::programs::ProgramError::NotLoaded);
+        };
+        let program: &mut TracePoint = program.try_into()?;
+        program.load()?;
+        program.attach("sched", "sched_process_exec")?;
+        Ok(())
+    })();
+    if let Err(error) = attached {
+        tracing::warn!(%error, "exec tracepoint not attached: exec'd processes are reloaded at the next interval");
+    }
 }
 
 /// Rows of the unwind table array for `memory` bytes (at least one page's worth).

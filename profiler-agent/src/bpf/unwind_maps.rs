@@ -87,8 +87,9 @@ impl TableSink for KernelTables {
         if u64::from(start) + rows.len() as u64 > u64::from(self.capacity) {
             return Err(io::Error::from_raw_os_error(libc::E2BIG));
         }
-        if self.write_mapped(start, rows).is_ok() {
-            return Ok(());
+        match self.write_mapped(start, rows) {
+            Ok(()) => return Ok(()),
+            Err(error) => tracing::debug!(%error, "row array not mappable: one update per row"),
         }
         // Without mmap: one update per row.
         for (i, row) in rows.iter().enumerate() {

@@ -270,6 +270,8 @@ impl Worker {
         let started = Instant::now();
         let metrics = self.out.metrics.clone();
         self.cumulative.kernel(&metrics, &recording.counters);
+        self.cumulative
+            .unwind_tables(&metrics, &recording.unwind_tables);
         let targets = self.out.targets.borrow().clone();
         let interval =
             interval::build(recording, &targets, &mut self.sources, &self.settings.build);

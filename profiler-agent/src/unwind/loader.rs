@@ -37,24 +37,8 @@ pub trait TableSink {
     fn remove(&mut self, pid: u32, address: u64, bits: u32);
 }
 
-/// What the loader did, cumulative, for metrics.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct LoaderStats {
-    /// Tables built and loaded.
-    pub tables_loaded: u64,
-    /// Tables dropped to make room for others.
-    pub tables_evicted: u64,
-    /// Files whose table did not fit in the budget: walked with frame pointers.
-    pub tables_over_budget: u64,
-    /// Files with no usable table (no `.eh_frame`, unreadable, not x86_64, malformed).
-    pub tables_unavailable: u64,
-    /// Trie entries the kernel refused (map full): those mappings fall back to frame pointers.
-    pub entries_refused: u64,
-    /// Rows in use now.
-    pub rows_used: u64,
-    /// Processes loaded now.
-    pub processes: u64,
-}
+/// What the loader holds and did.
+pub type LoaderStats = crate::sampler::UnwindTableStats;
 
 /// A file's rows in the array.
 struct Loaded {
@@ -125,6 +109,7 @@ impl<S: TableSink> Loader<S> {
                     .iter()
                     .map(|r| u64::from(r.end - r.start))
                     .sum::<u64>(),
+            rows_capacity: u64::from(self.capacity),
             processes: self.processes.len() as u64,
             ..self.stats
         }
