@@ -459,8 +459,16 @@ impl Cumulative {
         for (outcome, now, was) in [
             ("loaded", now.tables_loaded, was.tables_loaded),
             ("evicted", now.tables_evicted, was.tables_evicted),
-            ("over_budget", now.tables_over_budget, was.tables_over_budget),
-            ("unavailable", now.tables_unavailable, was.tables_unavailable),
+            (
+                "over_budget",
+                now.tables_over_budget,
+                was.tables_over_budget,
+            ),
+            (
+                "unavailable",
+                now.tables_unavailable,
+                was.tables_unavailable,
+            ),
         ] {
             m.unwind_tables
                 .get_or_create(&OutcomeLabel {

@@ -109,14 +109,8 @@ pub fn run(args: &RecordArgs) -> Result<(), RecordError> {
             }
         },
     };
-    let opened =
-        open_sampler(&options, DEFAULT_CONTAINER_ID_CACHE_SIZE, true).inspect_err(|_| {
-            // Leave no empty file behind for a recording that never started.
-            let _ = std::fs::remove_file(&args.output);
-        })?;
-    let kernel_memory = opened.kernel_memory_bytes;
-    let mut sampler = opened.sampler;
-    let _early_snapshots = opened.early_snapshots;
+    // Before loading anything: a Ctrl-C while the sampler loads ends the recording at once,
+    // with what it has, rather than killing the agent.
     // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
     unsafe {
         libc::signal(
@@ -128,6 +122,14 @@ pub fn run(args: &RecordArgs) -> Result<(), RecordError> {
             request_stop as *const () as libc::sighandler_t,
         );
     }
+    let opened =
+        open_sampler(&options, DEFAULT_CONTAINER_ID_CACHE_SIZE, true).inspect_err(|_| {
+            // Leave no empty file behind for a recording that never started.
+            let _ = std::fs::remove_file(&args.output);
+        })?;
+    let kernel_memory = opened.kernel_memory_bytes;
+    let mut sampler = opened.sampler;
+    let _early_snapshots = opened.early_snapshots;
     eprintln!(
         "recording {} for {:?} at {} Hz on {} CPUs (kernel maps: {} KiB)",
         if args.pids.is_empty() {

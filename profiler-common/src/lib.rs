@@ -36,7 +36,7 @@ pub const SEEN_PROCESSES_ENTRIES: u32 = 16384;
 pub const CONFIG_GLOBAL: &str = "CONFIG";
 /// Name of the `perf_event` program.
 pub const PROGRAM_NAME: &str = "profile_cpu";
-/// Name of the `sched/sched_process_exec` tracepoint program, which has an exec'd process
+/// Name of the `sched_process_exec` raw tracepoint program, which has an exec'd process
 /// announced again.
 pub const EXEC_PROGRAM_NAME: &str = "process_exec";
 

@@ -16,9 +16,9 @@ use aya_ebpf::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_probe_read_kernel,
         generated::bpf_get_current_task,
     },
-    macros::{map, perf_event, tracepoint},
+    macros::{map, perf_event, raw_tracepoint},
     maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf, StackTrace},
-    programs::{PerfEventContext, TracePointContext, tracing::StackIdContext as _},
+    programs::{PerfEventContext, RawTracePointContext, tracing::StackIdContext as _},
 };
 use profiler_common::{
     Counter, MAX_STACK_DEPTH, NEW_PROCESSES_BYTES, PF_KTHREAD, SEEN_PROCESSES_ENTRIES, STACK_LOST,
@@ -213,10 +213,11 @@ fn count_in(generation: u32, key: &SampleKey) -> Result<Counter, Counter> {
     }
 }
 
-/// A process replaced its program (`sched_process_exec`): it is announced again at its next
-/// sample, so user space loads the new program's mappings for the walker.
-#[tracepoint]
-pub fn process_exec(_ctx: TracePointContext) -> u32 {
+/// A process replaced its program (raw tracepoint `sched_process_exec`, which needs no
+/// tracefs): it is announced again at its next sample, so user space loads the new program's
+/// mappings for the walker.
+#[raw_tracepoint(tracepoint = "sched_process_exec")]
+pub fn process_exec(_ctx: RawTracePointContext) -> i32 {
     let pid = (bpf_get_current_pid_tgid() >> 32) as u32;
     let _ = SEEN_PROCESSES.remove(&pid);
     0

@@ -25,7 +25,7 @@ use aya::{
         RingBuf, StackTraceMap, lpm_trie::LpmTrie,
     },
     programs::{
-        PerfEvent, TracePoint,
+        PerfEvent, RawTracePoint,
         perf_event::{
             PerfEventConfig, PerfEventLinkId, PerfEventScope, SamplePolicy, SoftwareEvent,
         },
@@ -35,9 +35,8 @@ pub use new_processes::NewProcesses;
 pub use open::{OpenSampler, open_sampler};
 use profiler_common::{
     CONFIG_GLOBAL, COUNTERS_MAP, COUNTS_MAPS, Counter, EXEC_PROGRAM_NAME, GENERATION_MAP,
-    MAPPINGS_MAP,
-    NEW_PROCESSES_MAP, PID_FILTER_MAP, PROGRAM_NAME, SEEN_PROCESSES_MAP, STACK_LOST, STACK_MAPS,
-    STACK_NOT_COLLECTED, STACK_WALKED, SampleKey, SamplerConfig, UNWIND_PROGRAM_INDEX,
+    MAPPINGS_MAP, NEW_PROCESSES_MAP, PID_FILTER_MAP, PROGRAM_NAME, SEEN_PROCESSES_MAP, STACK_LOST,
+    STACK_MAPS, STACK_NOT_COLLECTED, STACK_WALKED, SampleKey, SamplerConfig, UNWIND_PROGRAM_INDEX,
     UNWIND_PROGRAM_NAME, UNWIND_PROGRAMS_MAP, UNWIND_ROWS_MAP, USER_STACKS_MAPS, UserStack,
 };
 pub use sizing::MapSizes;
@@ -222,7 +221,9 @@ impl KernelSampler {
         let mut ebpf = loader.load(EBPF_OBJECT)?;
         // Load the programs before taking maps out of `ebpf`: the verifier resolves map fds,
         // and a taken map that is dropped (the PID filter) closes its fd.
-        for name in [PROGRAM_NAME, UNWIND_PROGRAM_NAME] {
+        // The walker first: the sampler shows in `bpftool prog list` only once the slower
+        // of the two verifications is done, and attaching follows it within milliseconds.
+        for name in [UNWIND_PROGRAM_NAME, PROGRAM_NAME] {
             let program: &mut PerfEvent = ebpf
                 .program_mut(name)
                 .ok_or(BpfError::Program(aya::programs::ProgramError::NotLoaded))?
@@ -621,9 +622,9 @@ fn watch_execs(ebpf: &mut Ebpf) {
         let Some(program) = ebpf.program_mut(EXEC_PROGRAM_NAME) else {
             return Err(aya::programs::ProgramError::NotLoaded);
         };
-        let program: &mut TracePoint = program.try_into()?;
+        let program: &mut RawTracePoint = program.try_into()?;
         program.load()?;
-        program.attach("sched", "sched_process_exec")?;
+        program.attach("sched_process_exec")?;
         Ok(())
     })();
     if let Err(error) = attached {
