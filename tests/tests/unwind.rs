@@ -6,7 +6,9 @@
 //! exceptions across frames, Rust without frame pointers, a signal handler on a deep chain,
 //! recursion 100 deep; at least 95% of each one's samples must show the whole chain from the
 //! sampled pc down to `main` and on to `_start` (through glibc's entry frames). The
-//! frame-pointer fixture `chain.c` must keep its chain down to `main`.
+//! frame-pointer fixture `chain.c` must keep its chain down to `main`. perf samples each
+//! fixture in the same window and must see the same (else the fixture, not the agent, is
+//! what is wrong).
 //!
 //! Stock Debian programs without frame pointers (`gzip`, `python3.11`) are sampled by
 //! `record` and by `perf record --call-graph dwarf` in the same window: our share of
@@ -134,7 +136,7 @@ fn can_run(test: &str) -> bool {
     require_root(test) && require_program(test, "perf")
 }
 
-/// Runs `binary` (nice -20, on one CPU), samples it for 4 s with `record --pid` and perf
+/// Runs `binary` (busy on one CPU), samples it for 4 s with `record --pid` and perf
 /// at once, and checks that at least 95% of perf's samples pass `full` (the fixture runs
 /// as this test expects) and then that at least 95% of ours do. Returns our stacks.
 fn assert_full_chains(
@@ -143,9 +145,9 @@ fn assert_full_chains(
     args: &[&str],
     full: impl Fn(&[Frame]) -> bool,
 ) -> Vec<Stack> {
-    let workload = Workload::start(binary, args);
+    let workload = Workload::spawn(binary, args);
     let dir = binary.parent().expect("the fixture's directory");
-    let both = record_beside_perf(dir, workload.pid(), 4);
+    let both = record_beside_perf(dir, workload, 4);
     let count = |s: &[Stack]| s.iter().map(|s| s.count).sum::<u64>();
     let (n_ours, n_perf) = (count(&both.ours), count(&both.perf));
     let ours = stacks::share(&both.ours, |s| full(&s.frames));
@@ -354,10 +356,11 @@ fn frame_pointer_chain_is_unchanged() {
 
 // --- stock programs against perf ---------------------------------------------------------
 
-/// Compares our stacks of the busy process `pid` with perf's (see the module doc).
-fn compare_with_perf(what: &str, dir: &Path, pid: u32) {
-    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).expect("the workload's exe");
-    let both = record_beside_perf(dir, pid, 5);
+/// Compares our stacks of the busy `workload` with perf's (see the module doc).
+fn compare_with_perf(what: &str, dir: &Path, workload: Workload) {
+    let exe =
+        std::fs::read_link(format!("/proc/{}/exe", workload.pid())).expect("the workload's exe");
+    let both = record_beside_perf(dir, workload, 5);
     let (ours, perf) = (both.ours, both.perf);
     let count = |s: &[Stack]| s.iter().map(|s| s.count).sum::<u64>();
     let (n_ours, n_perf) = (count(&ours), count(&perf));
@@ -429,14 +432,12 @@ fn gzip_stacks_match_perf() {
         .spawn()
         .expect("start /bin/gzip (Debian's gzip)");
     let mut stdin = child.stdin.take().unwrap();
-    // SAFETY: setpriority on our own child. Highest priority, as `Workload::start` gives.
-    unsafe { libc::setpriority(libc::PRIO_PROCESS, child.id(), -20) };
     let workload = Workload(child);
     let text = words(1 << 20);
     // Ends when gzip is killed (the write fails: SIGPIPE is ignored in Rust programs).
     std::thread::spawn(move || while stdin.write_all(&text).is_ok() {});
     std::thread::sleep(Duration::from_secs(1));
-    compare_with_perf("gzip -9", dir.path(), workload.pid());
+    compare_with_perf("gzip -9", dir.path(), workload);
 }
 
 /// About `len` bytes of text from a fixed vocabulary in a pseudo-random order: matches for
@@ -473,10 +474,7 @@ fn python_stacks_match_perf() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let workload = Workload::start(
-        Path::new(PYTHON),
-        &[fixture("unwind/busy.py").to_str().unwrap()],
-    );
+    let workload = Workload::spawn(PYTHON, &[fixture("unwind/busy.py").to_str().unwrap()]);
     std::thread::sleep(Duration::from_secs(1));
-    compare_with_perf("python3.11", dir.path(), workload.pid());
+    compare_with_perf("python3.11", dir.path(), workload);
 }
