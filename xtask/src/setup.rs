@@ -20,7 +20,8 @@ const BPF_LINKER_VERSION: &str = "0.10.0";
 /// config/), chromium and chromium-driver (headless Chromium, driven over WebDriver, loads
 /// the agent's flame graph page in tests/tests/page.rs), xz-utils (the `.gnu_debugdata`
 /// decompression bomb in tests/tests/hostile.rs), libc6-dev (static glibc for the chrooted
-/// fixture there).
+/// fixture there), g++ (C++ fixtures), gzip and python3.11 (stock programs without frame
+/// pointers whose stacks tests/tests/unwind.rs compares with perf's).
 const DEBIAN_PACKAGES: &[&str] = &[
     "docker.io",
     "busybox-static",
@@ -37,6 +38,9 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "chromium-driver",
     "xz-utils",
     "libc6-dev",
+    "g++",
+    "gzip",
+    "python3.11",
 ];
 
 pub fn setup() -> Result<()> {
