@@ -10,7 +10,8 @@ use object::{Object as _, ObjectSegment as _};
 
 use super::{UnwindError, UnwindTable};
 
-/// A loadable segment: `size` bytes at file `offset`, loaded at virtual address `vaddr`.
+/// An executable loadable segment: `size` bytes at file `offset`, loaded at virtual address
+/// `vaddr`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Segment {
     pub vaddr: u64,
@@ -31,8 +32,15 @@ impl FileTable {
     pub fn read(file: &File, max_rows: usize) -> Result<FileTable, UnwindError> {
         let cache = object::ReadCache::new(file);
         let object = object::File::parse(&cache).map_err(|source| UnwindError::Elf { source })?;
+        // Only executable segments: the mapping of a code segment starts at the page holding
+        // its first byte, which the read-only segment before it often shares (lld lays them
+        // out so), and the two do not have the same vaddr - offset.
         let segments = object
             .segments()
+            .filter(|s| {
+                matches!(s.flags(), object::SegmentFlags::Elf { p_flags }
+                    if p_flags & object::elf::PF_X != 0)
+            })
             .map(|s| {
                 let (offset, size) = s.file_range();
                 Segment {
@@ -59,11 +67,15 @@ impl FileTable {
     }
 }
 
+/// A mapping starts at a page boundary, so its offset may be up to a page below its
+/// segment's first byte.
+const PAGE: u64 = 4096;
+
 pub fn load_bias(segments: &[Segment], start: u64, offset: u64) -> Option<u64> {
     let segment = segments.iter().find(|s| {
         offset
-            .checked_sub(s.offset)
-            .is_some_and(|within| within < s.size)
+            .checked_sub(s.offset & !(PAGE - 1))
+            .is_some_and(|within| within < s.size + (s.offset & (PAGE - 1)))
     })?;
     Some(
         start
@@ -96,6 +108,21 @@ mod tests {
         assert_eq!(bias, 0x5555_5555_4000);
         assert_eq!(0x5555_5555_6010 - bias, 0x2010);
         assert_eq!(load_bias(&segments, 0x1000, 0x20_0000), None);
+    }
+
+    #[test]
+    fn bias_of_a_code_segment_sharing_its_first_page_with_the_one_before() {
+        // lld (rustc): R at offset 0 vaddr 0, R E at offset 0x14910 vaddr 0x15910; the code
+        // mapping starts at file offset 0x14000. Only executable segments are kept.
+        let segments = [Segment {
+            vaddr: 0x15910,
+            offset: 0x14910,
+            size: 0x3fa50,
+        }];
+        let bias = load_bias(&segments, 0x55f1_06b4_c000, 0x14000).unwrap();
+        // r_e at vaddr 0x16a60 is file offset 0x15a60, 0x1a60 into the mapping.
+        assert_eq!(0x55f1_06b4_da60 - bias, 0x16a60);
+        assert_eq!(load_bias(&segments, 0x1000, 0x13000), None);
     }
 
     #[test]
