@@ -51,8 +51,9 @@ enum Window {
 /// Samples `workload` for `seconds` with `record --pid` and, over the same window, with
 /// `perf record --call-graph dwarf` at the same 97 Hz: perf starts first with its events
 /// disabled and is enabled when record prints `recording` (attached) and stopped when it
-/// prints `sampling stopped`, through perf's control FIFOs. The workload gets nice -20 once
-/// record is attached and is stopped as soon as both are done, before the stacks are read. Our profile goes to `dir/ours.pb.gz`.
+/// prints `sampling stopped` or `seconds` later, through perf's control FIFOs. The workload gets nice -20 once
+/// record is attached and is stopped as soon as both are done, before the stacks are read.
+/// Our profile goes to `dir/ours.pb.gz`.
 pub fn record_beside_perf(dir: &Path, workload: Workload, seconds: u32) -> Both {
     let pid = workload.pid();
     let out = dir.join("ours.pb.gz");
@@ -109,7 +110,9 @@ pub fn record_beside_perf(dir: &Path, workload: Workload, seconds: u32) -> Both 
         // SAFETY: setpriority on our own child (its main thread, the busy one).
         unsafe { libc::setpriority(libc::PRIO_PROCESS, pid, -20) };
         control.send(&mut perf, "enable");
-        let _ = window.recv_timeout(Duration::from_secs(u64::from(seconds) + 60));
+        // Until record stops sampling, and no longer than its duration: a starved record
+        // may print its line late, but its window was that long.
+        let _ = window.recv_timeout(Duration::from_secs(u64::from(seconds)));
     }
     control.send(&mut perf, "stop");
     let perf_out = perf.wait_with_output().expect("wait for perf record");
@@ -278,7 +281,7 @@ mod tests {
     fn parses_perf_script() {
         let text = "\n\t            4308 [unknown] (/usr/bin/gzip)\n\
                     \t ffffffff81000001 irq ([kernel.kallsyms])\n\
-                    \t           27249 __libc_start_call_main (/usr/lib/x86_64-linux-gnu/libc.so.6)\n\
+                    \t 27249 __libc_start_call_main (/usr/lib/x86_64-linux-gnu/libc.so.6)\n\
                     \n\n\t 1287 throwing::cx_e(unsigned long) (/tmp/throw)\n";
         let stacks = parse_perf_script(text);
         assert_eq!(stacks.len(), 2);

@@ -13,9 +13,9 @@ use profiler_agent::profile::{KERNEL_MAPPING, LOST_KERNEL_STACK, pprof::Profile}
 use crate::common::label_num;
 
 /// One user frame: a function name (one per inline level in our profiles, so an inlined call
-/// gives several frames at one address; empty when unnamed), the file mapped there and the offset in that file
-/// of the instruction (the byte before the return address for callers, as both profilers
-/// give it).
+/// gives several frames at one address; empty when unnamed), the file mapped there and the
+/// offset in that file of the instruction (the byte before the return address for callers,
+/// as both profilers give it).
 #[derive(Clone, Debug)]
 pub struct Frame {
     pub name: String,
