@@ -32,7 +32,7 @@ use super::{
 };
 use crate::{
     setup::setup,
-    util::{agent_binary, build_agent, is_root, workspace_root},
+    util::{agent_binary, build_agent, check, is_root, workspace_root},
 };
 
 const GZIP: &str = "/usr/bin/gzip";
@@ -82,6 +82,7 @@ pub fn unwind(seconds: u64) -> Result<()> {
     let cpus = thread::available_parallelism().map_or(1, |n| n.get());
     let copies = cpus.div_ceil(2);
     child::install_interrupt_handler();
+    let tracefs = Tracefs::mount()?;
 
     let mut rows = Vec::new();
     rows.push(measure_ours(seconds, copies, &data, tmp.path())?);
@@ -106,7 +107,9 @@ pub fn unwind(seconds: u64) -> Result<()> {
         );
     }
 
-    let section = section(seconds, cpus, copies, &rows, &lightswitch)?;
+    let mounted = tracefs.mounted_here;
+    drop(tracefs);
+    let section = section(seconds, cpus, copies, &rows, &lightswitch, mounted)?;
     println!("{section}");
     let path = workspace_root().join("BENCHMARKS.md");
     write_section(&path, &section)?;
@@ -138,6 +141,46 @@ fn lightswitch() -> Result<(PathBuf, String), String> {
         ));
     }
     Ok((bin, String::from_utf8_lossy(&out.stdout).trim().to_owned()))
+}
+
+const TRACEFS: &str = "/sys/kernel/tracing";
+
+/// tracefs at /sys/kernel/tracing for the whole run, mounted here (and unmounted on drop) if
+/// the host has none: lightswitch refuses to start without it and our exec tracepoint needs
+/// it, and every profiler must see the same host.
+struct Tracefs {
+    mounted_here: bool,
+}
+
+impl Tracefs {
+    fn mount() -> Result<Self> {
+        let mounts = fs::read_to_string("/proc/self/mounts").context("reading mounts")?;
+        let present = mounts.lines().any(|l| {
+            let mut fields = l.split_whitespace();
+            let (_, dir, kind) = (fields.next(), fields.next(), fields.next());
+            dir == Some(TRACEFS) && kind == Some("tracefs")
+        });
+        if present {
+            return Ok(Self {
+                mounted_here: false,
+            });
+        }
+        eprintln!("bench: mounting tracefs on {TRACEFS} for this run (unmounted at the end)");
+        check(Command::new("mount").args(["-t", "tracefs", "tracefs", TRACEFS]))?;
+        Ok(Self { mounted_here: true })
+    }
+}
+
+impl Drop for Tracefs {
+    fn drop(&mut self) {
+        if self.mounted_here {
+            match Command::new("umount").arg(TRACEFS).status() {
+                Ok(s) if s.success() => eprintln!("bench: unmounted {TRACEFS}"),
+                _ => eprintln!("bench: warning: could not unmount {TRACEFS}"),
+            }
+            self.mounted_here = false;
+        }
+    }
 }
 
 /// `DATA_MIB` of random bytes for gzip: incompressible, so gzip -9 works hard throughout.
@@ -376,6 +419,7 @@ fn section(
     copies: usize,
     rows: &[Row],
     lightswitch: &Result<(PathBuf, String), String>,
+    mounted_tracefs: bool,
 ) -> Result<String> {
     let mib = |kib: u64| kib as f64 / 1024.0;
     let mut command = "cargo xtask bench unwind".to_owned();
@@ -405,6 +449,13 @@ fn section(
         cpu_model(),
         WARMUP.as_secs(),
     )?;
+    if mounted_tracefs {
+        writeln!(
+            s,
+            "This host had no tracefs; the benchmark mounted it on {TRACEFS} for the run \
+             (lightswitch does not start without it; our exec tracepoint uses it).\n"
+        )?;
+    }
     match lightswitch {
         Ok((bin, version)) => writeln!(s, "lightswitch: `{}`, `{version}`.\n", bin.display())?,
         Err(why) => writeln!(s, "lightswitch: NOT RUN: {why}.\n")?,
