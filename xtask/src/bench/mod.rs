@@ -76,6 +76,9 @@ pub enum Bench {
         /// Seconds each profiler records.
         #[arg(long, default_value_t = 20)]
         seconds: u64,
+        /// Keep the profiles and logs (their directory is printed) instead of deleting them.
+        #[arg(long)]
+        keep: bool,
     },
     /// Every benchmark above with its defaults, one after another (about an hour).
     All,
@@ -90,7 +93,10 @@ pub fn bench(which: Bench) -> Result<()> {
                     idle: 200,
                 },
                 Bench::Overhead { seconds: 30 },
-                Bench::Unwind { seconds: 20 },
+                Bench::Unwind {
+                    seconds: 20,
+                    keep: false,
+                },
                 Bench::Scale { seconds: 45 },
                 Bench::Churn {
                     seconds: 60,
@@ -114,6 +120,6 @@ pub fn bench(which: Bench) -> Result<()> {
         Bench::Symbolize => symbolize::symbolize(),
         Bench::Pprof => pprof::pprof(),
         Bench::Agent { seconds, idle } => agent::agent(seconds, idle),
-        Bench::Unwind { seconds } => unwind::unwind(seconds),
+        Bench::Unwind { seconds, keep } => unwind::unwind(seconds, keep),
     }
 }

@@ -57,7 +57,7 @@ struct Row {
     shares: Option<Shares>,
 }
 
-pub fn unwind(seconds: u64) -> Result<()> {
+pub fn unwind(seconds: u64, keep: bool) -> Result<()> {
     ensure!(seconds >= 5, "--seconds must be at least 5");
     if !is_root() {
         bail!("the unwind benchmark loads BPF programs and runs `perf record -a`: run it as root");
@@ -75,14 +75,12 @@ pub fn unwind(seconds: u64) -> Result<()> {
     }
     setup()?;
     build_agent()?;
-    let tmp = tempfile::Builder::new()
-        .prefix("xtask-bench-unwind-")
-        .tempdir()?;
+    let tmp = Scratch::new(keep)?;
     let data = random_file(tmp.path())?;
     let cpus = thread::available_parallelism().map_or(1, |n| n.get());
     let copies = cpus.div_ceil(2);
     child::install_interrupt_handler();
-    let tracefs = Tracefs::mount()?;
+    let mounts = Mounts::mount()?;
 
     let mut rows = Vec::new();
     rows.push(measure_ours(seconds, copies, &data, tmp.path())?);
@@ -107,9 +105,9 @@ pub fn unwind(seconds: u64) -> Result<()> {
         );
     }
 
-    let mounted = tracefs.mounted_here;
-    drop(tracefs);
-    let section = section(seconds, cpus, copies, &rows, &lightswitch, mounted)?;
+    let mounted = mounts.mounted_here.clone();
+    drop(mounts);
+    let section = section(seconds, cpus, copies, &rows, &lightswitch, &mounted)?;
     println!("{section}");
     let path = workspace_root().join("BENCHMARKS.md");
     write_section(&path, &section)?;
@@ -143,43 +141,78 @@ fn lightswitch() -> Result<(PathBuf, String), String> {
     Ok((bin, String::from_utf8_lossy(&out.stdout).trim().to_owned()))
 }
 
-const TRACEFS: &str = "/sys/kernel/tracing";
+/// The file systems the profilers look for tracepoints in: tracefs for ours (aya), and
+/// debugfs, under which lightswitch reads `tracing/` (it refuses to start without it).
+const MOUNTS: [(&str, &str); 2] = [
+    ("tracefs", "/sys/kernel/tracing"),
+    ("debugfs", "/sys/kernel/debug"),
+];
 
-/// tracefs at /sys/kernel/tracing for the whole run, mounted here (and unmounted on drop) if
-/// the host has none: lightswitch refuses to start without it and our exec tracepoint needs
-/// it, and every profiler must see the same host.
-struct Tracefs {
-    mounted_here: bool,
+/// [`MOUNTS`] for the whole run, those the host lacks mounted here and unmounted on drop, so
+/// that every profiler sees the same host, one where tracepoints can be attached.
+struct Mounts {
+    mounted_here: Vec<&'static str>,
 }
 
-impl Tracefs {
+impl Mounts {
     fn mount() -> Result<Self> {
         let mounts = fs::read_to_string("/proc/self/mounts").context("reading mounts")?;
-        let present = mounts.lines().any(|l| {
-            let mut fields = l.split_whitespace();
-            let (_, dir, kind) = (fields.next(), fields.next(), fields.next());
-            dir == Some(TRACEFS) && kind == Some("tracefs")
-        });
-        if present {
-            return Ok(Self {
-                mounted_here: false,
+        let mut guard = Self {
+            mounted_here: Vec::new(),
+        };
+        for (kind, dir) in MOUNTS {
+            let present = mounts.lines().any(|l| {
+                let mut fields = l.split_whitespace();
+                let (_, d, k) = (fields.next(), fields.next(), fields.next());
+                d == Some(dir) && k == Some(kind)
             });
+            if !present {
+                eprintln!("bench: mounting {kind} on {dir} for this run (unmounted at the end)");
+                check(Command::new("mount").args(["-t", kind, kind, dir]))?;
+                guard.mounted_here.push(dir);
+            }
         }
-        eprintln!("bench: mounting tracefs on {TRACEFS} for this run (unmounted at the end)");
-        check(Command::new("mount").args(["-t", "tracefs", "tracefs", TRACEFS]))?;
-        Ok(Self { mounted_here: true })
+        Ok(guard)
     }
 }
 
-impl Drop for Tracefs {
+impl Drop for Mounts {
     fn drop(&mut self) {
-        if self.mounted_here {
-            match Command::new("umount").arg(TRACEFS).status() {
-                Ok(s) if s.success() => eprintln!("bench: unmounted {TRACEFS}"),
-                _ => eprintln!("bench: warning: could not unmount {TRACEFS}"),
+        while let Some(dir) = self.mounted_here.pop() {
+            // Recursive: debugfs's tracing/ is an automount of tracefs below it.
+            match Command::new("umount").args(["-R", dir]).status() {
+                Ok(s) if s.success() => eprintln!("bench: unmounted {dir}"),
+                _ => eprintln!("bench: warning: could not unmount {dir}"),
             }
-            self.mounted_here = false;
         }
+    }
+}
+
+/// The run's directory: deleted at the end unless `--keep`.
+struct Scratch {
+    _dir: Option<tempfile::TempDir>,
+    path: PathBuf,
+}
+
+impl Scratch {
+    fn new(keep: bool) -> Result<Self> {
+        let dir = tempfile::Builder::new()
+            .prefix("xtask-bench-unwind-")
+            .tempdir()?;
+        if !keep {
+            let path = dir.path().to_owned();
+            return Ok(Self {
+                _dir: Some(dir),
+                path,
+            });
+        }
+        let path = dir.keep();
+        eprintln!("bench: profiles and logs are kept in {}", path.display());
+        Ok(Self { _dir: None, path })
+    }
+
+    fn path(&self) -> &Path {
+        &self.path
     }
 }
 
@@ -419,7 +452,7 @@ fn section(
     copies: usize,
     rows: &[Row],
     lightswitch: &Result<(PathBuf, String), String>,
-    mounted_tracefs: bool,
+    mounted: &[&str],
 ) -> Result<String> {
     let mib = |kib: u64| kib as f64 / 1024.0;
     let mut command = "cargo xtask bench unwind".to_owned();
@@ -449,15 +482,21 @@ fn section(
         cpu_model(),
         WARMUP.as_secs(),
     )?;
-    if mounted_tracefs {
+    if !mounted.is_empty() {
         writeln!(
             s,
-            "This host had no tracefs; the benchmark mounted it on {TRACEFS} for the run \
-             (lightswitch does not start without it; our exec tracepoint uses it).\n"
+            "This host had nothing mounted on {}; the benchmark mounted tracefs and debugfs \
+             there for the run (lightswitch does not start without \
+             /sys/kernel/debug/tracing; our exec tracepoint uses tracefs).\n",
+            mounted.join(" and ")
         )?;
     }
     match lightswitch {
-        Ok((bin, version)) => writeln!(s, "lightswitch: `{}`, `{version}`.\n", bin.display())?,
+        Ok((bin, version)) => {
+            writeln!(s, "lightswitch: `{}`, `{version}`.", bin.display())?;
+            lightswitch_notes(&mut s, rows)?;
+            writeln!(s)?;
+        }
         Err(why) => writeln!(s, "lightswitch: NOT RUN: {why}.\n")?,
     }
     writeln!(
@@ -487,6 +526,40 @@ fn section(
     writeln!(s)?;
     goals(&mut s, rows)?;
     Ok(s)
+}
+
+/// What a reader needs to know to trust (or not) lightswitch's row on this kernel.
+fn lightswitch_notes(s: &mut String, rows: &[Row]) -> Result<()> {
+    let samples = rows
+        .iter()
+        .find(|r| r.name == "lightswitch")
+        .and_then(|r| r.shares.as_ref())
+        .map_or(0, |x| stacks::total(x).samples);
+    let modules = Path::new("/proc/modules").exists();
+    if samples == 0 {
+        write!(
+            s,
+            " Its profile holds no sample of the two programs, so its completeness is not \
+             measured."
+        )?;
+        if !modules {
+            write!(
+                s,
+                " This kernel has no /proc/modules (built without module support): \
+                 lightswitch 0.5.0 then drops every sample (\"kernel process not found\"); \
+                 a build that treats the missing file as no modules works."
+            )?;
+        }
+    } else if !modules {
+        write!(
+            s,
+            " This kernel has no /proc/modules (built without module support), on which \
+             lightswitch 0.5.0 as released drops every sample (\"kernel process not found\"): \
+             the binary measured carries a local change that treats the missing file as no \
+             modules, as on a kernel with none loaded; its unwinding is unchanged."
+        )?;
+    }
+    Ok(())
 }
 
 fn goals(s: &mut String, rows: &[Row]) -> Result<()> {
