@@ -11,7 +11,6 @@ mod receiver;
 mod report;
 mod scale;
 mod soak;
-mod stacks;
 mod symbolize;
 mod unwind;
 

@@ -1,6 +1,7 @@
 //! Reading the stacks each profiler wrote, for `cargo xtask bench unwind`: pprof (ours,
 //! gzipped; lightswitch's, raw) and `perf script` text, reduced to one question per sample:
-//! which program it belongs to, and whether its stack reaches the process (or thread) entry.
+//! which program it belongs to (by pid: other copies of the same programs on the host do not
+//! count), and whether its stack reaches the process (or thread) entry.
 //!
 //! The pprof messages are declared here, with only the fields this needs, rather than taken
 //! from the agent: xtask stays free of the agent's build, and the same decoder reads every
@@ -51,8 +52,11 @@ impl Share {
     }
 }
 
-/// The shares of the programs in `programs`, keyed by program, from one profiler's output.
+/// The shares of the programs, keyed by program, from one profiler's output.
 pub type Shares = BTreeMap<String, Share>;
+
+/// The processes whose samples count: pid to program name.
+pub type Pids = BTreeMap<u32, String>;
 
 /// The sum over all programs.
 pub fn total(shares: &Shares) -> Share {
@@ -88,8 +92,8 @@ struct Sample {
 struct Label {
     #[prost(int64, tag = "1")]
     key: i64,
-    #[prost(int64, tag = "2")]
-    str: i64,
+    #[prost(int64, tag = "3")]
+    num: i64,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -114,10 +118,9 @@ struct Function {
     name: i64,
 }
 
-/// The shares in a pprof file (gzipped or not). `comm_label` is the string label naming the
-/// process (`comm` in ours, `process.name` in lightswitch's); the first sample value is the
-/// sample count.
-pub fn from_pprof(bytes: &[u8], comm_label: &str, programs: &[&str]) -> Result<Shares> {
+/// The shares in a pprof file (gzipped or not) whose samples carry the numeric label `pid`
+/// (ours and lightswitch's do); the first sample value is the sample count.
+pub fn from_pprof(bytes: &[u8], pids: &Pids) -> Result<Shares> {
     let raw = if bytes.starts_with(&[0x1f, 0x8b]) {
         let mut raw = Vec::new();
         flate2::read::GzDecoder::new(bytes)
@@ -147,17 +150,16 @@ pub fn from_pprof(bytes: &[u8], comm_label: &str, programs: &[&str]) -> Result<S
             (l.id, names)
         })
         .collect();
-    let mut shares = empty(programs);
+    let mut shares = empty(pids);
     for s in &p.sample {
-        let Some(comm) = s
+        let Some(share) = s
             .label
             .iter()
-            .find(|l| text(l.key) == comm_label)
-            .map(|l| text(l.str))
+            .find(|l| text(l.key) == "pid")
+            .and_then(|l| u32::try_from(l.num).ok())
+            .and_then(|pid| pids.get(&pid))
+            .and_then(|program| shares.get_mut(program))
         else {
-            continue;
-        };
-        let Some(share) = shares.get_mut(comm) else {
             continue;
         };
         let complete = s
@@ -175,12 +177,12 @@ pub fn from_pprof(bytes: &[u8], comm_label: &str, programs: &[&str]) -> Result<S
 /// The shares in the output of `perf script -F comm,pid,ip,sym`: a header line per sample
 /// (`comm pid`, comm may hold spaces), its frames on indented lines (`addr symbol`), and a
 /// blank line after each sample.
-pub fn from_perf_script(text: &str, programs: &[&str]) -> Shares {
-    let mut shares = empty(programs);
-    let mut current: Option<(String, bool)> = None;
-    let mut finish = |current: &mut Option<(String, bool)>| {
-        if let Some((comm, complete)) = current.take()
-            && let Some(share) = shares.get_mut(&comm)
+pub fn from_perf_script(text: &str, pids: &Pids) -> Shares {
+    let mut shares = empty(pids);
+    let mut current: Option<(Option<u32>, bool)> = None;
+    let mut finish = |current: &mut Option<(Option<u32>, bool)>| {
+        if let Some((Some(pid), complete)) = current.take()
+            && let Some(share) = pids.get(&pid).and_then(|p| shares.get_mut(p))
         {
             share.add(1, complete);
         }
@@ -198,22 +200,20 @@ pub fn from_perf_script(text: &str, programs: &[&str]) -> Shares {
             }
         } else {
             finish(&mut current);
-            let comm = line
-                .trim_end()
-                .rsplit_once(char::is_whitespace)
-                .map_or(line, |(comm, _pid)| comm)
-                .trim();
-            current = Some((comm.to_owned(), false));
+            let pid = line
+                .split_whitespace()
+                .next_back()
+                .and_then(|pid| pid.parse().ok());
+            current = Some((pid, false));
         }
     }
     finish(&mut current);
     shares
 }
 
-fn empty(programs: &[&str]) -> Shares {
-    programs
-        .iter()
-        .map(|p| ((*p).to_owned(), Share::default()))
+fn empty(pids: &Pids) -> Shares {
+    pids.values()
+        .map(|p| (p.clone(), Share::default()))
         .collect()
 }
 
@@ -223,7 +223,13 @@ mod tests {
 
     use super::*;
 
-    const PROGRAMS: &[&str] = &["gzip", "python3.11"];
+    /// Two gzip processes and a python one; pid 9 (another gzip on the host) does not count.
+    fn pids() -> Pids {
+        [(101, "gzip"), (102, "gzip"), (202, "python3.11")]
+            .into_iter()
+            .map(|(pid, p)| (pid, p.to_owned()))
+            .collect()
+    }
 
     #[test]
     fn entry_frames_with_and_without_versions() {
@@ -241,9 +247,12 @@ mod tests {
             \t    7f01 __libc_start_main@@GLIBC_2.34\n\
             \t    55c0 _start\n\
             \n\
-            gzip 101\n\
+            gzip 102\n\
             \t    55d1 deflate\n\
             \t    ffff [unknown]\n\
+            \n\
+            gzip 9\n\
+            \t    55c0 _start\n\
             \n\
             python3.11 202\n\
             \t    55e1 _PyEval_EvalFrameDefault\n\
@@ -251,7 +260,7 @@ mod tests {
             \n\
             sh 303\n\
             \t    55c0 _start\n";
-        let shares = from_perf_script(text, PROGRAMS);
+        let shares = from_perf_script(text, &pids());
         assert_eq!(
             shares["gzip"],
             Share {
@@ -266,23 +275,23 @@ mod tests {
                 complete: 1
             }
         );
-        assert_eq!(shares.len(), 2, "other programs are not counted");
+        assert_eq!(shares.len(), 2, "other processes are not counted");
     }
 
     #[test]
-    fn pprof_samples_by_label_gzipped_or_not() {
-        let strings = ["", "comm", "gzip", "python3.11", "_start", "deflate", "sh"];
-        let sample = |locations: Vec<u64>, count: i64, comm: i64| Sample {
+    fn pprof_samples_by_pid_label_gzipped_or_not() {
+        let strings = ["", "pid", "tid", "_start", "deflate"];
+        let sample = |locations: Vec<u64>, count: i64, pid: i64| Sample {
             location_id: locations,
             value: vec![count, count * 1000],
-            label: vec![Label { key: 1, str: comm }],
+            label: vec![Label { key: 2, num: 1 }, Label { key: 1, num: pid }],
         };
         let p = Profile {
             sample: vec![
-                sample(vec![2, 1], 5, 2),
-                sample(vec![2], 3, 2),
-                sample(vec![2, 1], 7, 3),
-                sample(vec![1], 9, 6),
+                sample(vec![2, 1], 5, 101),
+                sample(vec![2], 3, 102),
+                sample(vec![2, 1], 7, 202),
+                sample(vec![1], 9, 9),
             ],
             location: vec![
                 Location {
@@ -294,7 +303,7 @@ mod tests {
                     line: vec![Line { function_id: 20 }],
                 },
             ],
-            function: vec![Function { id: 10, name: 4 }, Function { id: 20, name: 5 }],
+            function: vec![Function { id: 10, name: 3 }, Function { id: 20, name: 4 }],
             string_table: strings.iter().map(|s| (*s).to_owned()).collect(),
         };
         let raw = p.encode_to_vec();
@@ -302,7 +311,7 @@ mod tests {
         std::io::Write::write_all(&mut gz, &raw).unwrap();
         let gz = gz.finish().unwrap();
         for bytes in [&raw, &gz] {
-            let shares = from_pprof(bytes, "comm", PROGRAMS).unwrap();
+            let shares = from_pprof(bytes, &pids()).unwrap();
             assert_eq!(
                 shares["gzip"],
                 Share {
@@ -325,7 +334,7 @@ mod tests {
                 }
             );
         }
-        let none = from_pprof(&raw, "process.name", PROGRAMS).unwrap();
-        assert_eq!(total(&none).samples, 0, "samples under another label key");
+        let none = from_pprof(&raw, &Pids::new()).unwrap();
+        assert_eq!(total(&none).samples, 0, "no pid, no sample");
     }
 }
