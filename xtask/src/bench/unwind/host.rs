@@ -25,7 +25,7 @@ const MOUNTS: [(&str, &str); 2] = [
 /// [`MOUNTS`] for the whole run, those the host lacks mounted here and unmounted on drop, so
 /// that every profiler sees the same host, one where tracepoints can be attached.
 pub(super) struct Mounts {
-    pub(super) mounted_here: Vec<&'static str>,
+    pub(super) mounted_here: Vec<(&'static str, &'static str)>,
 }
 
 impl Mounts {
@@ -43,7 +43,7 @@ impl Mounts {
             if !present {
                 eprintln!("bench: mounting {kind} on {dir} for this run (unmounted at the end)");
                 check(Command::new("mount").args(["-t", kind, kind, dir]))?;
-                guard.mounted_here.push(dir);
+                guard.mounted_here.push((kind, dir));
             }
         }
         Ok(guard)
@@ -52,7 +52,7 @@ impl Mounts {
 
 impl Drop for Mounts {
     fn drop(&mut self) {
-        while let Some(dir) = self.mounted_here.pop() {
+        while let Some((_, dir)) = self.mounted_here.pop() {
             // Recursive: debugfs's tracing/ is an automount of tracefs below it.
             match Command::new("umount").args(["-R", dir]).status() {
                 Ok(s) if s.success() => eprintln!("bench: unmounted {dir}"),

@@ -82,6 +82,10 @@ pub fn unwind(seconds: u64, keep: bool) -> Result<()> {
     build_agent()?;
     let tmp = Scratch::new(keep)?;
     let data = random_file(tmp.path())?;
+    let load_before = fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().next().map(str::to_owned))
+        .unwrap_or_else(|| "unknown".into());
     let cpus = thread::available_parallelism().map_or(1, |n| n.get());
     let copies = cpus.div_ceil(2);
     child::install_interrupt_handler();
@@ -112,7 +116,15 @@ pub fn unwind(seconds: u64, keep: bool) -> Result<()> {
 
     let mounted = mounts.mounted_here.clone();
     drop(mounts);
-    let section = section(seconds, cpus, copies, &rows, &lightswitch, &mounted)?;
+    let section = section(
+        seconds,
+        cpus,
+        copies,
+        &rows,
+        &lightswitch,
+        &mounted,
+        &load_before,
+    )?;
     println!("{section}");
     let path = workspace_root().join("BENCHMARKS.md");
     write_section(&path, &section)?;

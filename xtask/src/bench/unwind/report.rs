@@ -25,7 +25,8 @@ pub(super) fn section(
     copies: usize,
     rows: &[Row],
     lightswitch: &Result<(PathBuf, String), String>,
-    mounted: &[&str],
+    mounted: &[(&str, &str)],
+    load: &str,
 ) -> Result<String> {
     let mib = |kib: u64| kib as f64 / 1024.0;
     let mut command = "cargo xtask bench unwind".to_owned();
@@ -36,32 +37,38 @@ pub(super) fn section(
     writeln!(s, "## unwind\n")?;
     writeln!(
         s,
-        "`{LIGHTSWITCH_BIN}=... {command}` as root ({}, kernel {}, {cpus} CPUs, {}). \
-         The load: `{GZIP} -9` in a shell loop over {DATA_MIB} MiB of random bytes (a new \
-         process every few seconds) and `{PYTHON}` running a pure-Python busy loop, {copies} \
-         of each, every CPU busy in stock Debian code built without frame pointers. Each \
+        "`{LIGHTSWITCH_BIN}=... {command}` as root ({}, kernel {}, {cpus} CPUs, {}). The \
+         load: `{GZIP} -9` in a shell loop over {DATA_MIB} MiB of random bytes (a new process \
+         every few seconds) and `{PYTHON}` running a pure-Python busy loop, {copies} of each, \
+         so every CPU is busy in stock Debian code built without frame pointers. Each \
          profiler in turn, on a fresh load started {} s before it, samples the whole host at \
          {RATE} Hz for {seconds} s: `profiler-agent record --duration {seconds}s` (release \
-         build), `perf record --call-graph dwarf -F {RATE} -a` then `perf report --stdio` over \
-         its file (perf's symbolized answer; its CPU is spread over the recorded window, its \
-         RSS is the larger of the two), and lightswitch writing pprof (its on-disk unwind cache empty at the start: ours has \
-         none). CPU is user+sys \
-         core-seconds per wall second and RSS the peak, both from `wait4`. Complete: the \
-         share of the samples of the gzip and python3.11 processes it started (by pid) whose stack reaches `_start`, \
-         `__libc_start_main` or `__libc_start_call_main` (or a thread's root), read from \
-         each one's output (ours and lightswitch's pprof, `perf script` for perf).\n",
+         build); `perf record --call-graph dwarf -F {RATE} -a`, then `perf report --stdio` \
+         over its file (perf's symbolized answer: its CPU is spread over the recorded window, \
+         its RSS is the larger of the two); lightswitch writing pprof, its on-disk unwind \
+         cache empty at the start (ours has none). CPU is user+sys core-seconds per wall \
+         second and RSS the peak, both from `wait4`. Samples: those of the gzip and \
+         python3.11 processes the benchmark started (by pid); complete: the share of them \
+         whose stack reaches `_start`, `__libc_start_main` or `__libc_start_call_main` (or a \
+         thread's root), read from each one's output (ours and lightswitch's pprof, \
+         `perf script` for perf). The host's 1-minute load average just before the run: \
+         {load} (the load itself adds about {cpus}).\n",
         today(),
         kernel_release(),
         cpu_model(),
         WARMUP.as_secs(),
     )?;
     if !mounted.is_empty() {
+        let list: Vec<String> = mounted
+            .iter()
+            .map(|(kind, dir)| format!("{kind} on {dir}"))
+            .collect();
         writeln!(
             s,
-            "This host had nothing mounted on {}; the benchmark mounted tracefs and debugfs \
-             there for the run (lightswitch does not start without \
-             /sys/kernel/debug/tracing; our exec tracepoint uses tracefs).\n",
-            mounted.join(" and ")
+            "The host had no tracefs/debugfs mounted; the benchmark mounted {} for the run \
+             (lightswitch does not start without /sys/kernel/debug/tracing; our exec \
+             tracepoint uses tracefs).\n",
+            list.join(" and ")
         )?;
     }
     match lightswitch {
