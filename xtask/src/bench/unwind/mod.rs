@@ -60,6 +60,8 @@ struct Row {
     cost: Cost,
     /// `None` for the rows that split perf's cost (no output of their own).
     shares: Option<Shares>,
+    /// Every sample it took on the host, the load's and the rest.
+    host_samples: Option<u64>,
 }
 
 pub fn unwind(seconds: u64, keep: bool) -> Result<()> {
@@ -208,10 +210,12 @@ fn measure_ours(seconds: u64, copies: usize, data: &Path, tmp: &Path) -> Result<
     let pids = load.pids()?;
     drop(load);
     let bytes = fs::read(&out).with_context(|| format!("reading {}", out.display()))?;
+    let (shares, host_samples) = stacks::from_pprof(&bytes, &pids)?;
     Ok(Row {
         name: name.into(),
         cost,
-        shares: Some(stacks::from_pprof(&bytes, &pids)?),
+        shares: Some(shares),
+        host_samples: Some(host_samples),
     })
 }
 
@@ -235,6 +239,7 @@ fn measure_perf(seconds: u64, copies: usize, data: &Path, tmp: &Path) -> Result<
     )?;
     let pids = load.pids()?;
     drop(load);
+    let record_log = fs::read_to_string(tmp.join("perf-record.log"))?;
 
     eprintln!("bench: perf report over the recorded window");
     let mut report = Command::new("perf");
@@ -287,16 +292,19 @@ fn measure_perf(seconds: u64, copies: usize, data: &Path, tmp: &Path) -> Result<
             name: "perf record --call-graph dwarf + perf report".into(),
             cost: both,
             shares: Some(stacks::from_perf_script(&text, &pids)),
+            host_samples: stacks::perf_record_samples(&record_log),
         },
         Row {
             name: "(of which perf record)".into(),
             cost: over_window(&rec),
             shares: None,
+            host_samples: None,
         },
         Row {
             name: "(of which perf report, over the window)".into(),
             cost: over_window(&rep),
             shares: None,
+            host_samples: None,
         },
     ])
 }
@@ -341,9 +349,11 @@ fn measure_lightswitch(
     drop(load);
     let out = tmp.join("lightswitch.pb");
     let bytes = fs::read(&out).with_context(|| format!("reading {}", out.display()))?;
+    let (shares, host_samples) = stacks::from_pprof(&bytes, &pids)?;
     Ok(Row {
         name: name.into(),
         cost,
-        shares: Some(stacks::from_pprof(&bytes, &pids)?),
+        shares: Some(shares),
+        host_samples: Some(host_samples),
     })
 }

@@ -81,7 +81,7 @@ pub(super) fn section(
     }
     writeln!(
         s,
-        "| profiler | CPU core-s/s | peak RSS MiB | samples | complete | gzip complete | python3.11 complete |"
+        "| profiler | CPU core-s/s | peak RSS MiB | samples (of the host's) | complete | gzip complete | python3.11 complete |"
     )?;
     writeln!(s, "|---|---:|---:|---:|---:|---:|---:|")?;
     for r in rows {
@@ -92,9 +92,11 @@ pub(super) fn section(
             r.name,
             r.cost.cpu_per_s,
             mib(r.cost.max_rss_kib),
-            r.shares
-                .as_ref()
-                .map_or("-".into(), |x| stacks::total(x).samples.to_string()),
+            match (r.shares.as_ref(), r.host_samples) {
+                (Some(x), Some(all)) => format!("{} ({all})", stacks::total(x).samples),
+                (Some(x), None) => stacks::total(x).samples.to_string(),
+                (None, _) => "-".into(),
+            },
             percent(r.shares.as_ref().map(stacks::total)),
             cell(PROGRAMS[0]),
             cell(PROGRAMS[1]),

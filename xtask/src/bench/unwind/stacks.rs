@@ -119,8 +119,9 @@ struct Function {
 }
 
 /// The shares in a pprof file (gzipped or not) whose samples carry the numeric label `pid`
-/// (ours and lightswitch's do); the first sample value is the sample count.
-pub fn from_pprof(bytes: &[u8], pids: &Pids) -> Result<Shares> {
+/// (ours and lightswitch's do), and the count of all its samples (the whole host's); the
+/// first sample value is the sample count.
+pub fn from_pprof(bytes: &[u8], pids: &Pids) -> Result<(Shares, u64)> {
     let raw = if bytes.starts_with(&[0x1f, 0x8b]) {
         let mut raw = Vec::new();
         flate2::read::GzDecoder::new(bytes)
@@ -151,7 +152,10 @@ pub fn from_pprof(bytes: &[u8], pids: &Pids) -> Result<Shares> {
         })
         .collect();
     let mut shares = empty(pids);
+    let mut all = 0;
     for s in &p.sample {
+        let count = s.value.first().copied().unwrap_or(0).max(0) as u64;
+        all += count;
         let Some(share) = s
             .label
             .iter()
@@ -168,10 +172,15 @@ pub fn from_pprof(bytes: &[u8], pids: &Pids) -> Result<Shares> {
             .filter_map(|id| locations.get(id))
             .flatten()
             .any(|name| is_entry(name));
-        let count = s.value.first().copied().unwrap_or(0).max(0) as u64;
         share.add(count, complete);
     }
-    Ok(shares)
+    Ok((shares, all))
+}
+
+/// The sample count `perf record` reports at its end (`... (3876 samples) ]`).
+pub fn perf_record_samples(log: &str) -> Option<u64> {
+    let (_, tail) = log.rsplit_once('(')?;
+    tail.split_whitespace().next()?.parse().ok()
 }
 
 /// The shares in the output of `perf script -F comm,pid,ip,sym`: a header line per sample
@@ -241,7 +250,15 @@ mod tests {
     }
 
     #[test]
-    fn perf_script_samples_by_comm() {
+    fn perf_record_sample_count() {
+        let log = "[ perf record: Woken up 128 times to write data ]\n\
+            [ perf record: Captured and wrote 32.243 MB /tmp/x/perf.data (3876 samples) ]\n";
+        assert_eq!(perf_record_samples(log), Some(3876));
+        assert_eq!(perf_record_samples("nothing"), None);
+    }
+
+    #[test]
+    fn perf_script_samples_by_pid() {
         let text = "gzip 101\n\
             \t    55d1 deflate\n\
             \t    7f01 __libc_start_main@@GLIBC_2.34\n\
@@ -311,7 +328,8 @@ mod tests {
         std::io::Write::write_all(&mut gz, &raw).unwrap();
         let gz = gz.finish().unwrap();
         for bytes in [&raw, &gz] {
-            let shares = from_pprof(bytes, &pids()).unwrap();
+            let (shares, all) = from_pprof(bytes, &pids()).unwrap();
+            assert_eq!(all, 24, "every sample of the host");
             assert_eq!(
                 shares["gzip"],
                 Share {
@@ -334,7 +352,7 @@ mod tests {
                 }
             );
         }
-        let none = from_pprof(&raw, &Pids::new()).unwrap();
+        let (none, _) = from_pprof(&raw, &Pids::new()).unwrap();
         assert_eq!(total(&none).samples, 0, "no pid, no sample");
     }
 }
