@@ -12,6 +12,7 @@ mod report;
 mod scale;
 mod soak;
 mod symbolize;
+mod unwind;
 
 use anyhow::Result;
 use clap::Subcommand;
@@ -65,6 +66,19 @@ pub enum Bench {
         #[arg(long, default_value_t = 200)]
         idle: usize,
     },
+    /// Right native stacks and what they cost: `profiler-agent record`, `perf record
+    /// --call-graph dwarf` + `perf report` and lightswitch (`LIGHTSWITCH_BIN`, skipped when
+    /// unset) in turn, each for the same window at 97 Hz over the whole host while Debian's
+    /// gzip -9 and python3.11 keep every CPU busy: CPU, peak RSS, and the share of those
+    /// programs' samples whose stack reaches `_start`/`__libc_start_main`.
+    Unwind {
+        /// Seconds each profiler records.
+        #[arg(long, default_value_t = 20)]
+        seconds: u64,
+        /// Keep the profiles and logs (their directory is printed) instead of deleting them.
+        #[arg(long)]
+        keep: bool,
+    },
     /// Every benchmark above with its defaults, one after another (about an hour).
     All,
 }
@@ -78,6 +92,10 @@ pub fn bench(which: Bench) -> Result<()> {
                     idle: 200,
                 },
                 Bench::Overhead { seconds: 30 },
+                Bench::Unwind {
+                    seconds: 20,
+                    keep: false,
+                },
                 Bench::Scale { seconds: 45 },
                 Bench::Churn {
                     seconds: 60,
@@ -101,5 +119,6 @@ pub fn bench(which: Bench) -> Result<()> {
         Bench::Symbolize => symbolize::symbolize(),
         Bench::Pprof => pprof::pprof(),
         Bench::Agent { seconds, idle } => agent::agent(seconds, idle),
+        Bench::Unwind { seconds, keep } => unwind::unwind(seconds, keep),
     }
 }
