@@ -34,11 +34,15 @@ pub fn member_offset_in_file(
     strukt: &'static str,
     member: &'static str,
 ) -> Result<u32, BtfError> {
-    let data = std::fs::read(path).map_err(|source| BtfError::Read {
+    member_offset(&read(path)?, strukt, member)
+}
+
+/// The BTF blob at `path`, to look up several members with one read.
+pub fn read(path: &Path) -> Result<Vec<u8>, BtfError> {
+    std::fs::read(path).map_err(|source| BtfError::Read {
         path: path.display().to_string(),
         source,
-    })?;
-    member_offset(&data, strukt, member)
+    })
 }
 
 struct Reader<'a> {

@@ -178,10 +178,11 @@ impl KernelSampler {
             return Err(BpfError::MissingPrivilege);
         }
         check_kernel_version()?;
-        let task_flags_offset =
-            btf::member_offset_in_file(Path::new(btf::VMLINUX), "task_struct", "flags")?;
-        let task_stack_offset =
-            btf::member_offset_in_file(Path::new(btf::VMLINUX), "task_struct", "stack")?;
+        // One read of the kernel's BTF (several MiB) for both offsets.
+        let kernel_btf = btf::read(Path::new(btf::VMLINUX))?;
+        let task_flags_offset = btf::member_offset(&kernel_btf, "task_struct", "flags")?;
+        let task_stack_offset = btf::member_offset(&kernel_btf, "task_struct", "stack")?;
+        drop(kernel_btf);
         let cpus =
             aya::util::online_cpus().map_err(|(what, source)| BpfError::Cpus { what, source })?;
         let sizes = MapSizes::derive(options.sample_rate, cpus.len(), options.collect_interval);
