@@ -360,7 +360,10 @@ fn frame_pointer_chain_is_unchanged() {
 fn compare_with_perf(what: &str, dir: &Path, workload: Workload) {
     let exe =
         std::fs::read_link(format!("/proc/{}/exe", workload.pid())).expect("the workload's exe");
-    let both = record_beside_perf(dir, workload, 5);
+    // 10 s, about 970 samples each: a function with 45% of the samples then differs between
+    // two fair samplers by 2.3 points (one standard deviation), so 10 points is a real
+    // difference. With 5 s a CI run once saw 10.5 points on gzip, by chance alone.
+    let both = record_beside_perf(dir, workload, 10);
     let (ours, perf) = (both.ours, both.perf);
     let count = |s: &[Stack]| s.iter().map(|s| s.count).sum::<u64>();
     let (n_ours, n_perf) = (count(&ours), count(&perf));

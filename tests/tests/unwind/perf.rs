@@ -64,10 +64,10 @@ pub fn record_beside_perf(dir: &Path, workload: Workload, seconds: u32) -> Both 
         .args(["record", "-q", "-e", "cpu-clock", "-F", "97"])
         .args(["--call-graph", "dwarf,32768", "-p", &pid_arg, "-o"])
         .arg(&perf_data)
-        // 16 MiB of buffer, 5 s of samples: nothing lost while perf waits for a CPU on a
+        // 32 MiB of buffer, 10 s of samples: nothing lost while perf waits for a CPU on a
         // busy machine. No build-id cache in ~/.debug, no BPF events (their collection
         // takes perf a second to start).
-        .args(["-m", "16M", "-N", "-B", "--no-bpf-event"])
+        .args(["-m", "32M", "-N", "-B", "--no-bpf-event"])
         .args(["-D", "-1", "--control"])
         .arg(control.fifos())
         .stdout(Stdio::null())
