@@ -47,8 +47,18 @@ impl KernelTables {
         ]
     }
 
-    /// Copies `rows` into the array through a shared mapping of the pages they fall in.
+    /// Copies `rows` into the array through shared mappings of the pages they fall in, at
+    /// most [`MAPPED_CHUNK`] bytes of them at a time: mapped pages count in the agent's
+    /// resident size while they are mapped.
     fn write_mapped(&self, start: u32, rows: &[UnwindRow]) -> io::Result<()> {
+        let per_chunk = MAPPED_CHUNK / std::mem::size_of::<UnwindRow>();
+        for (i, chunk) in rows.chunks(per_chunk).enumerate() {
+            self.write_mapped_chunk(start + (i * per_chunk) as u32, chunk)?;
+        }
+        Ok(())
+    }
+
+    fn write_mapped_chunk(&self, start: u32, rows: &[UnwindRow]) -> io::Result<()> {
         let row = std::mem::size_of::<UnwindRow>();
         let page = crate::process::procfs::page_size() as usize;
         let first = start as usize * row;
@@ -81,6 +91,9 @@ impl KernelTables {
         Ok(())
     }
 }
+
+/// Bytes of rows copied through one mapping (64 Ki rows).
+const MAPPED_CHUNK: usize = 1 << 20;
 
 impl TableSink for KernelTables {
     fn write_rows(&mut self, start: u32, rows: &[UnwindRow]) -> io::Result<()> {

@@ -77,6 +77,8 @@ pub struct Loader<S> {
     processes: HashMap<u32, LoadedProcess>,
     stats: LoaderStats,
     clock: u64,
+    /// Files read so far, whatever came of them.
+    files_read: u64,
 }
 
 /// Bound on [`Loader::unavailable`].
@@ -98,6 +100,7 @@ impl<S: TableSink> Loader<S> {
             processes: HashMap::new(),
             stats: LoaderStats::default(),
             clock: 0,
+            files_read: 0,
         }
     }
 
@@ -144,6 +147,7 @@ impl<S: TableSink> Loader<S> {
             return;
         }
         let pid = info.pid;
+        let files_read = self.files_read;
         let mut entries = Vec::new();
         let mut tables = Vec::new();
         let mut insert = |sink: &mut S, stats: &mut LoaderStats, address, bits, value| {
@@ -192,6 +196,11 @@ impl<S: TableSink> Loader<S> {
                 self.sink.remove(pid, address, bits);
             }
             self.release(old.tables);
+        }
+        if self.files_read != files_read {
+            // A table's collected and laid-out rows were just freed: megabytes for a big
+            // binary, which would otherwise stay in this thread's arena.
+            crate::memory::release_free_heap();
         }
         tracing::debug!(
             pid,
@@ -250,6 +259,7 @@ impl<S: TableSink> Loader<S> {
         if self.unavailable.contains(&id) {
             return None;
         }
+        self.files_read += 1;
         let read = file.map(|f| FileTable::read(f, self.max_rows_per_file));
         let table = match read {
             Some(Ok(t)) if !t.table.rows().is_empty() => t,
@@ -276,14 +286,14 @@ impl<S: TableSink> Loader<S> {
             self.by_inode.insert(id, key.clone());
             return Some(key);
         }
-        let rows = table.table.compact();
+        let rows = table.table.rows();
         let Some(range) = self.allocate(rows.len() as u32) else {
             self.stats.tables_over_budget += 1;
             tracing::debug!(?id, rows = rows.len(), "unwind table over budget");
             self.mark_unavailable(id);
             return None;
         };
-        if let Err(error) = self.sink.write_rows(range.start, &rows) {
+        if let Err(error) = self.sink.write_rows(range.start, rows) {
             tracing::debug!(?id, %error, "unwind rows not written");
             self.free_range(range);
             self.stats.tables_unavailable += 1;

@@ -5,8 +5,8 @@
 //! unwinding user stacks without frame pointers; the walk itself is in `profiler-ebpf`.
 //!
 //! Rows use file virtual addresses and are x86_64's (DWARF registers rsp = 7, rbp = 6, return
-//! address = 16). [`UnwindTable::compact`] gives the 16-byte [`UnwindRow`]s the kernel program
-//! reads; [`UnwindTable::row_for`] is the same lookup in user space.
+//! address = 16). [`UnwindTable::rows`] are the 16-byte [`UnwindRow`]s the kernel program
+//! reads; [`UnwindTable::row_for`] is the same lookup in user space, decoded into a [`Row`].
 
 mod file;
 mod loader;
@@ -86,7 +86,7 @@ impl Row {
 
     /// The kernel program's form of this row, `pc` made relative to `base`; the caller
     /// guarantees `pc - base` fits in 32 bits (true for every row of an [`UnwindTable`]
-    /// with its [`UnwindTable::base`]).
+    /// with its [`UnwindTable::base`]). [`Row::from_compact`] is the inverse.
     pub fn compact(&self, base: u64) -> UnwindRow {
         let mut row = UnwindRow {
             pc: (self.pc - base) as u32,
@@ -113,6 +113,39 @@ impl Row {
             row.flags |= UnwindRow::FLAG_SIGNAL_FRAME;
         }
         row
+    }
+}
+
+impl Row {
+    /// The row a kernel-form row relative to `base` stands for; kinds it does not know read
+    /// as unsupported.
+    pub fn from_compact(row: &UnwindRow, base: u64) -> Row {
+        let cfa = match row.cfa_kind {
+            UnwindRow::CFA_NO_INFO => Cfa::NoInfo,
+            UnwindRow::CFA_RSP_OFFSET => Cfa::Rsp(row.cfa_offset),
+            UnwindRow::CFA_RBP_OFFSET => Cfa::Rbp(row.cfa_offset),
+            UnwindRow::CFA_PLT_STUB => Cfa::PltStub {
+                threshold: u8::try_from(row.cfa_offset).unwrap_or(u8::MAX),
+            },
+            _ => Cfa::Unsupported,
+        };
+        let ra = match row.ra_kind {
+            UnwindRow::RA_CFA_OFFSET => ReturnAddress::CfaOffset(row.ra_offset),
+            UnwindRow::RA_UNDEFINED => ReturnAddress::Undefined,
+            _ => ReturnAddress::Unsupported,
+        };
+        let rbp = match row.rbp_kind {
+            UnwindRow::RBP_UNCHANGED => Rbp::Unchanged,
+            UnwindRow::RBP_CFA_OFFSET => Rbp::CfaOffset(row.rbp_offset),
+            _ => Rbp::Unsupported,
+        };
+        Row {
+            pc: base + u64::from(row.pc),
+            cfa,
+            ra,
+            rbp,
+            signal_frame: row.flags & UnwindRow::FLAG_SIGNAL_FRAME != 0,
+        }
     }
 }
 
@@ -144,8 +177,6 @@ pub enum UnwindError {
     },
     #[error("more than {limit} unwind rows")]
     TooManyRows { limit: usize },
-    #[error("addresses {first:#x}..{last:#x} span more than the 4 GiB a row's pc can hold")]
-    SpanTooLarge { first: u64, last: u64 },
 }
 
 #[cfg(test)]

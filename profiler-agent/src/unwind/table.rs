@@ -2,6 +2,11 @@
 //! `.debug_frame` evaluated with gimli, each CFI row reduced to the three rules the stack walk
 //! needs, consecutive equal rows merged, FDEs laid end to end by address with a "no
 //! information" row in every gap, and a bound on the number of rows.
+//!
+//! Rows are kept in the kernel program's 16-byte form ([`UnwindRow`]) from the start, relative
+//! to the file's lowest executable address: a big binary (300 000 rows) then costs 5 MiB to
+//! collect and 5 MiB to lay out, where a wider row would cost several times that at the
+//! agent's peak.
 
 use std::borrow::Cow;
 use std::ops::Range;
@@ -13,6 +18,7 @@ use gimli::{
 use object::{Object as _, ObjectSection as _};
 
 use super::{Cfa, Rbp, ReturnAddress, Row, UnwindError, UnwindRow};
+use object::ObjectSegment as _;
 
 /// Default bound on a table's rows: 16 MiB of [`UnwindRow`]s. libc has about 30 000.
 pub const DEFAULT_MAX_ROWS: usize = 1 << 20;
@@ -37,29 +43,32 @@ const X86_64: Registers = Registers {
     ra: Register(16),
 };
 
-/// A binary's unwind rows, sorted by `pc`, each applying up to the next one's `pc`.
+/// A binary's unwind rows, sorted by `pc`, each applying up to the next one's `pc`, in the
+/// kernel program's form: `pc` relative to [`UnwindTable::base`].
 #[derive(Clone, Debug, Default)]
 pub struct UnwindTable {
-    rows: Vec<Row>,
+    rows: Vec<UnwindRow>,
+    base: u64,
     fdes: usize,
     skipped_fdes: usize,
     overlapping_fdes: usize,
 }
 
-/// One FDE's evaluated rows, before the FDEs are laid out by address.
+/// One FDE's evaluated rows, before the FDEs are laid out by address; addresses relative to
+/// the table's base.
 struct Fde {
-    start: u64,
-    end: u64,
+    start: u32,
+    end: u32,
     /// 0 for `.eh_frame`, 1 for `.debug_frame`: at equal addresses `.eh_frame` wins.
     priority: u8,
-    rows: Range<usize>,
+    rows: Range<u32>,
 }
 
 /// FDEs read so far, their rows in one vector.
-#[derive(Default)]
 struct Collected {
+    base: u64,
     fdes: Vec<Fde>,
-    rows: Vec<Row>,
+    rows: Vec<UnwindRow>,
     skipped: usize,
 }
 
@@ -93,7 +102,12 @@ impl UnwindTable {
         if eh_frame.is_none() && debug_frame.is_none() {
             return Err(UnwindError::NoFrameInfo);
         }
-        let mut collected = Collected::default();
+        let mut collected = Collected {
+            base: text_base(file),
+            fdes: Vec::new(),
+            rows: Vec::new(),
+            skipped: 0,
+        };
         if let Some(section) = eh_frame {
             let data = section_data(&section, ".eh_frame")?;
             let address = |name| file.section_by_name(name).map_or(0, |s| s.address());
@@ -130,27 +144,35 @@ impl UnwindTable {
         Ok(table)
     }
 
-    /// All rows, sorted by `pc`.
-    pub fn rows(&self) -> &[Row] {
+    /// All rows as the kernel program reads them, sorted by `pc`, relative to
+    /// [`UnwindTable::base`].
+    pub fn rows(&self) -> &[UnwindRow] {
         &self.rows
+    }
+
+    /// All rows with their rules spelled out and file virtual addresses.
+    pub fn decoded(&self) -> Vec<Row> {
+        self.rows
+            .iter()
+            .map(|row| Row::from_compact(row, self.base))
+            .collect()
     }
 
     /// The row whose range holds `pc`: [`Cfa::NoInfo`] between and after functions, `None`
     /// below the first function.
-    pub fn row_for(&self, pc: u64) -> Option<&Row> {
-        let after = self.rows.partition_point(|row| row.pc <= pc);
-        after.checked_sub(1).map(|i| &self.rows[i])
+    pub fn row_for(&self, pc: u64) -> Option<Row> {
+        let relative = pc.checked_sub(self.base)?;
+        let after = self
+            .rows
+            .partition_point(|row| u64::from(row.pc) <= relative);
+        let row = self.rows.get(after.checked_sub(1)?)?;
+        Some(Row::from_compact(row, self.base))
     }
 
-    /// The address the compact rows' `pc` is relative to: the first row's.
+    /// The address the rows' `pc` is relative to: the file's lowest executable address (0
+    /// when it has no segments).
     pub fn base(&self) -> u64 {
-        self.rows.first().map_or(0, |row| row.pc)
-    }
-
-    /// The rows as the kernel program will read them, relative to [`UnwindTable::base`].
-    pub fn compact(&self) -> Vec<UnwindRow> {
-        let base = self.base();
-        self.rows.iter().map(|row| row.compact(base)).collect()
+        self.base
     }
 
     /// FDEs the rows come from.
@@ -222,22 +244,40 @@ fn collect<'a, S: UnwindSection<Reader<'a>>>(
                 continue;
             }
         };
-        let (start, end) = (fde.initial_address(), fde.end_address());
-        if end <= start {
+        if fde.end_address() <= fde.initial_address() {
             continue;
         }
+        // Rows hold 32-bit offsets from the base: an FDE outside that span (not in the
+        // file's code) is left out.
+        let relative = |address: u64| {
+            address
+                .checked_sub(out.base)
+                .and_then(|a| u32::try_from(a).ok())
+        };
+        let (Some(start), Some(end)) =
+            (relative(fde.initial_address()), relative(fde.end_address()))
+        else {
+            tracing::debug!(
+                section = name,
+                start = fde.initial_address(),
+                "FDE outside the code"
+            );
+            out.skipped += 1;
+            continue;
+        };
         let signal_frame = fde.is_signal_trampoline();
         let first = out.rows.len();
+        let base = out.base;
         let evaluated = (|| -> gimli::Result<bool> {
             let mut rows = fde.rows(section, bases, &mut context)?;
             while let Some(cfi) = rows.next_row()? {
                 if cfi.start_address() >= cfi.end_address() {
                     continue;
                 }
-                let row = reduce(cfi, section, signal_frame)?;
+                let row = reduce(cfi, section, signal_frame)?.compact(base);
                 if out.rows[first..]
                     .last()
-                    .is_some_and(|last| last.same_rules(&row))
+                    .is_some_and(|last| same_rules(last, &row))
                 {
                     continue;
                 }
@@ -253,7 +293,7 @@ fn collect<'a, S: UnwindSection<Reader<'a>>>(
                 start,
                 end,
                 priority,
-                rows: first..out.rows.len(),
+                rows: first as u32..out.rows.len() as u32,
             }),
             Ok(false) => return Err(UnwindError::TooManyRows { limit: max_rows }),
             Err(error) => {
@@ -332,58 +372,115 @@ fn plt_threshold(expression: &[u8]) -> Option<u8> {
 }
 
 /// Lays the FDEs out by address: a "no information" row in each gap and after the last FDE,
-/// equal neighbours merged, FDEs starting inside an earlier one left out.
+/// equal neighbours merged, FDEs starting inside an earlier one left out. Counts the rows
+/// first, so the table is allocated once at its size while the collected rows still exist.
 fn lay_out(collected: Collected, max_rows: usize) -> Result<UnwindTable, UnwindError> {
     let Collected {
+        base,
         mut fdes,
-        rows,
+        mut rows,
         skipped,
     } = collected;
+    // Up to half of the vector's room is unused after its last doubling: give it back
+    // before the laid-out copy is allocated beside it.
+    rows.shrink_to_fit();
     fdes.sort_unstable_by_key(|fde| (fde.start, fde.priority));
-    let mut table = UnwindTable {
-        rows: Vec::with_capacity(rows.len() + 1),
-        fdes: 0,
-        skipped_fdes: skipped,
-        overlapping_fdes: 0,
+    let mut counter = Merged::Count(0, None);
+    let (laid_fdes, overlapping) = visit(&fdes, &rows, &mut counter);
+    let Merged::Count(count, _) = counter else {
+        unreachable!("counting")
     };
-    let mut covered_to: Option<u64> = None;
-    for fde in &fdes {
-        match covered_to {
-            Some(end) if fde.start < end => {
-                table.overlapping_fdes += 1;
-                continue;
-            }
-            Some(end) if fde.start > end => push_merged(&mut table.rows, Row::no_info(end)),
-            _ => {}
-        }
-        for row in &rows[fde.rows.clone()] {
-            push_merged(&mut table.rows, *row);
-        }
-        table.fdes += 1;
-        covered_to = Some(fde.end);
-        if table.rows.len() > max_rows {
-            return Err(UnwindError::TooManyRows { limit: max_rows });
-        }
-    }
-    if let Some(end) = covered_to {
-        push_merged(&mut table.rows, Row::no_info(end));
-    }
-    if table.rows.len() > max_rows {
+    if count > max_rows {
         return Err(UnwindError::TooManyRows { limit: max_rows });
     }
-    if let (Some(first), Some(last)) = (table.rows.first(), table.rows.last())
-        && last.pc - first.pc > u64::from(u32::MAX)
-    {
-        return Err(UnwindError::SpanTooLarge {
-            first: first.pc,
-            last: last.pc,
-        });
-    }
-    Ok(table)
+    let mut out = Merged::Rows(Vec::with_capacity(count));
+    visit(&fdes, &rows, &mut out);
+    let Merged::Rows(laid) = out else {
+        unreachable!("laying out")
+    };
+    debug_assert_eq!(laid.len(), count);
+    Ok(UnwindTable {
+        rows: laid,
+        base,
+        fdes: laid_fdes,
+        skipped_fdes: skipped,
+        overlapping_fdes: overlapping,
+    })
 }
 
-fn push_merged(rows: &mut Vec<Row>, row: Row) {
-    if !rows.last().is_some_and(|last| last.same_rules(&row)) {
-        rows.push(row);
+/// Where [`visit`] puts the laid-out rows: counted (with the last row, to merge against), or
+/// stored.
+enum Merged {
+    Count(usize, Option<UnwindRow>),
+    Rows(Vec<UnwindRow>),
+}
+
+impl Merged {
+    fn push(&mut self, row: UnwindRow) {
+        match self {
+            Merged::Count(n, last) => {
+                if !last.is_some_and(|last| same_rules(&last, &row)) {
+                    *n += 1;
+                    *last = Some(row);
+                }
+            }
+            Merged::Rows(rows) => {
+                if !rows.last().is_some_and(|last| same_rules(last, &row)) {
+                    rows.push(row);
+                }
+            }
+        }
     }
+}
+
+/// Walks the sorted FDEs, pushing each one's rows and the "no information" rows between
+/// them; returns (FDEs laid out, FDEs left out as overlapping).
+fn visit(fdes: &[Fde], rows: &[UnwindRow], out: &mut Merged) -> (usize, usize) {
+    let (mut laid, mut overlapping) = (0, 0);
+    let mut covered_to: Option<u32> = None;
+    for fde in fdes {
+        match covered_to {
+            Some(end) if fde.start < end => {
+                overlapping += 1;
+                continue;
+            }
+            Some(end) if fde.start > end => out.push(no_info(end)),
+            _ => {}
+        }
+        for row in &rows[fde.rows.start as usize..fde.rows.end as usize] {
+            out.push(*row);
+        }
+        laid += 1;
+        covered_to = Some(fde.end);
+    }
+    if let Some(end) = covered_to {
+        out.push(no_info(end));
+    }
+    (laid, overlapping)
+}
+
+/// The "no information" row from `pc` (relative) on.
+fn no_info(pc: u32) -> UnwindRow {
+    UnwindRow {
+        pc,
+        ..Row::no_info(0).compact(0)
+    }
+}
+
+/// Same rules, whatever the pc.
+fn same_rules(a: &UnwindRow, b: &UnwindRow) -> bool {
+    UnwindRow { pc: 0, ..*a } == UnwindRow { pc: 0, ..*b }
+}
+
+/// The lowest address of the file's executable segments: rows are relative to it. 0 for a
+/// file without segments (a relocatable object), whose code starts at 0.
+fn text_base<'d, R: object::ReadRef<'d>>(file: &object::File<'d, R>) -> u64 {
+    file.segments()
+        .filter(|s| {
+            matches!(s.flags(), object::SegmentFlags::Elf { p_flags }
+                if p_flags & object::elf::PF_X != 0)
+        })
+        .map(|s| s.address())
+        .min()
+        .unwrap_or(0)
 }

@@ -188,7 +188,7 @@ fn symbol(path: &Path, name: &str) -> u64 {
 
 /// Sorted, merged, and every range readelf knows nothing about is "no information".
 fn assert_well_formed(table: &UnwindTable, fdes: &[ReadelfFde]) {
-    for pair in table.rows().windows(2) {
+    for pair in table.decoded().windows(2) {
         assert!(pair[0].pc < pair[1].pc, "{pair:?}");
         assert!(!pair[0].same_rules(&pair[1]), "not merged: {pair:?}");
     }
@@ -202,8 +202,9 @@ fn assert_well_formed(table: &UnwindTable, fdes: &[ReadelfFde]) {
         );
     }
     let base = table.base();
-    for (row, compact) in table.rows().iter().zip(table.compact()) {
+    for (row, compact) in table.decoded().iter().zip(table.rows()) {
         assert_eq!(u64::from(compact.pc) + base, row.pc);
+        assert_eq!(row.compact(base), *compact, "{row:?}");
     }
 }
 
@@ -219,7 +220,8 @@ fn matches_readelf_on_a_fixture_without_frame_pointers() {
     // The 100 000-byte frame is an rsp offset past i16.
     let (big, next) = (symbol(&binary, "big_frame"), symbol(&binary, "recurse"));
     let (lo, hi) = (big.min(next), big.max(next));
-    let rows = table.rows().iter().filter(|r| (lo..hi).contains(&r.pc));
+    let decoded = table.decoded();
+    let rows = decoded.iter().filter(|r| (lo..hi).contains(&r.pc));
     assert!(
         rows.clone()
             .any(|r| matches!(r.cfa, Cfa::Rsp(o) if o > 100_000)),
@@ -271,7 +273,7 @@ fn stock(path: &Path, min_fdes: usize) {
          {rows} readelf rows of {checked} FDEs equal",
         path.display(),
         table.rows().len(),
-        table.rows().len() * size_of::<UnwindRow>() / 1024,
+        std::mem::size_of_val(table.rows()) / 1024,
         table.fdes(),
         table.skipped_fdes(),
         table.overlapping_fdes(),
