@@ -2,8 +2,8 @@
 //! before it (checked by `tests/module_order.rs`):
 //!
 //! 1. Foundations: `backoff` (retry delays), `cache` (round-based LRU), `duration` (config
-//!    durations), `labels` (label sets and name rules), `procfile` (the one way to open a
-//!    file a profiled process controls).
+//!    durations), `labels` (label sets and name rules), `memory` (giving freed heap back to
+//!    the kernel), `procfile` (the one way to open a file a profiled process controls).
 //! 2. Sample: `process` (process snapshots: mappings, executable, container), `sampler` (the
 //!    drain loop over a stack source), `unwind` (unwind tables from `.eh_frame` and
 //!    `.debug_frame`, which the kernel program will walk user stacks with: before `bpf`, which
@@ -31,6 +31,7 @@ pub mod duration;
 pub mod frames;
 pub mod interval;
 pub mod labels;
+pub mod memory;
 pub mod metrics;
 pub mod process;
 pub mod procfile;

@@ -320,6 +320,8 @@ impl KernelSampler {
             unwind_rows,
             "eBPF sampler attached"
         );
+        // The kernel's BTF and the program's object were parsed: several MiB now free.
+        crate::memory::release_free_heap();
         Ok(Self {
             ebpf,
             links,

@@ -79,6 +79,8 @@ pub fn build(
             TargetProfile { target, built }
         })
         .collect();
+    // Naming frames may have read DWARF sections and symbol tables of megabytes.
+    crate::memory::release_free_heap();
     Interval {
         profiles,
         untargeted,
