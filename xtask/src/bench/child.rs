@@ -14,7 +14,10 @@ use std::{
     io,
     os::unix::process::{CommandExt as _, ExitStatusExt as _},
     process::{Command, ExitStatus},
-    sync::atomic::{AtomicBool, Ordering},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     thread,
     time::{Duration, Instant},
 };
@@ -134,16 +137,7 @@ impl Child {
             // SAFETY: both pointers are valid for writes for the duration of the call.
             let ret = unsafe { libc::wait4(self.pid, &mut status, libc::WNOHANG, &mut usage) };
             if ret == self.pid {
-                self.reaped = true;
-                let time = |tv: libc::timeval| {
-                    Duration::from_secs(tv.tv_sec as u64) + Duration::from_micros(tv.tv_usec as u64)
-                };
-                return Ok(Exit {
-                    status: ExitStatus::from_raw(status),
-                    wall: self.started.elapsed(),
-                    cpu: time(usage.ru_utime) + time(usage.ru_stime),
-                    max_rss_kib: u64::try_from(usage.ru_maxrss).unwrap_or(0),
-                });
+                return Ok(self.reaped(status, &usage));
             }
             if ret == -1 {
                 let err = io::Error::last_os_error();
@@ -156,6 +150,65 @@ impl Child {
                 bail!("{} still running after {timeout:?}; killed it", self.name);
             }
             thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Like [`Child::wait`], but off the CPU while the child runs: one blocking `wait4`, and a
+    /// watchdog thread that wakes once a second to kill the child's group on timeout or
+    /// Ctrl-C. For benchmarks that sample the whole host: [`Child::wait`]'s 100 wake-ups a
+    /// second get xtask itself sampled, and xtask is a debug build whose 20 MiB of DWARF a
+    /// profiler then reads to name those few samples.
+    pub fn wait_quietly(&mut self, timeout: Duration) -> Result<Exit> {
+        let done = Arc::new(AtomicBool::new(false));
+        let watchdog = {
+            let (done, pid, started) = (done.clone(), self.pid, self.started);
+            thread::spawn(move || {
+                loop {
+                    thread::sleep(Duration::from_secs(1));
+                    if done.load(Ordering::SeqCst) {
+                        return false;
+                    }
+                    if INTERRUPTED.load(Ordering::SeqCst) || started.elapsed() > timeout {
+                        // SAFETY: as in `signal`; the group is not reaped while `done` is false.
+                        unsafe { libc::kill(-pid, libc::SIGKILL) };
+                        return true;
+                    }
+                }
+            })
+        };
+        let exit = loop {
+            let mut status = 0;
+            // SAFETY: rusage is plain old data; all-zero is a valid value.
+            let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+            // SAFETY: both pointers are valid for writes for the duration of the call.
+            let ret = unsafe { libc::wait4(self.pid, &mut status, 0, &mut usage) };
+            if ret == self.pid {
+                break Ok(self.reaped(status, &usage));
+            }
+            let err = io::Error::last_os_error();
+            if ret == -1 && err.kind() != io::ErrorKind::Interrupted {
+                break Err(err).with_context(|| format!("waiting for {}", self.name));
+            }
+        };
+        done.store(true, Ordering::SeqCst);
+        if watchdog.join().unwrap_or(false) {
+            check_interrupted()?;
+            bail!("{} still running after {timeout:?}; killed it", self.name);
+        }
+        exit
+    }
+
+    /// The child's exit and resource usage, now that it is reaped.
+    fn reaped(&mut self, status: libc::c_int, usage: &libc::rusage) -> Exit {
+        self.reaped = true;
+        let time = |tv: libc::timeval| {
+            Duration::from_secs(tv.tv_sec as u64) + Duration::from_micros(tv.tv_usec as u64)
+        };
+        Exit {
+            status: ExitStatus::from_raw(status),
+            wall: self.started.elapsed(),
+            cpu: time(usage.ru_utime) + time(usage.ru_stime),
+            max_rss_kib: u64::try_from(usage.ru_maxrss).unwrap_or(0),
         }
     }
 }

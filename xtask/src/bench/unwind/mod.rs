@@ -175,7 +175,9 @@ fn run_to_end(
         None => file.try_clone()?,
     };
     cmd.stdin(Stdio::null()).stdout(out).stderr(file);
-    let exit = Child::spawn(name, cmd)?.wait(timeout)?;
+    // Blocked in wait4 while the profiler samples the host, so that xtask is not one of the
+    // processes sampled.
+    let exit = Child::spawn(name, cmd)?.wait_quietly(timeout)?;
     if !exit.status.success() {
         let text = fs::read_to_string(log).unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();

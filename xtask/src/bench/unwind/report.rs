@@ -47,7 +47,9 @@ pub(super) fn section(
          over its file (perf's symbolized answer: its CPU is spread over the recorded window, \
          its RSS is the larger of the two); lightswitch writing pprof, its on-disk unwind \
          cache empty at the start (ours has none). CPU is user+sys core-seconds per wall \
-         second and RSS the peak, both from `wait4`. Samples: those of the gzip and \
+         second and RSS the peak, both from `wait4`; while a profiler runs the benchmark \
+         (a debug build) blocks in `wait4`, so that it is not itself among the processes \
+         sampled and named. Samples: those of the gzip and \
          python3.11 processes the benchmark started (by pid); complete: the share of them \
          whose stack reaches `_start`, `__libc_start_main` or `__libc_start_call_main` (or a \
          thread's root), read from each one's output (ours and lightswitch's pprof, \
@@ -66,8 +68,7 @@ pub(super) fn section(
         writeln!(
             s,
             "The host had no tracefs/debugfs mounted; the benchmark mounted {} for the run \
-             (lightswitch does not start without /sys/kernel/debug/tracing; our exec \
-             tracepoint uses tracefs).\n",
+             (lightswitch does not start without /sys/kernel/debug/tracing).\n",
             list.join(" and ")
         )?;
     }
