@@ -2,7 +2,8 @@
 //! key under which processes share the table) and its loadable segments (to turn a mapping's
 //! addresses into the file's virtual addresses). The file is read lazily through
 //! `object::ReadCache`: only the headers and the frame sections are read, never the whole
-//! binary.
+//! binary. A separate debug file with the same build id adds its `.debug_frame` (code built
+//! with `-fno-asynchronous-unwind-tables` has frame information only there once stripped).
 
 use std::fs::File;
 
@@ -28,8 +29,14 @@ pub struct FileTable {
 }
 
 impl FileTable {
-    /// Reads `file`'s table, refused past `max_rows` rows.
-    pub fn read(file: &File, max_rows: usize) -> Result<FileTable, UnwindError> {
+    /// Reads `file`'s table, refused past `max_rows` rows. `debug_file` is asked for the
+    /// separate debug file of the file's build id; its `.debug_frame` is merged in when its
+    /// own build id is the same.
+    pub fn read(
+        file: &File,
+        max_rows: usize,
+        debug_file: impl FnOnce(&[u8]) -> Option<File>,
+    ) -> Result<FileTable, UnwindError> {
         let cache = object::ReadCache::new(file);
         let object = object::File::parse(&cache).map_err(|source| UnwindError::Elf { source })?;
         // Only executable segments: the mapping of a code segment starts at the page holding
@@ -51,7 +58,16 @@ impl FileTable {
             })
             .collect();
         let build_id = object.build_id().ok().flatten().map(<[u8]>::to_vec);
-        let table = UnwindTable::from_object(&object, max_rows)?;
+        let debug = build_id
+            .as_deref()
+            .filter(|id| !id.is_empty())
+            .and_then(|id| Some((id, debug_file(id)?)));
+        let debug_cache = debug.as_ref().map(|(_, f)| object::ReadCache::new(f));
+        let debug_object = debug_cache
+            .as_ref()
+            .and_then(|cache| object::File::parse(cache).ok())
+            .filter(|d| d.build_id().ok().flatten() == debug.as_ref().map(|(id, _)| *id));
+        let table = UnwindTable::from_objects(&object, debug_object.as_ref(), max_rows)?;
         Ok(FileTable {
             table,
             build_id,
@@ -128,7 +144,7 @@ mod tests {
     #[test]
     fn reads_this_test_binary_lazily() {
         let exe = File::open(std::env::current_exe().unwrap()).unwrap();
-        let table = FileTable::read(&exe, super::super::DEFAULT_MAX_ROWS).unwrap();
+        let table = FileTable::read(&exe, super::super::DEFAULT_MAX_ROWS, |_| None).unwrap();
         assert!(table.table.rows().len() > 1000);
         assert!(!table.segments.is_empty());
     }

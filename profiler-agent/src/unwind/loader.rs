@@ -11,6 +11,7 @@ use std::{
     collections::{HashMap, HashSet},
     fs::File,
     ops::Range,
+    path::{Path, PathBuf},
 };
 
 use profiler_common::{MappingInfo, UnwindRow};
@@ -19,7 +20,10 @@ use super::{
     UnwindError,
     file::{FileTable, Segment, load_bias},
 };
-use crate::process::{FileId, MappingKind, ProcessInfo};
+use crate::{
+    process::{FileId, MappingKind, ProcessInfo},
+    procfile::{MAX_OBJECT_FILE_SIZE, ProcFileError, ProcRoot},
+};
 
 /// Where the loader writes: the kernel program's row array and mapping trie.
 pub trait TableSink {
@@ -79,6 +83,8 @@ pub struct Loader<S> {
     clock: u64,
     /// Files read so far, whatever came of them.
     files_read: u64,
+    /// The procfs mount processes' roots (and their debug files) are found under.
+    proc: PathBuf,
 }
 
 /// Bound on [`Loader::unavailable`].
@@ -101,7 +107,14 @@ impl<S: TableSink> Loader<S> {
             stats: LoaderStats::default(),
             clock: 0,
             files_read: 0,
+            proc: PathBuf::from("/proc"),
         }
+    }
+
+    /// Looks for processes' debug files under another procfs mount than `/proc` (tests).
+    pub fn with_proc(mut self, proc: impl Into<PathBuf>) -> Self {
+        self.proc = proc.into();
+        self
     }
 
     pub fn stats(&self) -> LoaderStats {
@@ -166,7 +179,7 @@ impl<S: TableSink> Loader<S> {
         for mapping in &info.mappings {
             let value = match &mapping.kind {
                 MappingKind::File { id, file } => {
-                    self.table_for(*id, file.as_deref()).and_then(|key| {
+                    self.table_for(pid, *id, file.as_deref()).and_then(|key| {
                         let loaded = self.tables.get_mut(&key)?;
                         let bias = load_bias(&loaded.segments, mapping.start, mapping.offset)?;
                         loaded.users += 1;
@@ -250,7 +263,7 @@ impl<S: TableSink> Loader<S> {
     }
 
     /// The key of `id`'s loaded table, reading and loading it if needed.
-    fn table_for(&mut self, id: FileId, file: Option<&File>) -> Option<TableKey> {
+    fn table_for(&mut self, pid: u32, id: FileId, file: Option<&File>) -> Option<TableKey> {
         if let Some(key) = self.by_inode.get(&id)
             && self.tables.contains_key(key)
         {
@@ -260,7 +273,12 @@ impl<S: TableSink> Loader<S> {
             return None;
         }
         self.files_read += 1;
-        let read = file.map(|f| FileTable::read(f, self.max_rows_per_file));
+        let proc = &self.proc;
+        let read = file.map(|f| {
+            FileTable::read(f, self.max_rows_per_file, |build_id| {
+                debug_file(proc, pid, build_id)
+            })
+        });
         let table = match read {
             Some(Ok(t)) if !t.table.rows().is_empty() => t,
             other => {
@@ -360,6 +378,29 @@ impl<S: TableSink> Loader<S> {
         if i > 0 && self.free[i - 1].end == self.free[i].start {
             self.free[i - 1].end = self.free[i].end;
             self.free.remove(i);
+        }
+    }
+}
+
+/// The separate debug file of `build_id` inside process `pid`'s root, where gdb and perf
+/// look first: `/usr/lib/debug/.build-id/ab/cdef….debug`, opened through the safe layer.
+fn debug_file(proc: &Path, pid: u32, build_id: &[u8]) -> Option<File> {
+    if build_id.len() < 2 {
+        return None;
+    }
+    let hex: String = build_id.iter().map(|b| format!("{b:02x}")).collect();
+    let path = format!("/usr/lib/debug/.build-id/{}/{}.debug", &hex[..2], &hex[2..]);
+    let root = ProcRoot::of_pid(proc, pid).ok()?;
+    match root.open(Path::new(&path), MAX_OBJECT_FILE_SIZE) {
+        Ok(opened) => Some(opened.file),
+        Err(ProcFileError::Open { source, .. })
+            if source.kind() == std::io::ErrorKind::NotFound =>
+        {
+            None
+        }
+        Err(error) => {
+            tracing::debug!(%error, reason = error.reason(), "debug file not used for unwinding");
+            None
         }
     }
 }

@@ -123,7 +123,7 @@ fn rows_found_through_the_trie_are_the_files_rows() {
     else {
         panic!("own code is a file mapping");
     };
-    let expected = FileTable::read(file, super::super::DEFAULT_MAX_ROWS).unwrap();
+    let expected = FileTable::read(file, super::super::DEFAULT_MAX_ROWS, |_| None).unwrap();
     let vaddr = pc - expected.load_bias(mapping.start, mapping.offset).unwrap();
     let want = expected
         .table
@@ -215,4 +215,23 @@ fn refused_entries_are_counted() {
     let mut loader = Loader::new(maps, 1 << 21);
     loader.load(&info);
     assert!(loader.stats().entries_refused > info.mappings.len() as u64);
+}
+
+#[test]
+fn debug_files_are_found_by_build_id_inside_the_process_root() {
+    let proc = tempfile::tempdir().unwrap();
+    let dir = proc.path().join("42/root/usr/lib/debug/.build-id/ab");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("cdef.debug"), b"debug file").unwrap();
+    let found = super::debug_file(proc.path(), 42, &[0xab, 0xcd, 0xef]);
+    assert!(found.is_some());
+    assert!(super::debug_file(proc.path(), 42, &[0xab, 0xcd, 0x00]).is_none());
+    assert!(super::debug_file(proc.path(), 43, &[0xab, 0xcd, 0xef]).is_none());
+    assert!(super::debug_file(proc.path(), 42, &[0xab]).is_none());
+    // A FIFO where the debug file would be is refused, not opened (which would block).
+    let fifo = dir.join("0000.debug");
+    let path = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(path.as_ptr(), 0o600) }, 0);
+    assert!(super::debug_file(proc.path(), 42, &[0xab, 0x00, 0x00]).is_none());
 }

@@ -59,7 +59,8 @@ pub struct UnwindTable {
 struct Fde {
     start: u32,
     end: u32,
-    /// 0 for `.eh_frame`, 1 for `.debug_frame`: at equal addresses `.eh_frame` wins.
+    /// 0 for `.eh_frame`, 1 for `.debug_frame`, 2 for a separate debug file's
+    /// `.debug_frame`: at equal addresses the lowest wins.
     priority: u8,
     rows: Range<u32>,
 }
@@ -92,6 +93,16 @@ impl UnwindTable {
         file: &object::File<'d, R>,
         max_rows: usize,
     ) -> Result<UnwindTable, UnwindError> {
+        Self::from_objects::<R, R>(file, None, max_rows)
+    }
+
+    /// The table of a parsed ELF file and the `.debug_frame` of its separate debug file
+    /// (same addresses; where both describe an address, the file's own sections win).
+    pub fn from_objects<'d, R: object::ReadRef<'d>, D: object::ReadRef<'d>>(
+        file: &object::File<'d, R>,
+        debug: Option<&object::File<'d, D>>,
+        max_rows: usize,
+    ) -> Result<UnwindTable, UnwindError> {
         if file.architecture() != object::Architecture::X86_64 {
             return Err(UnwindError::Architecture {
                 architecture: file.architecture(),
@@ -99,7 +110,8 @@ impl UnwindTable {
         }
         let eh_frame = file.section_by_name(".eh_frame");
         let debug_frame = file.section_by_name(".debug_frame");
-        if eh_frame.is_none() && debug_frame.is_none() {
+        let separate_debug_frame = debug.and_then(|d| d.section_by_name(".debug_frame"));
+        if eh_frame.is_none() && debug_frame.is_none() && separate_debug_frame.is_none() {
             return Err(UnwindError::NoFrameInfo);
         }
         let mut collected = Collected {
@@ -121,17 +133,11 @@ impl UnwindTable {
         }
         if let Some(section) = debug_frame {
             let data = section_data(&section, ".debug_frame")?;
-            let mut debug_frame = DebugFrame::new(&data, LittleEndian);
-            debug_frame.set_address_size(8);
-            let bases = BaseAddresses::default();
-            collect(
-                &debug_frame,
-                &bases,
-                ".debug_frame",
-                1,
-                max_rows,
-                &mut collected,
-            )?;
+            collect_debug_frame(&data, 1, max_rows, &mut collected)?;
+        }
+        if let Some(section) = separate_debug_frame {
+            let data = section_data(&section, ".debug_frame")?;
+            collect_debug_frame(&data, 2, max_rows, &mut collected)?;
         }
         let table = lay_out(collected, max_rows)?;
         tracing::debug!(
@@ -210,6 +216,26 @@ fn section_data<'a, R: object::ReadRef<'a>>(
         });
     }
     compressed.decompress().map_err(unreadable)
+}
+
+/// Evaluates every FDE of a `.debug_frame` section into `out`.
+fn collect_debug_frame(
+    data: &[u8],
+    priority: u8,
+    max_rows: usize,
+    out: &mut Collected,
+) -> Result<(), UnwindError> {
+    let mut debug_frame = DebugFrame::new(data, LittleEndian);
+    debug_frame.set_address_size(8);
+    let bases = BaseAddresses::default();
+    collect(
+        &debug_frame,
+        &bases,
+        ".debug_frame",
+        priority,
+        max_rows,
+        out,
+    )
 }
 
 /// Evaluates every FDE of one section into `out`. A malformed entry list is an error (the

@@ -250,6 +250,79 @@ fn debug_frame_is_read_when_there_is_no_eh_frame_entry() {
     assert!(matches!(table.row_for(recurse).unwrap().cfa, Cfa::Rsp(8)));
 }
 
+fn run(program: &str, args: &[&std::ffi::OsStr]) {
+    let status = Command::new(program).args(args).status().expect(program);
+    assert!(status.success(), "{program} {args:?}");
+}
+
+/// A binary built without `.eh_frame` entries for its own code, stripped of its debug
+/// sections (`.debug_frame` with them) into a separate debug file: the table has rows for
+/// its functions only when the debug file is given, and only when its build id matches.
+#[test]
+fn debug_frame_of_a_separate_debug_file_is_merged() {
+    let dir = tempfile::tempdir().unwrap();
+    let flags = [
+        "-O2",
+        "-g",
+        "-fomit-frame-pointer",
+        "-fno-asynchronous-unwind-tables",
+        "-Wl,--build-id",
+    ];
+    let binary = compile(dir.path(), "split", &flags);
+    let debug = dir.path().join("split.debug");
+    run(
+        "objcopy",
+        &[
+            "--only-keep-debug".as_ref(),
+            binary.as_os_str(),
+            debug.as_os_str(),
+        ],
+    );
+    run("strip", &["--strip-debug".as_ref(), binary.as_os_str()]);
+    // Another build of other code: another build id.
+    let other = compile(
+        dir.path(),
+        "other",
+        &[&flags[..], &["-DOTHER=1", "-O1"]].concat(),
+    );
+    let other_debug = dir.path().join("other.debug");
+    run(
+        "objcopy",
+        &[
+            "--only-keep-debug".as_ref(),
+            other.as_os_str(),
+            other_debug.as_os_str(),
+        ],
+    );
+
+    let recurse = symbol(&binary, "recurse");
+    let read = |debug: Option<&Path>| {
+        let file = std::fs::File::open(&binary).unwrap();
+        FileTable::read(&file, DEFAULT_MAX_ROWS, |_| {
+            debug.map(|d| std::fs::File::open(d).unwrap())
+        })
+        .unwrap()
+        .table
+    };
+    let alone = read(None);
+    assert!(
+        alone.row_for(recurse).is_none_or(|r| r.cfa == Cfa::NoInfo),
+        "{:?}",
+        alone.row_for(recurse)
+    );
+    let merged = read(Some(&debug));
+    assert_eq!(merged.row_for(recurse).unwrap().cfa, Cfa::Rsp(8));
+    let fdes = readelf(&debug);
+    let (checked, _) = compare(&merged, &fdes, ".debug_frame");
+    assert!(checked >= 3, "{checked} FDEs of the debug file");
+    let mismatched = read(Some(&other_debug));
+    assert_eq!(
+        mismatched.rows(),
+        alone.rows(),
+        "a debug file of another build"
+    );
+}
+
 /// Compares all of a stock binary's FDEs (at least `min_fdes`, or all it has when fewer:
 /// Debian's gzip has 127).
 fn stock(path: &Path, min_fdes: usize) {
