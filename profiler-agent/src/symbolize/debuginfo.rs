@@ -37,6 +37,10 @@ pub struct RootedDebugFinder {
     root: OnceCell<Option<ProcRoot>>,
     /// The binary's path as the process sees it.
     binary: PathBuf,
+    /// Where to look by build id when the process's root is gone (it exited before its
+    /// frames were named): the host's root. Only a debug file carrying the same build id is
+    /// taken from there.
+    fallback: Option<PathBuf>,
 }
 
 impl RootedDebugFinder {
@@ -45,7 +49,16 @@ impl RootedDebugFinder {
             root_path: root.into(),
             root: OnceCell::new(),
             binary: binary.into(),
+            fallback: None,
         }
+    }
+
+    /// Looks in `root` by build id when the process's own root cannot be opened. Without
+    /// this, a binary first named after its process exited (a short-lived `gzip` in a loop)
+    /// would be loaded without its debug file, and stay so in the cache for every process.
+    pub fn with_fallback(mut self, root: impl Into<PathBuf>) -> Self {
+        self.fallback = Some(root.into());
+        self
     }
 
     /// A finder on an already opened root.
@@ -54,6 +67,7 @@ impl RootedDebugFinder {
             root_path: root.path().to_owned(),
             root: OnceCell::from(Some(root)),
             binary: binary.into(),
+            fallback: None,
         }
     }
 
@@ -96,7 +110,9 @@ impl RootedDebugFinder {
 
 impl DebugFileFinder for RootedDebugFinder {
     fn find(&mut self, build_id: Option<&[u8]>, debuglink: Option<&str>) -> Option<File> {
-        let root = self.root()?;
+        let Some(root) = self.root() else {
+            return self.find_in_fallback(build_id?);
+        };
         for candidate in self.candidates(build_id, debuglink) {
             if candidate == self.binary {
                 continue; // a debuglink naming the binary itself
@@ -119,6 +135,16 @@ impl DebugFileFinder for RootedDebugFinder {
             tracing::debug!(path = %candidate.display(), "debug file with another build id");
         }
         None
+    }
+}
+
+impl RootedDebugFinder {
+    /// The build-id candidate in the fallback root, taken only with that very build id.
+    fn find_in_fallback(&self, build_id: &[u8]) -> Option<File> {
+        let root = ProcRoot::new(self.fallback.as_ref()?).ok()?;
+        let candidate = self.candidates(Some(build_id), None).into_iter().next()?;
+        let file = root.open(&candidate, MAX_OBJECT_FILE_SIZE).ok()?.file;
+        (read_build_id(&file) == BuildId::Found(build_id.to_vec())).then_some(file)
     }
 }
 
@@ -329,5 +355,35 @@ mod tests {
         assert_eq!((found.dev(), found.ino()), (inside.dev(), inside.ino()));
         // Another build id is not accepted.
         assert!(f.find(Some(&[0xab; 20]), Some("true")).is_none());
+    }
+
+    #[test]
+    fn a_process_gone_is_looked_up_by_build_id_in_the_fallback_root() {
+        let id = sample_build_id();
+        let host = tempfile::tempdir().unwrap();
+        let path = host
+            .path()
+            .join(build_id_path(&id).strip_prefix("/").unwrap());
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::copy(SAMPLE_ELF, &path).unwrap();
+        let gone = host.path().join("no-such-process/root");
+        let mut f = RootedDebugFinder::new(&gone, "/usr/bin/app");
+        assert!(f.find(Some(&id), None).is_none(), "no fallback, nothing");
+        let mut f = RootedDebugFinder::new(&gone, "/usr/bin/app").with_fallback(host.path());
+        assert!(
+            f.find(Some(&id), None).is_some(),
+            "found by build id in the fallback"
+        );
+        // Only with that very build id: the file at another id's path is not taken.
+        let mut other = id.clone();
+        other[0] ^= 0xff;
+        let other_path = host
+            .path()
+            .join(build_id_path(&other).strip_prefix("/").unwrap());
+        std::fs::create_dir_all(other_path.parent().unwrap()).unwrap();
+        std::fs::copy(SAMPLE_ELF, &other_path).unwrap();
+        assert!(f.find(Some(&other), None).is_none());
+        // And never by debuglink, which names a path, not a build.
+        assert!(f.find(None, Some("true")).is_none());
     }
 }

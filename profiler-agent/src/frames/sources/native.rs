@@ -66,7 +66,8 @@ impl NativeSource {
             return Some(binary);
         }
         let root = self.proc_root.join(format!("{}/root", process.pid));
-        let mut finder = RootedDebugFinder::new(root, &mapping.path);
+        let mut finder = RootedDebugFinder::new(root, &mapping.path)
+            .with_fallback(self.proc_root.join("1/root"));
         match Binary::load_with(file, &mut finder, &self.budget) {
             Ok(binary) => {
                 let binary = Rc::new(binary.with_demangle(self.demangle));
