@@ -38,6 +38,7 @@ enum Command {
 const CONFIG_ERROR: u8 = 2;
 
 fn main() -> ExitCode {
+    profiler_agent::memory::configure();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
