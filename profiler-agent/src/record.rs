@@ -158,6 +158,8 @@ pub fn run(args: &RecordArgs) -> Result<(), RecordError> {
         KernelSymbols::load()
             .inspect_err(|e| tracing::warn!(error = %e, "kernel frames will be [unknown]"))
             .ok()
+            // Named once: only the kernel addresses sampled, not a table of every symbol.
+            .map(KernelSymbols::one_shot)
     };
     // The whole recording is one interval, named with the default caches.
     let mut sources = sources::native(args.demangle, kernel_symbols, CacheConfig::default());

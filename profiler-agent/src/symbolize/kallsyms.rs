@@ -7,9 +7,14 @@
 //! the file costs the kernel 150-230 ms of formatting, and a busy host keeps being sampled in
 //! functions it has not seen before, so a read per new function was a read per interval.
 //! [`KernelSymbols::load`] reads only up to the first non-zero address to tell whether they are
-//! hidden.
+//! hidden. A one-shot user (`record`, which names one window's frames once) asks for
+//! [`KernelSymbols::one_shot`]: the file is then read once per batch of addresses, keeping
+//! only the names of those addresses, and the 5 MiB table is never built.
 
-use std::path::{Path, PathBuf};
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum KallsymsError {
@@ -28,6 +33,7 @@ pub enum KallsymsError {
 #[derive(Debug, Clone)]
 pub struct KernelSymbols {
     path: PathBuf,
+    one_shot: bool,
 }
 
 impl KernelSymbols {
@@ -39,6 +45,7 @@ impl KernelSymbols {
     pub fn load_from(path: &Path) -> Result<Self, KallsymsError> {
         let symbols = Self {
             path: path.to_owned(),
+            one_shot: false,
         };
         // Addresses are all shown or all zero (kernel.kptr_restrict), so reading up to the
         // first non-zero one tells; the table itself is read at the first kernel frame, and
@@ -52,12 +59,28 @@ impl KernelSymbols {
         Ok(symbols)
     }
 
+    /// Names are wanted once, for one batch of addresses: see the module docs.
+    pub fn one_shot(mut self) -> Self {
+        self.one_shot = true;
+        self
+    }
+
     fn read_table(&self) -> Result<KernelTable, KallsymsError> {
         let file = std::fs::File::open(&self.path).map_err(|source| self.read_error(source))?;
-        KernelTable::read(std::io::BufReader::new(file)).map_err(|e| match e {
+        KernelTable::read(std::io::BufReader::new(file)).map_err(|e| self.resolve_error(e))
+    }
+
+    /// The names of `addresses` (sorted, deduplicated), in one pass over the file.
+    fn read_names(&self, addresses: &[u64]) -> Result<Vec<Option<String>>, KallsymsError> {
+        let file = std::fs::File::open(&self.path).map_err(|source| self.read_error(source))?;
+        names_of(std::io::BufReader::new(file), addresses).map_err(|e| self.resolve_error(e))
+    }
+
+    fn resolve_error(&self, error: ResolveError) -> KallsymsError {
+        match error {
             ResolveError::Io(source) => self.read_error(source),
             ResolveError::Hidden => KallsymsError::Hidden,
-        })
+        }
     }
 
     /// A hash of the loaded modules' names and load addresses (`modules` beside the kallsyms
@@ -106,44 +129,115 @@ fn addresses_shown(reader: impl std::io::BufRead) -> std::io::Result<bool> {
     Ok(false)
 }
 
+/// Calls `each(start, name, module)` for every text symbol of a kallsyms file; errs with
+/// [`ResolveError::Hidden`] when every address is zero.
+fn text_symbols(
+    mut reader: impl std::io::BufRead,
+    mut each: impl FnMut(u64, &str, Option<&str>),
+) -> Result<(), ResolveError> {
+    let mut any_address = false;
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if reader.read_line(&mut line).map_err(ResolveError::Io)? == 0 {
+            break;
+        }
+        let mut fields = line.split_whitespace();
+        let (Some(addr), Some(kind), Some(name)) = (fields.next(), fields.next(), fields.next())
+        else {
+            continue;
+        };
+        let Ok(start) = u64::from_str_radix(addr, 16) else {
+            continue;
+        };
+        any_address |= start != 0;
+        if matches!(kind, "t" | "T") {
+            each(start, name, fields.next());
+        }
+    }
+    if any_address {
+        Ok(())
+    } else {
+        Err(ResolveError::Hidden)
+    }
+}
+
+/// The name of each of `addresses` (sorted, deduplicated): the text symbol with the greatest
+/// start at or below it (the last in the file among equal starts, as [`KernelTable::lookup`]
+/// answers), found in one pass that keeps nothing else.
+///
+/// The best symbol so far grows along the sorted addresses, so it is kept as runs: a map from
+/// the index of each run's first address to its symbol. A symbol takes over the run of
+/// addresses from the first at or above its start up to the first one whose best is higher;
+/// each run boundary is inserted and removed at most once per symbol that makes it, so the
+/// pass is O((symbols + addresses) log addresses), with one name per run.
+fn names_of(
+    reader: impl std::io::BufRead,
+    addresses: &[u64],
+) -> Result<Vec<Option<String>>, ResolveError> {
+    let count = addresses.len();
+    let mut runs: BTreeMap<usize, Option<(u64, String)>> = BTreeMap::from([(0, None)]);
+    text_symbols(reader, |start, name, module| {
+        let first = addresses.partition_point(|&a| a < start);
+        if first == count {
+            return;
+        }
+        let higher = |run: &Option<(u64, String)>| run.as_ref().is_some_and(|(s, _)| *s > start);
+        if runs
+            .range(..=first)
+            .next_back()
+            .is_some_and(|(_, run)| higher(run))
+        {
+            return;
+        }
+        let end = runs
+            .range(first + 1..)
+            .find(|(_, run)| higher(run))
+            .map_or(count, |(&at, _)| at);
+        // The run at `end` (a higher symbol's) stays and still starts there.
+        let covered: Vec<usize> = runs.range(first..end).map(|(&at, _)| at).collect();
+        for at in covered {
+            runs.remove(&at);
+        }
+        let label = match module {
+            Some(module) => format!("{name} {module}"),
+            None => name.to_owned(),
+        };
+        runs.insert(first, Some((start, label)));
+    })?;
+    let mut names = Vec::with_capacity(count);
+    let mut runs = runs.into_iter().peekable();
+    let mut current = None;
+    for index in 0..count {
+        while runs.peek().is_some_and(|(at, _)| *at <= index) {
+            current = runs.next().and_then(|(_, run)| run.map(|(_, name)| name));
+        }
+        names.push(current.clone());
+    }
+    Ok(names)
+}
+
 impl KernelTable {
-    fn read(mut reader: impl std::io::BufRead) -> Result<Self, ResolveError> {
+    fn read(reader: impl std::io::BufRead) -> Result<Self, ResolveError> {
         let mut table = Self::default();
-        let mut any_address = false;
-        let mut line = String::new();
-        loop {
-            line.clear();
-            if reader.read_line(&mut line).map_err(ResolveError::Io)? == 0 {
-                break;
-            }
-            let mut fields = line.split_whitespace();
-            let (Some(addr), Some(kind), Some(name)) =
-                (fields.next(), fields.next(), fields.next())
-            else {
-                continue;
-            };
-            let Ok(start) = u64::from_str_radix(addr, 16) else {
-                continue;
-            };
-            any_address |= start != 0;
-            if !matches!(kind, "t" | "T") {
-                continue;
+        let mut full = false;
+        text_symbols(reader, |start, name, module| {
+            if full {
+                return;
             }
             let name_start = table.names.len();
             table.names.push_str(name);
-            if let Some(module) = fields.next() {
+            if let Some(module) = module {
                 table.names.push(' ');
                 table.names.push_str(module);
             }
             let (Ok(from), Ok(to)) = (u32::try_from(name_start), u32::try_from(table.names.len()))
             else {
-                break;
+                full = true;
+                return;
             };
             table.symbols.push((start, from, to));
-        }
-        if !any_address {
-            return Err(ResolveError::Hidden);
-        }
+        })?;
         table.symbols.sort_by_key(|s| s.0);
         table.symbols.shrink_to_fit();
         table.names.shrink_to_fit();
@@ -165,6 +259,8 @@ impl KernelTable {
 #[derive(Debug, Default)]
 pub struct KernelNames {
     table: Option<KernelTable>,
+    /// One-shot mode: the names of exactly the addresses asked for.
+    exact: Option<std::collections::HashMap<u64, Option<String>>>,
     modules: u64,
     /// A lookup landed in a JIT-compiled BPF program: programs come and go at the same
     /// addresses, so the table is read again next round.
@@ -174,6 +270,9 @@ pub struct KernelNames {
 impl KernelNames {
     /// `None` if the table is not read yet; `Some(None)` if the address has no symbol.
     pub fn get(&self, address: u64) -> Option<Option<&str>> {
+        if let Some(exact) = &self.exact {
+            return exact.get(&address).map(Option::as_deref);
+        }
         let name = self.table.as_ref()?.lookup(address);
         if name.is_some_and(|n| n.ends_with("[bpf]")) {
             self.stale.set(true);
@@ -187,6 +286,22 @@ impl KernelNames {
         symbols: &KernelSymbols,
         addresses: &[u64],
     ) -> Result<(), KallsymsError> {
+        if symbols.one_shot {
+            let exact = self.exact.get_or_insert_with(Default::default);
+            let mut missing: Vec<u64> = addresses
+                .iter()
+                .copied()
+                .filter(|a| !exact.contains_key(a))
+                .collect();
+            if missing.is_empty() {
+                return Ok(());
+            }
+            missing.sort_unstable();
+            missing.dedup();
+            let names = symbols.read_names(&missing)?;
+            exact.extend(missing.into_iter().zip(names));
+            return Ok(());
+        }
         if self.table.is_some() || addresses.is_empty() {
             return Ok(());
         }
@@ -206,9 +321,12 @@ impl KernelNames {
         }
     }
 
-    /// Symbols held.
+    /// Symbols held (one-shot: addresses named).
     pub fn len(&self) -> usize {
-        self.table.as_ref().map_or(0, |t| t.symbols.len())
+        match &self.exact {
+            Some(exact) => exact.len(),
+            None => self.table.as_ref().map_or(0, |t| t.symbols.len()),
+        }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -408,5 +526,72 @@ ffffffffc0000000 t ext4_read [ext4]
         let mut names = KernelNames::default();
         names.resolve_missing(&k, &[entry + 4]).unwrap();
         assert_eq!(names.get(entry + 4), Some(Some("do_syscall_64")));
+    }
+
+    /// The one-pass names of `addresses` are the table's, address by address.
+    fn assert_names_match_the_table(text: &str, addresses: &mut Vec<u64>) {
+        addresses.sort_unstable();
+        addresses.dedup();
+        let table = KernelTable::read(text.as_bytes()).ok().unwrap();
+        let names = names_of(text.as_bytes(), addresses).ok().unwrap();
+        for (&a, name) in addresses.iter().zip(&names) {
+            assert_eq!(name.as_deref(), table.lookup(a), "{a:#x}");
+        }
+    }
+
+    #[test]
+    fn one_pass_names_are_the_tables() {
+        let aliased = format!("{SAMPLE}ffffffff81001000 T alias_of_initcall\n");
+        assert_names_match_the_table(
+            &aliased,
+            &mut vec![
+                0x1000,
+                0xffffffff81000000,
+                0xffffffff81000010,
+                0xffffffff81001000,
+                0xffffffff81002010,
+                0xffffffffc0000004,
+                u64::MAX,
+            ],
+        );
+        // The running kernel's, unsorted modules and aliases included: every symbol start,
+        // one byte before and after it, and addresses in between.
+        let Ok(text) = std::fs::read_to_string("/proc/kallsyms") else {
+            return;
+        };
+        let starts: Vec<u64> = text
+            .lines()
+            .filter_map(|l| u64::from_str_radix(l.split(' ').next()?, 16).ok())
+            .filter(|&a| a != 0)
+            .collect();
+        let mut addresses: Vec<u64> = starts
+            .iter()
+            .step_by(7)
+            .flat_map(|&a| [a.wrapping_sub(1), a, a + 1, a + 0x123])
+            .collect();
+        assert_names_match_the_table(&text, &mut addresses);
+    }
+
+    #[test]
+    fn one_shot_names_only_the_addresses_asked_for() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kallsyms");
+        std::fs::write(&path, SAMPLE).unwrap();
+        let symbols = KernelSymbols::load_from(&path).unwrap().one_shot();
+        let mut names = KernelNames::default();
+        let (core, module) = (0xffffffff81000010, 0xffffffffc0000004);
+        assert_eq!(names.get(core), None);
+        names
+            .resolve_missing(&symbols, &[module, core, 0x1000])
+            .unwrap();
+        assert_eq!(names.get(core), Some(Some("_stext")));
+        assert_eq!(names.get(module), Some(Some("ext4_read [ext4]")));
+        assert_eq!(names.get(0x1000), Some(None));
+        assert_eq!(names.len(), 3, "no table: the three addresses");
+        // Another address is not guessed from the ones read: it is read for.
+        let other = 0xffffffff81001004;
+        assert_eq!(names.get(other), None);
+        names.resolve_missing(&symbols, &[other]).unwrap();
+        assert_eq!(names.get(other), Some(Some("do_one_initcall")));
     }
 }
