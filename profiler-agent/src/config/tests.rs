@@ -239,3 +239,64 @@ fn url_passwords_are_redacted_in_syntax_errors() {
         .to_string();
     assert!(!err.contains("s3cret"), "{err}");
 }
+
+/// The embedded default names a process after its executable's file name, or after its comm
+/// when the executable is a memfd or was deleted, and leaves containers to their targets.
+#[test]
+fn the_embedded_default_names_processes() {
+    use crate::discovery::{process, relabel};
+    let rules = AgentConfig::embedded_default().relabel;
+    let name = |exe: &str, comm: &str| {
+        let labels: crate::labels::Labels = [
+            (crate::targets::PROCESS_PID, "42"),
+            (process::EXE, exe),
+            (process::COMM, comm),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+        relabel::process(labels, &rules).map(|l| l.get("service_name").cloned())
+    };
+    let named = |s: &str| Some(Some(s.to_owned()));
+    assert_eq!(name("/usr/bin/gzip", "gzip"), named("gzip"));
+    assert_eq!(
+        name("/opt/app/bin/server-v2", "server-v2"),
+        named("server-v2")
+    );
+    assert_eq!(
+        name("/memfd:sealed-91173221a7ea (deleted)", "node-jit"),
+        named("node-jit")
+    );
+    assert_eq!(
+        name("/memfd:runc (deleted)", "runc:[2:INIT]"),
+        named("runc:[2:INIT]")
+    );
+    assert_eq!(
+        name("/usr/bin/old-tool (deleted)", "old-tool"),
+        named("old-tool")
+    );
+    // Without a comm (the process went away mid-read) a deleted file keeps its file name.
+    assert_eq!(
+        relabel::process(
+            [
+                (crate::targets::PROCESS_PID.to_owned(), "42".to_owned()),
+                (
+                    process::EXE.to_owned(),
+                    "/usr/bin/old-tool (deleted)".to_owned()
+                ),
+            ]
+            .into_iter()
+            .collect(),
+            &rules
+        )
+        .and_then(|l| l.get("service_name").cloned()),
+        Some("old-tool".to_owned())
+    );
+    // A process in a container is its container target's.
+    let mut in_container: crate::labels::Labels = [(process::EXE, "/usr/bin/gzip")]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+    in_container.insert(crate::targets::CONTAINER_ID.to_owned(), "abc123".to_owned());
+    assert_eq!(relabel::process(in_container, &rules), None);
+}

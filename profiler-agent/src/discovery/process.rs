@@ -1,7 +1,9 @@
 //! Process discovery, as Alloy's `discovery.process`: every process on the host becomes a
 //! target carrying `__process_pid__` (so it matches exactly that process), its container id
-//! when it runs in one, and `__meta_process_exe`, `__meta_process_commandline` and
-//! `__meta_process_username` for relabel rules to select or name it. Processes that vanish
+//! when it runs in one, and `__meta_process_exe`, `__meta_process_commandline`,
+//! `__meta_process_comm` (the kernel's 15-byte task name, which names a process whose
+//! executable is a memfd or deleted) and `__meta_process_username` for relabel rules to
+//! select or name it. Processes that vanish
 //! mid-read are skipped: the next scan is a fresh one. [`ProcessDiscovery`] is the provider:
 //! a fresh [`scan`] of /proc every `refresh_interval`, off the async threads.
 
@@ -19,6 +21,7 @@ use crate::{
 
 pub const EXE: &str = "__meta_process_exe";
 pub const COMMANDLINE: &str = "__meta_process_commandline";
+pub const COMM: &str = "__meta_process_comm";
 pub const USERNAME: &str = "__meta_process_username";
 pub const UID: &str = "__meta_process_uid";
 
@@ -118,6 +121,9 @@ fn process_labels(proc_root: &Path, pid: u32, users: &HashMap<u32, String>) -> O
     labels.insert(crate::targets::PROCESS_PID.into(), pid.to_string());
     labels.insert(EXE.into(), exe.display().to_string());
     labels.insert(COMMANDLINE.into(), commandline);
+    if let Ok(comm) = std::fs::read_to_string(dir.join("comm")) {
+        labels.insert(COMM.into(), comm.trim_end_matches('\n').to_owned());
+    }
     labels.insert(UID.into(), uid.to_string());
     if let Some(name) = users.get(&uid) {
         labels.insert(USERNAME.into(), name.clone());
@@ -172,6 +178,8 @@ mod tests {
             .expect("this process is discovered");
         let exe = std::env::current_exe().unwrap();
         assert_eq!(mine[EXE], exe.display().to_string());
+        let comm = std::fs::read_to_string("/proc/self/comm").unwrap();
+        assert_eq!(mine[COMM], comm.trim_end());
         assert!(mine[COMMANDLINE].contains(exe.file_name().unwrap().to_str().unwrap()));
         // SAFETY: getuid has no preconditions.
         let uid = unsafe { libc::getuid() };
