@@ -30,7 +30,7 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
-    /// Record CPU samples of some or all processes into a pprof file.
+    /// Record CPU samples of some or all processes, or of a command, into a profile file.
     Record(RecordArgs),
 }
 
@@ -70,7 +70,9 @@ fn main() -> ExitCode {
             }
         },
         Command::Record(args) => match record::run(&args) {
-            Ok(()) => ExitCode::SUCCESS,
+            Ok(None) => ExitCode::SUCCESS,
+            // `record -- COMMAND` exits as the command did.
+            Ok(Some(status)) => ExitCode::from(record::exit_code(status)),
             Err(error) => {
                 eprintln!("error: {error}");
                 ExitCode::FAILURE

@@ -287,6 +287,11 @@ impl<S: StackSource, P: ProcessSource> Sampler<S, P> {
         Ok(self.recording)
     }
 
+    /// Samples drained so far in the current interval.
+    pub fn samples_so_far(&self) -> u64 {
+        self.recording.total_samples()
+    }
+
     pub fn source(&self) -> &S {
         &self.source
     }

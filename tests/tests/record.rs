@@ -429,3 +429,102 @@ fn clear_errors_for_bad_requests() {
     );
     assert_eq!(err.lines().count(), 1, "one line: {err}");
 }
+
+/// `record -- COMMAND`: the command and the child it forks are both profiled until the
+/// command exits, `record` exits with the command's code, and the three output formats are
+/// written, each readable by its own reader (`go tool pprof`, an XML parser, the folded
+/// format's line syntax).
+#[test]
+fn records_a_command_with_its_child_and_exits_as_it_does() {
+    if !require_root("records_a_command_with_its_child_and_exits_as_it_does") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let fixture = compile_c("forks", dir.path());
+    let output = dir.path().join("run.pb.gz");
+    let out = Command::new(agent())
+        .arg("record")
+        .arg("--output")
+        .arg(&output)
+        .args(["--format", "pprof,svg,folded", "--"])
+        .arg(&fixture)
+        .args(["2", "7"])
+        .output()
+        .expect("run record");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(7),
+        "the command's exit code: {stderr}"
+    );
+
+    let profile = read_profile(&output);
+    let total = total_samples(&profile);
+    let share = |function: &str| {
+        let with: i64 = profile
+            .sample
+            .iter()
+            .filter(|s| stack_names(&profile, s).contains(&function))
+            .map(|s| s.value[0])
+            .sum();
+        with as f64 / total.max(1) as f64
+    };
+    let (parent, child) = (share("parent_work"), share("child_work"));
+    // Each burns one CPU for 2 s: about 194 samples each at 97 Hz.
+    assert!(total >= 150, "{total} samples: {stderr}");
+    assert!(
+        parent >= 0.25 && child >= 0.25,
+        "parent_work in {:.0}%, child_work in {:.0}% of {total} samples",
+        parent * 100.0,
+        child * 100.0
+    );
+    go_pprof_raw(&output);
+
+    let folded = std::fs::read_to_string(dir.path().join("run.folded")).expect("folded output");
+    let mut folded_total = 0;
+    for line in folded.lines() {
+        let (stack, count) = line.rsplit_once(' ').unwrap_or_else(|| panic!("{line:?}"));
+        assert!(!stack.is_empty(), "{line:?}");
+        folded_total += count.parse::<i64>().unwrap_or_else(|_| panic!("{line:?}"));
+    }
+    assert_eq!(folded_total, total, "folded stacks count every sample");
+    assert!(folded.contains("parent_work") && folded.contains("child_work"));
+
+    let svg = std::fs::read(dir.path().join("run.svg")).expect("SVG output");
+    let mut reader = quick_xml::Reader::from_reader(&svg[..]);
+    let (mut root, mut titles, mut buf) = (None, String::new(), Vec::new());
+    loop {
+        match reader.read_event_into(&mut buf) {
+            Ok(quick_xml::events::Event::Start(e)) if root.is_none() => {
+                root = Some(String::from_utf8_lossy(e.name().as_ref()).into_owned());
+            }
+            Ok(quick_xml::events::Event::Text(t)) => {
+                titles.push_str(&String::from_utf8_lossy(&t));
+            }
+            Ok(quick_xml::events::Event::Eof) => break,
+            Ok(_) => {}
+            Err(e) => panic!("the SVG is not well-formed XML: {e}"),
+        }
+        buf.clear();
+    }
+    assert_eq!(root.as_deref(), Some("svg"));
+    assert!(
+        titles.contains("child_work"),
+        "the flame graph names child_work"
+    );
+
+    // A command that cannot run: exit 127, as from a shell.
+    let out = Command::new(agent())
+        .arg("record")
+        .arg("--output")
+        .arg(dir.path().join("none.pb.gz"))
+        .args(["--", "/nonexistent/command"])
+        .output()
+        .expect("run record");
+    assert_eq!(
+        out.status.code(),
+        Some(127),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

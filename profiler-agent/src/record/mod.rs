@@ -1,13 +1,23 @@
-//! `profiler-agent record`: a one-shot capture of some or all processes, like `perf record`,
-//! written as gzipped pprof with the heaviest functions printed.
+//! `profiler-agent record`: a one-shot capture of some or all processes, or of a command it
+//! starts (`record -- ./prog args`), like `perf record`: written as gzipped pprof, a flame
+//! graph SVG or folded stacks ([`output`]), with the heaviest functions printed. The command
+//! ([`command`]) is profiled with its children until it exits, and its exit code is
+//! `record`'s.
+
+mod command;
+mod output;
 
 use std::{
+    ffi::OsString,
     fs::File,
-    io::Write as _,
+    io::IsTerminal as _,
     path::PathBuf,
     sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant},
 };
+
+pub use command::{CommandError, exit_code};
+pub use output::OutputFormat;
 
 use crate::{
     bpf::{BpfError, SamplerOptions, Scope, open_sampler},
@@ -23,11 +33,12 @@ use profiler_common::Counter;
 #[derive(Debug, clap::Args)]
 pub struct RecordArgs {
     /// Process to profile (repeatable); every process on the host when absent.
-    #[arg(long = "pid", value_name = "PID")]
+    #[arg(long = "pid", value_name = "PID", conflicts_with = "command")]
     pub pids: Vec<u32>,
-    /// How long to record, e.g. `10s`, `500ms`, `2m`.
-    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
-    pub duration: Duration,
+    /// How long to record, e.g. `10s`, `500ms`, `2m` [default: 10s; with a command, until it
+    /// exits].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub duration: Option<Duration>,
     /// Samples per second on each CPU; with --pid, per thread of the named processes while
     /// it runs.
     #[arg(long, default_value_t = 97, value_parser = clap::value_parser!(u64).range(1..=10_000))]
@@ -48,10 +59,21 @@ pub struct RecordArgs {
     /// How many of the heaviest functions to print.
     #[arg(long, default_value_t = 10)]
     pub top: usize,
-    /// Where to write the gzipped pprof profile.
-    #[arg(long, short)]
+    /// Where to write the profile; its extension picks the format when --format is not
+    /// given: `.svg` a flame graph, `.folded` or `.txt` folded stacks, anything else pprof.
+    #[arg(long, short, default_value = "profile.pb.gz")]
     pub output: PathBuf,
+    /// What to write, several separated by commas: each goes to --output with its own
+    /// extension.
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub format: Vec<OutputFormat>,
+    /// A command to start and profile with its children until it exits (after `--`).
+    #[arg(last = true, value_name = "COMMAND")]
+    pub command: Vec<OsString>,
 }
+
+/// How long `record` samples when neither --duration nor a command says.
+pub const DEFAULT_DURATION: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum RecordError {
@@ -66,6 +88,8 @@ pub enum RecordError {
     NothingToRecord,
     #[error(transparent)]
     Bpf(#[from] BpfError),
+    #[error(transparent)]
+    Command(#[from] CommandError),
 }
 
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -74,7 +98,8 @@ extern "C" fn request_stop(_: libc::c_int) {
     STOP.store(true, Ordering::SeqCst);
 }
 
-pub fn run(args: &RecordArgs) -> Result<(), RecordError> {
+/// Records as `args` say; returns the exit status of the command it started, if any.
+pub fn run(args: &RecordArgs) -> Result<Option<std::process::ExitStatus>, RecordError> {
     if args.no_user_stacks && args.no_kernel_stacks {
         return Err(RecordError::NothingToRecord);
     }
@@ -84,27 +109,46 @@ pub fn run(args: &RecordArgs) -> Result<(), RecordError> {
         }
     }
     // Fail on an unwritable output before spending the recording time.
-    let output_error = |source| RecordError::Output {
-        path: args.output.clone(),
-        source,
+    let outputs = output::outputs(&args.output, &args.format);
+    let mut files = Vec::new();
+    for (format, path) in &outputs {
+        let file = File::create(path).map_err(|source| RecordError::Output {
+            path: path.clone(),
+            source,
+        })?;
+        files.push((*format, path.clone(), file));
+    }
+    let remove_outputs = || {
+        for (_, path) in &outputs {
+            let _ = std::fs::remove_file(path);
+        }
     };
-    let mut output = File::create(&args.output).map_err(output_error)?;
-
+    // Started before the sampler, held before its exec until the sampler is attached.
+    let mut launched = if args.command.is_empty() {
+        None
+    } else {
+        Some(command::Launched::start(&args.command).inspect_err(|_| remove_outputs())?)
+    };
+    let targets: Vec<u32> = match &launched {
+        Some(launched) => vec![launched.pid()],
+        None => args.pids.clone(),
+    };
     let options = SamplerOptions {
         sample_rate: args.sample_rate,
         collect_interval: args.drain_interval,
         collect_user: !args.no_user_stacks,
         unwind_table_memory: crate::bpf::DEFAULT_UNWIND_TABLE_MEMORY,
         collect_kernel: !args.no_kernel_stacks,
-        pids: (!args.pids.is_empty()).then(|| args.pids.clone()),
+        // A command's children are not known yet: its inherited events are the filter.
+        pids: (launched.is_none() && !args.pids.is_empty()).then(|| args.pids.clone()),
         // Named processes get events of their own, so the rest of the host is never
         // interrupted for them.
-        scope: if args.pids.is_empty() {
+        scope: if targets.is_empty() {
             Scope::EveryCpu
         } else {
             // The operator named these processes on the command line: no descriptor limit.
             Scope::Threads {
-                pids: args.pids.clone(),
+                pids: targets.clone(),
                 max_events: usize::MAX,
             }
         },
@@ -124,28 +168,66 @@ pub fn run(args: &RecordArgs) -> Result<(), RecordError> {
     }
     let opened =
         open_sampler(&options, DEFAULT_CONTAINER_ID_CACHE_SIZE, true).inspect_err(|_| {
-            // Leave no empty file behind for a recording that never started.
-            let _ = std::fs::remove_file(&args.output);
+            // Leave no empty file behind for a recording that never started (and a held
+            // command is killed when `launched` drops).
+            remove_outputs();
         })?;
     let kernel_memory = opened.kernel_memory_bytes;
     let mut sampler = opened.sampler;
     let _early_snapshots = opened.early_snapshots;
+    let duration = match (&launched, args.duration) {
+        (_, Some(duration)) => Some(duration),
+        (Some(_), None) => None,
+        (None, None) => Some(DEFAULT_DURATION),
+    };
     eprintln!(
-        "recording {} for {:?} at {} Hz on {} CPUs (kernel maps: {} KiB)",
-        if args.pids.is_empty() {
-            "every process".to_owned()
-        } else {
-            format!("pids {:?}", args.pids)
+        "recording {} {} at {} Hz on {} CPUs (kernel maps: {} KiB)",
+        match &launched {
+            Some(launched) => format!(
+                "{:?} (pid {}) and its children",
+                args.command,
+                launched.pid()
+            ),
+            None if args.pids.is_empty() => "every process".to_owned(),
+            None => format!("pids {:?}", args.pids),
         },
-        args.duration,
+        match duration {
+            Some(duration) => format!("for {duration:?}"),
+            None => "until it exits".to_owned(),
+        },
         args.sample_rate,
         sampler.source().cpus(),
         kernel_memory / 1024,
     );
-    sampler.run_until(args.drain_interval, Instant::now() + args.duration, || {
-        STOP.load(Ordering::SeqCst)
-    })?;
+    if let Some(launched) = &mut launched {
+        launched.release();
+    }
+    let deadline = duration.map(|d| Instant::now() + d);
+    let progress = std::io::stderr().is_terminal();
+    let started = Instant::now();
+    loop {
+        let stop = |launched: &mut Option<command::Launched>| {
+            STOP.load(Ordering::SeqCst) || launched.as_mut().is_some_and(|c| c.exited())
+        };
+        let now = Instant::now();
+        if stop(&mut launched) || deadline.is_some_and(|d| now >= d) {
+            break;
+        }
+        let until = (now + args.drain_interval)
+            .min(deadline.unwrap_or(Instant::now() + args.drain_interval));
+        sampler.run_until(args.drain_interval, until, || stop(&mut launched))?;
+        if progress {
+            eprint!(
+                "\r{:.1} s, {} samples",
+                started.elapsed().as_secs_f64(),
+                sampler.samples_so_far()
+            );
+        }
+    }
     let recording = sampler.finish()?;
+    if progress {
+        eprintln!();
+    }
     // Marks the end of the sampling window (before symbolization), for whoever watches.
     eprintln!(
         "sampling stopped after {:.3}s",
@@ -184,11 +266,18 @@ pub fn run(args: &RecordArgs) -> Result<(), RecordError> {
         &mut sources,
         &profile::BuildOptions::record(args.sample_rate),
     );
-    let bytes = built.encode_gzip().map_err(output_error)?;
-    output.write_all(&bytes).map_err(output_error)?;
-
-    report(&counters, &summary, &built, sources.stats(), args);
-    Ok(())
+    let title = match args.command.first() {
+        Some(program) => program.to_string_lossy().into_owned(),
+        None => "profiler-agent record".to_owned(),
+    };
+    for (format, path, file) in &mut files {
+        output::write(*format, file, &built, &title).map_err(|source| RecordError::Output {
+            path: path.clone(),
+            source,
+        })?;
+    }
+    report(&counters, &summary, &built, sources.stats(), args, &outputs);
+    Ok(launched.as_mut().map(command::Launched::wait))
 }
 
 /// What the report tells of the recording once it has been built.
@@ -204,6 +293,7 @@ fn report(
     built: &profile::BuiltProfile,
     stats: crate::symbolize::SymbolizeStats,
     args: &RecordArgs,
+    outputs: &[(OutputFormat, PathBuf)],
 ) {
     let counters: Vec<String> = Counter::ALL
         .iter()
@@ -212,7 +302,11 @@ fn report(
     eprintln!("counters: {}", counters.join(" "));
     eprintln!(
         "wrote {} ({} samples from {} processes in {:.1}s, {} drains; frames named {} unknown {})",
-        args.output.display(),
+        outputs
+            .iter()
+            .map(|(_, path)| path.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", "),
         built.total_samples,
         summary.processes,
         summary.duration.as_secs_f64(),
