@@ -163,7 +163,8 @@ pub struct EndpointConfig {
     pub min_backoff_period: Duration,
     #[serde(with = "crate::duration::positive")]
     pub max_backoff_period: Duration,
-    /// Retries after the first attempt; 0 sends once.
+    /// Retries after the first attempt; 0 retries until the write succeeds or the agent
+    /// stops, as in Alloy's `pyroscope.write` (default 10).
     pub max_backoff_retries: u32,
 }
 

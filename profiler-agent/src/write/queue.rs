@@ -27,20 +27,22 @@ use crate::backoff::Backoff;
 const LOG_EVERY: Duration = Duration::from_secs(15);
 
 /// How a sink retries: `min..max` jittered exponential backoff, at most `max_retries`
-/// retries after the first attempt.
+/// retries after the first attempt (`None`: until it succeeds or the writer stops).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RetryPolicy {
     pub min_backoff: Duration,
     pub max_backoff: Duration,
-    pub max_retries: u32,
+    pub max_retries: Option<u32>,
 }
 
 impl RetryPolicy {
+    /// An endpoint's policy; `max_backoff_retries = 0` retries forever, as in Alloy's
+    /// `pyroscope.write`.
     pub fn from_endpoint(ep: &EndpointConfig) -> Self {
         Self {
             min_backoff: ep.min_backoff_period,
             max_backoff: ep.max_backoff_period,
-            max_retries: ep.max_backoff_retries,
+            max_retries: (ep.max_backoff_retries != 0).then_some(ep.max_backoff_retries),
         }
     }
 
@@ -48,7 +50,7 @@ impl RetryPolicy {
         Self {
             min_backoff: Duration::from_millis(500),
             max_backoff: Duration::from_millis(500),
-            max_retries: 0,
+            max_retries: Some(0),
         }
     }
 }
@@ -323,7 +325,7 @@ async fn send_with_retries(
                 retry_after,
                 cause,
             }) => {
-                if retries >= policy.max_retries {
+                if policy.max_retries.is_some_and(|max| retries >= max) {
                     if log.should_log(&format!("exhausted {}", cause_key(status, &cause))) {
                         tracing::warn!(endpoint = %name, ?status, %cause, retries,
                             profiles = unit.len(), "write failed after retries, dropping");

@@ -91,7 +91,7 @@ async fn a_hanging_endpoint_times_out_without_delaying_a_healthy_one() {
     let healthy = Receiver::start(always(200)).await;
     let mut slow = endpoint(&hung.url, Protocol::Push);
     slow.remote_timeout = Duration::from_millis(1500);
-    slow.max_backoff_retries = 0;
+    slow.max_backoff_retries = 1;
     let config = WriteConfig {
         endpoint: vec![slow, endpoint(&healthy.url, Protocol::Push)],
         ..Default::default()
@@ -111,8 +111,12 @@ async fn a_hanging_endpoint_times_out_without_delaying_a_healthy_one() {
         LONG,
     )
     .await;
-    assert_eq!(hung.count(), 1, "timed out, retries exhausted");
-    assert!(started.elapsed() >= Duration::from_millis(1500));
+    assert_eq!(
+        hung.count(),
+        2,
+        "timed out twice (one retry), retries exhausted"
+    );
+    assert!(started.elapsed() >= Duration::from_millis(3000));
     assert_eq!(metrics.sent_profiles(&healthy_name), 1);
     writer.shutdown(Duration::from_secs(1)).await;
 }
@@ -264,4 +268,30 @@ async fn the_directory_sink_writes_service_files_and_counts_errors() {
         1
     );
     assert_eq!(metrics.sent_profiles(DIRECTORY_ENDPOINT), 0);
+}
+
+/// `max_backoff_retries = 0` retries until the endpoint answers, as in Alloy's
+/// `pyroscope.write`: twelve failures (more than the default ten retries) and the profile
+/// still arrives, dropped nowhere.
+#[tokio::test]
+async fn zero_max_backoff_retries_retries_until_the_endpoint_recovers() {
+    const FAILURES: usize = 12;
+    let rx = Receiver::start(Arc::new(|n| {
+        Reply::Status(if n < FAILURES { 503 } else { 200 })
+    }))
+    .await;
+    let name = host_of(&rx.url);
+    let mut forever = endpoint(&rx.url, Protocol::Push);
+    forever.max_backoff_retries = 0;
+    forever.max_backoff_period = Duration::from_millis(20);
+    let (writer, metrics) = start(&one_endpoint(forever));
+    writer.submit(vec![series("web", 1)]);
+    wait_until(|| metrics.sent_profiles(&name) == 1, LONG).await;
+    assert_eq!(rx.count(), FAILURES + 1);
+    assert_eq!(metrics.retries(&name), FAILURES as u64);
+    assert_eq!(
+        metrics.dropped_profiles(&name, DropReason::RetriesExhausted),
+        0
+    );
+    writer.shutdown(Duration::from_secs(1)).await;
 }

@@ -208,7 +208,7 @@ async fn tls_without_the_ca_fails_unless_insecure_skip_verify() {
     let rx = Receiver::start_tls(always(200), &cert).await;
     let name = host_of(&rx.url);
     let mut strict = endpoint(&rx.url, Protocol::Push);
-    strict.max_backoff_retries = 0;
+    strict.max_backoff_retries = 1;
     let (writer, metrics) = start(&one_endpoint(strict.clone()));
     writer.submit(vec![series("web", 1)]);
     receiver::wait_until(
