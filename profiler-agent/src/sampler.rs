@@ -232,17 +232,31 @@ impl<S: StackSource, P: ProcessSource> Sampler<S, P> {
         &mut self,
         interval: Duration,
         deadline: Instant,
-        mut stop: impl FnMut() -> bool,
+        stop: impl FnMut() -> bool,
     ) -> Result<(), S::Error> {
+        self.run_until_with(interval, Some(deadline), stop, |_| {})
+    }
+
+    /// [`Sampler::run_until`] with no deadline when `None`, calling `drained` with the samples
+    /// gathered so far after each drain.
+    pub fn run_until_with(
+        &mut self,
+        interval: Duration,
+        deadline: Option<Instant>,
+        mut stop: impl FnMut() -> bool,
+        mut drained: impl FnMut(u64),
+    ) -> Result<(), S::Error> {
+        let before = |at: Instant| deadline.is_none_or(|d| at < d);
         let mut next = Instant::now() + interval;
-        while Instant::now() < deadline && !stop() {
-            let wake = next.min(deadline);
+        while before(Instant::now()) && !stop() {
+            let wake = deadline.map_or(next, |d| next.min(d));
             while Instant::now() < wake && !stop() {
                 std::thread::sleep((wake - Instant::now()).min(Duration::from_millis(50)));
             }
             if Instant::now() >= next {
                 self.drain()?;
                 next += interval;
+                drained(self.recording.total_samples());
             }
         }
         Ok(())
@@ -285,11 +299,6 @@ impl<S: StackSource, P: ProcessSource> Sampler<S, P> {
         self.recording.counters = self.source.counters()?;
         self.recording.unwind_tables = self.source.unwind_tables();
         Ok(self.recording)
-    }
-
-    /// Samples drained so far in the current interval.
-    pub fn samples_so_far(&self) -> u64 {
-        self.recording.total_samples()
     }
 
     pub fn source(&self) -> &S {

@@ -205,25 +205,19 @@ pub fn run(args: &RecordArgs) -> Result<Option<std::process::ExitStatus>, Record
     let deadline = duration.map(|d| Instant::now() + d);
     let progress = std::io::stderr().is_terminal();
     let started = Instant::now();
-    loop {
-        let stop = |launched: &mut Option<command::Launched>| {
-            STOP.load(Ordering::SeqCst) || launched.as_mut().is_some_and(|c| c.exited())
-        };
-        let now = Instant::now();
-        if stop(&mut launched) || deadline.is_some_and(|d| now >= d) {
-            break;
-        }
-        let until = (now + args.drain_interval)
-            .min(deadline.unwrap_or(Instant::now() + args.drain_interval));
-        sampler.run_until(args.drain_interval, until, || stop(&mut launched))?;
-        if progress {
-            eprint!(
-                "\r{:.1} s, {} samples",
-                started.elapsed().as_secs_f64(),
-                sampler.samples_so_far()
-            );
-        }
-    }
+    sampler.run_until_with(
+        args.drain_interval,
+        deadline,
+        || STOP.load(Ordering::SeqCst) || launched.as_mut().is_some_and(|c| c.exited()),
+        |samples| {
+            if progress {
+                eprint!(
+                    "\r{:.1} s, {samples} samples",
+                    started.elapsed().as_secs_f64()
+                );
+            }
+        },
+    )?;
     let recording = sampler.finish()?;
     if progress {
         eprintln!();
