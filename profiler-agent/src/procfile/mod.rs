@@ -277,6 +277,21 @@ impl ProcRoot {
     }
 }
 
+/// Where gdb and perf look first for the separate debug file of `build_id`, as a path inside a
+/// process's root: `/usr/lib/debug/.build-id/ab/cdef….debug`. `None` for an id too short to
+/// split.
+pub fn build_id_debug_path(build_id: &[u8]) -> Option<PathBuf> {
+    if build_id.len() < 2 {
+        return None;
+    }
+    let hex: String = build_id.iter().map(|b| format!("{b:02x}")).collect();
+    Some(PathBuf::from(format!(
+        "/usr/lib/debug/.build-id/{}/{}.debug",
+        &hex[..2],
+        &hex[2..]
+    )))
+}
+
 /// Opens a procfs magic link that must be followed, such as `/proc/PID/map_files/START-END`:
 /// the target must be a regular file of at most `max_size` bytes.
 pub fn open_magic_link(path: &Path, max_size: u64) -> Result<OpenedFile, ProcFileError> {

@@ -22,7 +22,7 @@ use super::{
     budget::{Limits, SymbolBudget},
     filedata::FileData,
 };
-use crate::procfile::{MAX_OBJECT_FILE_SIZE, ProcFileError, ProcRoot};
+use crate::procfile::{MAX_OBJECT_FILE_SIZE, ProcFileError, ProcRoot, build_id_debug_path};
 
 /// Bytes read from one file to find its build id, headers included.
 const BUILD_ID_READ_BUDGET: u64 = 2 << 20;
@@ -85,14 +85,7 @@ impl RootedDebugFinder {
 
     fn candidates(&self, build_id: Option<&[u8]>, debuglink: Option<&str>) -> Vec<PathBuf> {
         let mut out = Vec::new();
-        if let Some(id) = build_id.filter(|id| id.len() >= 2) {
-            let hex: String = id.iter().map(|b| format!("{b:02x}")).collect();
-            out.push(PathBuf::from(format!(
-                "/usr/lib/debug/.build-id/{}/{}.debug",
-                &hex[..2],
-                &hex[2..]
-            )));
-        }
+        out.extend(build_id.and_then(build_id_debug_path));
         // A debuglink is a bare file name; anything with a path separator is not trusted.
         if let Some(link) = debuglink.filter(|l| !l.is_empty() && !l.contains('/')) {
             let dir = self.binary.parent().unwrap_or(Path::new("/"));

@@ -42,12 +42,7 @@ impl FileTable {
         // Only executable segments: the mapping of a code segment starts at the page holding
         // its first byte, which the read-only segment before it often shares (lld lays them
         // out so), and the two do not have the same vaddr - offset.
-        let segments = object
-            .segments()
-            .filter(|s| {
-                matches!(s.flags(), object::SegmentFlags::Elf { p_flags }
-                    if p_flags & object::elf::PF_X != 0)
-            })
+        let segments = super::table::executable_segments(&object)
             .map(|s| {
                 let (offset, size) = s.file_range();
                 Segment {

@@ -22,7 +22,7 @@ use super::{
 };
 use crate::{
     process::{FileId, MappingKind, ProcessInfo},
-    procfile::{MAX_OBJECT_FILE_SIZE, ProcFileError, ProcRoot},
+    procfile::{MAX_OBJECT_FILE_SIZE, ProcFileError, ProcRoot, build_id_debug_path},
 };
 
 /// Where the loader writes: the kernel program's row array and mapping trie.
@@ -385,13 +385,9 @@ impl<S: TableSink> Loader<S> {
 /// The separate debug file of `build_id` inside process `pid`'s root, where gdb and perf
 /// look first: `/usr/lib/debug/.build-id/ab/cdef….debug`, opened through the safe layer.
 fn debug_file(proc: &Path, pid: u32, build_id: &[u8]) -> Option<File> {
-    if build_id.len() < 2 {
-        return None;
-    }
-    let hex: String = build_id.iter().map(|b| format!("{b:02x}")).collect();
-    let path = format!("/usr/lib/debug/.build-id/{}/{}.debug", &hex[..2], &hex[2..]);
+    let path = build_id_debug_path(build_id)?;
     let root = ProcRoot::of_pid(proc, pid).ok()?;
-    match root.open(Path::new(&path), MAX_OBJECT_FILE_SIZE) {
+    match root.open(&path, MAX_OBJECT_FILE_SIZE) {
         Ok(opened) => Some(opened.file),
         Err(ProcFileError::Open { source, .. })
             if source.kind() == std::io::ErrorKind::NotFound =>

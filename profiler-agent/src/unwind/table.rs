@@ -411,19 +411,13 @@ fn lay_out(collected: Collected, max_rows: usize) -> Result<UnwindTable, UnwindE
     // before the laid-out copy is allocated beside it.
     rows.shrink_to_fit();
     fdes.sort_unstable_by_key(|fde| (fde.start, fde.priority));
-    let mut counter = Merged::Count(0, None);
-    let (laid_fdes, overlapping) = visit(&fdes, &rows, &mut counter);
-    let Merged::Count(count, _) = counter else {
-        unreachable!("counting")
-    };
+    let mut count = 0;
+    let (laid_fdes, overlapping) = visit(&fdes, &rows, |_| count += 1);
     if count > max_rows {
         return Err(UnwindError::TooManyRows { limit: max_rows });
     }
-    let mut out = Merged::Rows(Vec::with_capacity(count));
-    visit(&fdes, &rows, &mut out);
-    let Merged::Rows(laid) = out else {
-        unreachable!("laying out")
-    };
+    let mut laid = Vec::with_capacity(count);
+    visit(&fdes, &rows, |row| laid.push(row));
     debug_assert_eq!(laid.len(), count);
     Ok(UnwindTable {
         rows: laid,
@@ -434,53 +428,36 @@ fn lay_out(collected: Collected, max_rows: usize) -> Result<UnwindTable, UnwindE
     })
 }
 
-/// Where [`visit`] puts the laid-out rows: counted (with the last row, to merge against), or
-/// stored.
-enum Merged {
-    Count(usize, Option<UnwindRow>),
-    Rows(Vec<UnwindRow>),
-}
-
-impl Merged {
-    fn push(&mut self, row: UnwindRow) {
-        match self {
-            Merged::Count(n, last) => {
-                if !last.is_some_and(|last| same_rules(&last, &row)) {
-                    *n += 1;
-                    *last = Some(row);
-                }
-            }
-            Merged::Rows(rows) => {
-                if !rows.last().is_some_and(|last| same_rules(last, &row)) {
-                    rows.push(row);
-                }
-            }
-        }
-    }
-}
-
-/// Walks the sorted FDEs, pushing each one's rows and the "no information" rows between
-/// them; returns (FDEs laid out, FDEs left out as overlapping).
-fn visit(fdes: &[Fde], rows: &[UnwindRow], out: &mut Merged) -> (usize, usize) {
+/// Walks the sorted FDEs, handing `emit` each one's rows and the "no information" rows
+/// between them, a row equal in rules to the one before left out; returns (FDEs laid out,
+/// FDEs left out as overlapping).
+fn visit(fdes: &[Fde], rows: &[UnwindRow], mut emit: impl FnMut(UnwindRow)) -> (usize, usize) {
     let (mut laid, mut overlapping) = (0, 0);
     let mut covered_to: Option<u32> = None;
+    let mut last: Option<UnwindRow> = None;
+    let mut push = |row: UnwindRow| {
+        if !last.is_some_and(|last| same_rules(&last, &row)) {
+            emit(row);
+            last = Some(row);
+        }
+    };
     for fde in fdes {
         match covered_to {
             Some(end) if fde.start < end => {
                 overlapping += 1;
                 continue;
             }
-            Some(end) if fde.start > end => out.push(no_info(end)),
+            Some(end) if fde.start > end => push(no_info(end)),
             _ => {}
         }
         for row in &rows[fde.rows.start as usize..fde.rows.end as usize] {
-            out.push(*row);
+            push(*row);
         }
         laid += 1;
         covered_to = Some(fde.end);
     }
     if let Some(end) = covered_to {
-        out.push(no_info(end));
+        push(no_info(end));
     }
     (laid, overlapping)
 }
@@ -498,14 +475,20 @@ fn same_rules(a: &UnwindRow, b: &UnwindRow) -> bool {
     UnwindRow { pc: 0, ..*a } == UnwindRow { pc: 0, ..*b }
 }
 
+/// The file's executable loadable segments.
+pub(super) fn executable_segments<'d, 'f, R: object::ReadRef<'d>>(
+    file: &'f object::File<'d, R>,
+) -> impl Iterator<Item = object::Segment<'d, 'f, R>> {
+    file.segments().filter(|s| {
+        matches!(s.flags(), object::SegmentFlags::Elf { p_flags }
+            if p_flags & object::elf::PF_X != 0)
+    })
+}
+
 /// The lowest address of the file's executable segments: rows are relative to it. 0 for a
 /// file without segments (a relocatable object), whose code starts at 0.
 fn text_base<'d, R: object::ReadRef<'d>>(file: &object::File<'d, R>) -> u64 {
-    file.segments()
-        .filter(|s| {
-            matches!(s.flags(), object::SegmentFlags::Elf { p_flags }
-                if p_flags & object::elf::PF_X != 0)
-        })
+    executable_segments(file)
         .map(|s| s.address())
         .min()
         .unwrap_or(0)

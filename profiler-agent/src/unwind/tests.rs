@@ -231,16 +231,18 @@ fn matches_readelf_on_a_fixture_without_frame_pointers() {
     assert_eq!(table.row_for(0), None);
 }
 
+/// Code with frame information in `.debug_frame` only (crt files keep their `.eh_frame`).
+const DEBUG_FRAME_ONLY: [&str; 4] = [
+    "-O2",
+    "-g",
+    "-fomit-frame-pointer",
+    "-fno-asynchronous-unwind-tables",
+];
+
 #[test]
 fn debug_frame_is_read_when_there_is_no_eh_frame_entry() {
     let dir = tempfile::tempdir().unwrap();
-    let flags = [
-        "-O2",
-        "-g",
-        "-fomit-frame-pointer",
-        "-fno-asynchronous-unwind-tables",
-    ];
-    let binary = compile(dir.path(), "debugframe", &flags);
+    let binary = compile(dir.path(), "debugframe", &DEBUG_FRAME_ONLY);
     let table = build(&binary);
     let fdes = readelf(&binary);
     let (checked, _) = compare(&table, &fdes, ".debug_frame");
@@ -261,13 +263,7 @@ fn run(program: &str, args: &[&std::ffi::OsStr]) {
 #[test]
 fn debug_frame_of_a_separate_debug_file_is_merged() {
     let dir = tempfile::tempdir().unwrap();
-    let flags = [
-        "-O2",
-        "-g",
-        "-fomit-frame-pointer",
-        "-fno-asynchronous-unwind-tables",
-        "-Wl,--build-id",
-    ];
+    let flags = [&DEBUG_FRAME_ONLY[..], &["-Wl,--build-id"]].concat();
     let binary = compile(dir.path(), "split", &flags);
     let debug = dir.path().join("split.debug");
     run(
