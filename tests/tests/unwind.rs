@@ -212,28 +212,27 @@ fn failing(stacks: &[Stack], full: impl Fn(&[Frame]) -> bool) -> String {
 
 const LIBRARY_CHAIN: [&str; 6] = ["uw_e", "uw_d", "uw_c", "uw_b", "uw_a", "main"];
 
-#[test]
-fn c_chain_through_a_shared_library_pie() {
-    if !can_run("c_chain_through_a_shared_library_pie") {
+/// The C chain through libchain.so, built as a PIE or not.
+fn c_chain_through_a_shared_library(test: &str, pie: bool) {
+    if !can_run(test) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let binary = c_through_library(dir.path(), true);
-    assert_full_chains("C PIE through libchain.so", &binary, &[], |f| {
+    let binary = c_through_library(dir.path(), pie);
+    let what = if pie { "C PIE" } else { "C non-PIE" };
+    assert_full_chains(&format!("{what} through libchain.so"), &binary, &[], |f| {
         follows_to_entry(f, &LIBRARY_CHAIN, &[0])
     });
 }
 
 #[test]
+fn c_chain_through_a_shared_library_pie() {
+    c_chain_through_a_shared_library("c_chain_through_a_shared_library_pie", true);
+}
+
+#[test]
 fn c_chain_through_a_shared_library_non_pie() {
-    if !can_run("c_chain_through_a_shared_library_non_pie") {
-        return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let binary = c_through_library(dir.path(), false);
-    assert_full_chains("C non-PIE through libchain.so", &binary, &[], |f| {
-        follows_to_entry(f, &LIBRARY_CHAIN, &[0])
-    });
+    c_chain_through_a_shared_library("c_chain_through_a_shared_library_non_pie", false);
 }
 
 #[test]

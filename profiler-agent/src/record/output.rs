@@ -57,17 +57,18 @@ impl OutputFormat {
 /// replaced.
 pub fn outputs(output: &Path, formats: &[OutputFormat]) -> Vec<(OutputFormat, PathBuf)> {
     let named = OutputFormat::of_path(output);
-    let mut wanted: Vec<OutputFormat> = if formats.is_empty() {
-        vec![named]
+    let only = [named];
+    let requested = if formats.is_empty() {
+        &only[..]
     } else {
-        formats.to_vec()
+        formats
     };
-    let mut seen = Vec::new();
-    wanted.retain(|f| {
-        let new = !seen.contains(f);
-        seen.push(*f);
-        new
-    });
+    let mut wanted = Vec::new();
+    for format in requested {
+        if !wanted.contains(format) {
+            wanted.push(*format);
+        }
+    }
     wanted
         .into_iter()
         .map(|format| {
