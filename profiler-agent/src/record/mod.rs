@@ -174,7 +174,7 @@ pub fn run(args: &RecordArgs) -> Result<Option<std::process::ExitStatus>, Record
         })?;
     let kernel_memory = opened.kernel_memory_bytes;
     let mut sampler = opened.sampler;
-    let _early_snapshots = opened.early_snapshots;
+    let early_snapshots = opened.early_snapshots;
     let duration = match (&launched, args.duration) {
         (_, Some(duration)) => Some(duration),
         (Some(_), None) => None,
@@ -219,6 +219,9 @@ pub fn run(args: &RecordArgs) -> Result<Option<std::process::ExitStatus>, Record
         },
     )?;
     let recording = sampler.finish()?;
+    // Sampling is over: no more unwind tables to load. Stopping the early-snapshot thread now
+    // keeps a table it would build (megabytes for a big binary) from adding to naming's peak.
+    drop(early_snapshots);
     if progress {
         eprintln!();
     }
