@@ -12,12 +12,12 @@
 //! peak RSS (including its reaped descendants), the same numbers `/usr/bin/time -v` prints.
 use std::{
     io,
-    os::unix::process::{CommandExt as _, ExitStatusExt as _},
-    process::{Command, ExitStatus},
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
+    os::{
+        fd::{AsRawFd as _, FromRawFd as _, OwnedFd, RawFd},
+        unix::process::{CommandExt as _, ExitStatusExt as _},
     },
+    process::{Command, ExitStatus},
+    sync::atomic::{AtomicBool, AtomicI32, Ordering},
     thread,
     time::{Duration, Instant},
 };
@@ -27,13 +27,27 @@ use anyhow::{Context as _, Result, bail};
 use crate::util::display;
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+/// The write end is written by the signal handler, so that a `poll` on the read end wakes.
+static INTERRUPT_PIPE: AtomicI32 = AtomicI32::new(-1);
+static INTERRUPT_PIPE_WRITE: AtomicI32 = AtomicI32::new(-1);
 
 extern "C" fn on_signal(_: libc::c_int) {
     INTERRUPTED.store(true, Ordering::SeqCst);
+    let fd = INTERRUPT_PIPE_WRITE.load(Ordering::SeqCst);
+    if fd >= 0 {
+        // SAFETY: write is async-signal-safe; the byte is valid for the call.
+        unsafe { libc::write(fd, [1u8].as_ptr().cast(), 1) };
+    }
 }
 
 /// Makes SIGINT and SIGTERM set a flag instead of killing xtask, so children get cleaned up.
 pub fn install_interrupt_handler() {
+    let mut fds = [-1; 2];
+    // SAFETY: `fds` is valid for two descriptors.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) } == 0 {
+        INTERRUPT_PIPE.store(fds[0], Ordering::SeqCst);
+        INTERRUPT_PIPE_WRITE.store(fds[1], Ordering::SeqCst);
+    }
     let handler = on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
     // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
     unsafe {
@@ -153,49 +167,54 @@ impl Child {
         }
     }
 
-    /// Like [`Child::wait`], but off the CPU while the child runs: one blocking `wait4`, and a
-    /// watchdog thread that wakes once a second to kill the child's group on timeout or
-    /// Ctrl-C. For benchmarks that sample the whole host: [`Child::wait`]'s 100 wake-ups a
-    /// second get xtask itself sampled, and xtask is a debug build whose 20 MiB of DWARF a
-    /// profiler then reads to name those few samples.
+    /// Like [`Child::wait`], but off the CPU while the child runs: xtask sleeps in one
+    /// `poll` on the child's pidfd and the interrupt pipe, with the timeout as its own, and
+    /// wakes only when the child exits, on Ctrl-C or at the timeout. For benchmarks that
+    /// sample the whole host: any wake-up of xtask while a profiler samples can get it
+    /// sampled, and xtask is a debug build whose 20 MiB of DWARF a profiler then reads to
+    /// name those few samples (a watchdog that woke once a second did, in one run of five).
     pub fn wait_quietly(&mut self, timeout: Duration) -> Result<Exit> {
-        let done = Arc::new(AtomicBool::new(false));
-        let watchdog = {
-            let (done, pid, started) = (done.clone(), self.pid, self.started);
-            thread::spawn(move || {
-                loop {
-                    thread::sleep(Duration::from_secs(1));
-                    if done.load(Ordering::SeqCst) {
-                        return false;
-                    }
-                    if INTERRUPTED.load(Ordering::SeqCst) || started.elapsed() > timeout {
-                        // SAFETY: as in `signal`; the group is not reaped while `done` is false.
-                        unsafe { libc::kill(-pid, libc::SIGKILL) };
-                        return true;
-                    }
-                }
-            })
-        };
-        let exit = loop {
-            let mut status = 0;
-            // SAFETY: rusage is plain old data; all-zero is a valid value.
-            let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-            // SAFETY: both pointers are valid for writes for the duration of the call.
-            let ret = unsafe { libc::wait4(self.pid, &mut status, 0, &mut usage) };
-            if ret == self.pid {
-                break Ok(self.reaped(status, &usage));
-            }
-            let err = io::Error::last_os_error();
-            if ret == -1 && err.kind() != io::ErrorKind::Interrupted {
-                break Err(err).with_context(|| format!("waiting for {}", self.name));
-            }
-        };
-        done.store(true, Ordering::SeqCst);
-        if watchdog.join().unwrap_or(false) {
-            check_interrupted()?;
-            bail!("{} still running after {timeout:?}; killed it", self.name);
+        // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
+        let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, self.pid, 0) };
+        if pidfd < 0 {
+            return Err(io::Error::last_os_error())
+                .with_context(|| format!("pidfd_open for {}", self.name));
         }
-        exit
+        // SAFETY: pidfd_open returned a new descriptor that nothing else owns.
+        let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd as RawFd) };
+        let deadline = self.started + timeout;
+        loop {
+            let mut fds = [
+                libc::pollfd {
+                    fd: pidfd.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+                libc::pollfd {
+                    fd: INTERRUPT_PIPE.load(Ordering::SeqCst),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+            ];
+            let left = deadline.saturating_duration_since(Instant::now());
+            let millis = libc::c_int::try_from(left.as_millis()).unwrap_or(libc::c_int::MAX);
+            // SAFETY: `fds` is valid for the call; a negative fd (no pipe) is ignored by poll.
+            let ret = unsafe { libc::poll(fds.as_mut_ptr(), 2, millis) };
+            if ret == -1 {
+                let err = io::Error::last_os_error();
+                if err.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(err).with_context(|| format!("waiting for {}", self.name));
+            }
+            if fds[0].revents != 0 {
+                return self.wait(timeout);
+            }
+            check_interrupted()?;
+            if Instant::now() >= deadline {
+                bail!("{} still running after {timeout:?}; killed it", self.name);
+            }
+        }
     }
 
     /// The child's exit and resource usage, now that it is reaped.
