@@ -37,10 +37,10 @@ pub struct RootedDebugFinder {
     root: OnceCell<Option<ProcRoot>>,
     /// The binary's path as the process sees it.
     binary: PathBuf,
-    /// Where to look by build id when the process's root is gone (it exited before its
-    /// frames were named): the host's root. Only a debug file carrying the same build id is
-    /// taken from there.
-    fallback: Option<PathBuf>,
+    /// Where to look by build id, in order, when the process's root is gone (it exited
+    /// before its frames were named): the host's root, the agent's own. Only a debug file
+    /// carrying the same build id is taken from there.
+    fallbacks: Vec<PathBuf>,
 }
 
 impl RootedDebugFinder {
@@ -49,15 +49,16 @@ impl RootedDebugFinder {
             root_path: root.into(),
             root: OnceCell::new(),
             binary: binary.into(),
-            fallback: None,
+            fallbacks: Vec::new(),
         }
     }
 
-    /// Looks in `root` by build id when the process's own root cannot be opened. Without
-    /// this, a binary first named after its process exited (a short-lived `gzip` in a loop)
-    /// would be loaded without its debug file, and stay so in the cache for every process.
+    /// Looks in `root` by build id when the process's own root cannot be opened (after the
+    /// roots given before). Without this, a binary first named after its process exited (a
+    /// short-lived `gzip` in a loop) would be loaded without its debug file, and stay so in
+    /// the cache for every process.
     pub fn with_fallback(mut self, root: impl Into<PathBuf>) -> Self {
-        self.fallback = Some(root.into());
+        self.fallbacks.push(root.into());
         self
     }
 
@@ -67,7 +68,7 @@ impl RootedDebugFinder {
             root_path: root.path().to_owned(),
             root: OnceCell::from(Some(root)),
             binary: binary.into(),
-            fallback: None,
+            fallbacks: Vec::new(),
         }
     }
 
@@ -132,12 +133,17 @@ impl DebugFileFinder for RootedDebugFinder {
 }
 
 impl RootedDebugFinder {
-    /// The build-id candidate in the fallback root, taken only with that very build id.
+    /// The build-id candidate in the first fallback root that has it with that very build
+    /// id. A root may be refused (`/proc/1/root` in a sandbox whose init is not ours).
     fn find_in_fallback(&self, build_id: &[u8]) -> Option<File> {
-        let root = ProcRoot::new(self.fallback.as_ref()?).ok()?;
         let candidate = self.candidates(Some(build_id), None).into_iter().next()?;
-        let file = root.open(&candidate, MAX_OBJECT_FILE_SIZE).ok()?.file;
-        (read_build_id(&file) == BuildId::Found(build_id.to_vec())).then_some(file)
+        self.fallbacks.iter().find_map(|path| {
+            let root = ProcRoot::new(path)
+                .inspect_err(|error| tracing::debug!(%error, "fallback root not openable"))
+                .ok()?;
+            let file = root.open(&candidate, MAX_OBJECT_FILE_SIZE).ok()?.file;
+            (read_build_id(&file) == BuildId::Found(build_id.to_vec())).then_some(file)
+        })
     }
 }
 
@@ -362,10 +368,13 @@ mod tests {
         let gone = host.path().join("no-such-process/root");
         let mut f = RootedDebugFinder::new(&gone, "/usr/bin/app");
         assert!(f.find(Some(&id), None).is_none(), "no fallback, nothing");
-        let mut f = RootedDebugFinder::new(&gone, "/usr/bin/app").with_fallback(host.path());
+        // A fallback that cannot be opened (a refused `/proc/1/root`) passes to the next.
+        let mut f = RootedDebugFinder::new(&gone, "/usr/bin/app")
+            .with_fallback(host.path().join("refused"))
+            .with_fallback(host.path());
         assert!(
             f.find(Some(&id), None).is_some(),
-            "found by build id in the fallback"
+            "found by build id in the second fallback"
         );
         // Only with that very build id: the file at another id's path is not taken.
         let mut other = id.clone();

@@ -67,7 +67,8 @@ impl NativeSource {
         }
         let root = self.proc_root.join(format!("{}/root", process.pid));
         let mut finder = RootedDebugFinder::new(root, &mapping.path)
-            .with_fallback(self.proc_root.join("1/root"));
+            .with_fallback(self.proc_root.join("1/root"))
+            .with_fallback(self.proc_root.join("self/root"));
         match Binary::load_with(file, &mut finder, &self.budget) {
             Ok(binary) => {
                 let binary = Rc::new(binary.with_demangle(self.demangle));
