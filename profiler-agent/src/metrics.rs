@@ -112,6 +112,10 @@ pub struct AgentMetrics {
     pub unwind_processes: Gauge,
     /// Samples of processes that matched no target (dropped when `targets_only`).
     pub samples_untargeted: Counter,
+    /// Samples of processes no process scan listed, given their target at the drain.
+    pub samples_named_at_drain: Counter,
+    /// Samples that went to the default target (`ebpf/unspecified` unless configured).
+    pub samples_default_target: Counter,
     /// On-demand and triggered captures by cause and outcome.
     pub captures: Family<CaptureLabels, Counter>,
     /// Threshold triggers fired, by cause (`cpu`, `memory`).
@@ -156,6 +160,8 @@ impl AgentMetrics {
             unwind_table_memory: Gauge::default(),
             unwind_processes: Gauge::default(),
             samples_untargeted: Counter::default(),
+            samples_named_at_drain: Counter::default(),
+            samples_default_target: Counter::default(),
             captures: Family::default(),
             triggers_fired: Family::default(),
             capture_thread_limit: Family::default(),
@@ -256,6 +262,16 @@ impl AgentMetrics {
             "profiler_samples_untargeted",
             "Samples of processes that matched no target",
             m.samples_untargeted.clone(),
+        );
+        r.register(
+            "profiler_samples_named_at_drain",
+            "Samples of processes no process scan listed, given their target at the drain",
+            m.samples_named_at_drain.clone(),
+        );
+        r.register(
+            "profiler_samples_default_target",
+            "Samples that went to the default target (ebpf/unspecified unless configured)",
+            m.samples_default_target.clone(),
         );
         r.register(
             "profiler_symbolize_frames_known",

@@ -7,13 +7,16 @@
 //!
 //! A target's series labels are its labels without the `__`-prefixed ones, plus
 //! `service_name` inferred when absent. Resolution is a lookup in the current set, so a
-//! process seen before its target appeared is matched as soon as the set is rebuilt.
+//! process seen before its target appeared is matched as soon as the set is rebuilt. A
+//! process that started and ended between two scans of a per-process provider is given its
+//! target at the drain by [`LateTargets`], from what the agent knows of it.
 
-use std::{collections::HashMap, sync::Arc};
+use std::{collections::HashMap, fmt::Debug, sync::Arc};
 
 // Re-exported for the modules that still import them from here.
 use crate::labels::is_valid_label_name;
 use crate::labels::{Labels, SERVICE_NAME};
+use crate::process::ProcessInfo;
 
 pub const PROCESS_PID: &str = "__process_pid__";
 pub const CONTAINER_ID: &str = "__container_id__";
@@ -85,6 +88,14 @@ pub enum TargetError {
     InvalidPid { value: String },
 }
 
+/// The label set a per-process provider (process discovery) would have published for a
+/// process its last scan did not list, after relabeling: how a process that lived less than
+/// one scan period is named at the drain. Implemented by `discovery::process`.
+pub trait LateTargets: Debug + Send + Sync {
+    /// `process`'s relabeled labels, or `None` when the rules drop it.
+    fn labels_of(&self, process: &ProcessInfo) -> Option<Labels>;
+}
+
 /// The current targets, indexed for resolution.
 #[derive(Debug, Default)]
 pub struct TargetSet {
@@ -92,6 +103,20 @@ pub struct TargetSet {
     by_container: HashMap<String, Arc<Target>>,
     default: Option<Arc<Target>>,
     active: usize,
+    late: Option<Arc<dyn LateTargets>>,
+}
+
+/// How [`TargetSet::resolve_process`] found a process's target.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Resolution {
+    /// A discovered target: the process's own, or its container's.
+    Listed,
+    /// Labels made at the drain by [`LateTargets`] for a process no scan listed.
+    Late,
+    /// The default target (`targets_only = false`).
+    Default,
+    /// None: the samples are dropped.
+    Untargeted,
 }
 
 impl TargetSet {
@@ -129,6 +154,44 @@ impl TargetSet {
             set.default = Some(Arc::new(Target::from_discovered(&labels)));
         }
         (set, rejected)
+    }
+
+    /// Also names processes the last scan did not list, with `late`.
+    pub fn with_late(mut self, late: Option<Arc<dyn LateTargets>>) -> Self {
+        self.late = late;
+        self
+    }
+
+    /// The target of a process known by its snapshot: its pid target, else one made now by
+    /// [`LateTargets`] when the set has them and the rules keep the process, else its
+    /// container's, else the default.
+    pub fn resolve_process(
+        &self,
+        pid: u32,
+        process: Option<&ProcessInfo>,
+    ) -> (Option<Arc<Target>>, Resolution) {
+        if let Some(target) = self.by_pid.get(&pid) {
+            return (Some(target.clone()), Resolution::Listed);
+        }
+        let late = self.late.as_ref().zip(process).and_then(|(late, process)| {
+            // As the scan's set would have it: a pid target when the rules keep it.
+            let labels = late.labels_of(process)?;
+            validate(&labels).ok()?;
+            labels
+                .contains_key(PROCESS_PID)
+                .then(|| Arc::new(Target::from_discovered(&labels)))
+        });
+        if let Some(target) = late {
+            return (Some(target), Resolution::Late);
+        }
+        let container = process.and_then(|p| p.container_id.as_deref());
+        match container.and_then(|id| self.by_container.get(id)) {
+            Some(target) => (Some(target.clone()), Resolution::Listed),
+            None => match &self.default {
+                Some(target) => (Some(target.clone()), Resolution::Default),
+                None => (None, Resolution::Untargeted),
+            },
+        }
     }
 
     /// The target of a process: its pid target, else its container's, else the default.

@@ -292,6 +292,8 @@ fn the_embedded_default_names_processes() {
         .and_then(|l| l.get("service_name").cloned()),
         Some("old-tool".to_owned())
     );
+    // Without an executable (gone before the agent read it), its comm.
+    assert_eq!(name("", "cc1"), named("cc1"));
     // A process in a container is its container target's.
     let mut in_container: crate::labels::Labels = [(process::EXE, "/usr/bin/gzip")]
         .into_iter()

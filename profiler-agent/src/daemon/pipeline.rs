@@ -276,6 +276,8 @@ impl Worker {
         let interval =
             interval::build(recording, &targets, &mut self.sources, &self.settings.build);
         metrics.samples_untargeted.inc_by(interval.untargeted);
+        metrics.samples_named_at_drain.inc_by(interval.named_late);
+        metrics.samples_default_target.inc_by(interval.defaulted);
         let mut batch = Vec::with_capacity(interval.profiles.len());
         let mut latest = Vec::with_capacity(interval.profiles.len());
         for p in &interval.profiles {

@@ -28,14 +28,14 @@ use super::{
     DiscoveryConfig, Provider,
     docker::DockerDiscovery,
     kubernetes::{KubernetesError, PodDiscovery},
-    process::ProcessDiscovery,
+    process::{ProcessDiscovery, SnapshotTargets},
     relabel::{self, RelabelConfig},
     static_targets::StaticTargets,
 };
 use crate::{
     labels::Labels,
     metrics::{AgentMetrics, ProviderLabel},
-    targets::{TargetOptions, TargetSet},
+    targets::{LateTargets, TargetOptions, TargetSet},
 };
 
 /// Longest wait for every provider's first answer before the first set is built anyway.
@@ -100,6 +100,9 @@ impl Discovery {
         ready: Arc<watch::Sender<bool>>,
         metrics: Arc<AgentMetrics>,
     ) -> Self {
+        let late = providers.iter().any(|p| p.lists_every_process()).then(|| {
+            Arc::new(SnapshotTargets::new("/proc", relabel.clone())) as Arc<dyn LateTargets>
+        });
         let (updates_tx, updates_rx) = mpsc::channel::<Update>(16);
         let mut sources = Vec::with_capacity(providers.len());
         let mut tasks = Vec::with_capacity(2 * providers.len() + 1);
@@ -119,6 +122,7 @@ impl Discovery {
             sources,
             relabel,
             options,
+            late,
             metrics,
             errors_seen: Vec::new(),
             logged: HashSet::new(),
@@ -142,6 +146,8 @@ struct Combiner {
     current: Vec<Vec<Labels>>,
     relabel: Vec<RelabelConfig>,
     options: TargetOptions,
+    /// Set when a provider lists every process: names the processes its scans missed.
+    late: Option<Arc<dyn LateTargets>>,
     metrics: Arc<AgentMetrics>,
     errors_seen: Vec<u64>,
     /// Rejections already logged, so a bad target warns once, not once per rebuild.
@@ -226,6 +232,7 @@ impl Combiner {
             .filter_map(|labels| relabel::process(labels.clone(), &self.relabel))
             .collect();
         let (set, rejected) = TargetSet::new(&relabeled, &self.options);
+        let set = set.with_late(self.late.clone());
         self.metrics.targets_rejected.inc_by(rejected.len() as u64);
         for error in rejected {
             let message = error.to_string();

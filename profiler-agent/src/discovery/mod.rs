@@ -46,4 +46,11 @@ pub trait Provider: Send + 'static {
     /// receiver of `tx` is dropped. Never gives up on a failure: it counts it in
     /// [`Provider::errors`], keeps its last good set published and retries.
     fn run(self: Box<Self>, tx: watch::Sender<Vec<Labels>>) -> BoxFuture<'static, ()>;
+
+    /// True for a provider that lists every process (process scans): a process that lived
+    /// between two of its scans is then given at the drain the target the scan would have
+    /// given it (`process::SnapshotTargets`).
+    fn lists_every_process(&self) -> bool {
+        false
+    }
 }

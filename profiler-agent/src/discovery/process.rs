@@ -6,17 +6,30 @@
 //! select or name it. Processes that vanish
 //! mid-read are skipped: the next scan is a fresh one. [`ProcessDiscovery`] is the provider:
 //! a fresh [`scan`] of /proc every `refresh_interval`, off the async threads.
+//!
+//! A process that starts and ends between two scans is never listed. [`SnapshotTargets`]
+//! gives it, at the drain, the labels a scan would have: read from /proc while it still
+//! runs, else from the agent's snapshot of it (executable, comm, container), relabeled by
+//! the same rules.
 
-use std::{collections::HashMap, path::Path, time::Duration};
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use futures_util::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use super::Provider;
+use super::{
+    Provider,
+    relabel::{self, RelabelConfig},
+};
 use crate::{
     labels::Labels,
-    process::{cgroup, procfs},
+    process::{ProcessInfo, cgroup, procfs},
+    targets::{CONTAINER_ID, LateTargets, PROCESS_PID},
 };
 
 pub const EXE: &str = "__meta_process_exe";
@@ -61,6 +74,61 @@ impl Provider for ProcessDiscovery {
     fn run(self: Box<Self>, tx: watch::Sender<Vec<Labels>>) -> BoxFuture<'static, ()> {
         Box::pin(scan_every(self.period, tx))
     }
+
+    fn lists_every_process(&self) -> bool {
+        true
+    }
+}
+
+/// Labels for processes no scan listed, as [`scan`] would have made them, relabeled.
+#[derive(Debug)]
+pub struct SnapshotTargets {
+    proc_root: PathBuf,
+    relabel: Vec<RelabelConfig>,
+    users: HashMap<u32, String>,
+}
+
+impl SnapshotTargets {
+    pub fn new(proc_root: impl Into<PathBuf>, relabel: Vec<RelabelConfig>) -> Self {
+        let proc_root = proc_root.into();
+        let users = read_users(&proc_root);
+        Self {
+            proc_root,
+            relabel,
+            users,
+        }
+    }
+
+    /// What a scan would list for `process`: /proc's labels while the same executable still
+    /// runs under its pid, else those the snapshot holds.
+    fn discovered(&self, process: &ProcessInfo) -> Labels {
+        if let Some(labels) = process_labels(&self.proc_root, process.pid, &self.users)
+            && process
+                .exe
+                .as_ref()
+                .is_none_or(|exe| labels.get(EXE) == Some(&exe.display().to_string()))
+        {
+            return labels;
+        }
+        let mut labels = Labels::new();
+        labels.insert(PROCESS_PID.into(), process.pid.to_string());
+        if let Some(exe) = &process.exe {
+            labels.insert(EXE.into(), exe.display().to_string());
+        }
+        if !process.comm.is_empty() {
+            labels.insert(COMM.into(), process.comm.clone());
+        }
+        if let Some(id) = &process.container_id {
+            labels.insert(CONTAINER_ID.into(), id.clone());
+        }
+        labels
+    }
+}
+
+impl LateTargets for SnapshotTargets {
+    fn labels_of(&self, process: &ProcessInfo) -> Option<Labels> {
+        relabel::process(self.discovered(process), &self.relabel)
+    }
 }
 
 async fn scan_every(period: Duration, tx: watch::Sender<Vec<Labels>>) {
@@ -84,18 +152,20 @@ async fn scan_every(period: Duration, tx: watch::Sender<Vec<Labels>>) {
 
 /// One scan of `proc_root` (normally /proc). Kernel threads (no executable) are left out.
 pub fn scan(proc_root: &Path) -> Vec<Labels> {
-    let users = host_passwd(proc_root)
-        .or_else(|| std::fs::read_to_string("/etc/passwd").ok())
-        .map(|text| users(&text))
-        .unwrap_or_default();
+    let users = read_users(proc_root);
     let mut targets: Vec<Labels> = procfs::pids(proc_root)
         .filter_map(|pid| process_labels(proc_root, pid, &users))
         .collect();
-    targets.sort_by(|a, b| {
-        a.get(crate::targets::PROCESS_PID)
-            .cmp(&b.get(crate::targets::PROCESS_PID))
-    });
+    targets.sort_by(|a, b| a.get(PROCESS_PID).cmp(&b.get(PROCESS_PID)));
     targets
+}
+
+/// uid -> user name, from the host's passwd file, else the agent's own.
+fn read_users(proc_root: &Path) -> HashMap<u32, String> {
+    host_passwd(proc_root)
+        .or_else(|| std::fs::read_to_string("/etc/passwd").ok())
+        .map(|text| users(&text))
+        .unwrap_or_default()
 }
 
 fn process_labels(proc_root: &Path, pid: u32, users: &HashMap<u32, String>) -> Option<Labels> {
@@ -118,7 +188,7 @@ fn process_labels(proc_root: &Path, pid: u32, users: &HashMap<u32, String>) -> O
         .parse()
         .ok()?;
     let mut labels = Labels::new();
-    labels.insert(crate::targets::PROCESS_PID.into(), pid.to_string());
+    labels.insert(PROCESS_PID.into(), pid.to_string());
     labels.insert(EXE.into(), exe.display().to_string());
     labels.insert(COMMANDLINE.into(), commandline);
     if let Ok(comm) = std::fs::read_to_string(dir.join("comm")) {
@@ -132,7 +202,7 @@ fn process_labels(proc_root: &Path, pid: u32, users: &HashMap<u32, String>) -> O
         .ok()
         .and_then(|t| cgroup::container_id(&t))
     {
-        labels.insert(crate::targets::CONTAINER_ID.into(), id);
+        labels.insert(CONTAINER_ID.into(), id);
     }
     Some(labels)
 }
@@ -166,7 +236,6 @@ fn users(passwd: &str) -> HashMap<u32, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::targets::PROCESS_PID;
 
     #[test]
     fn finds_this_process_with_its_exe_and_user() {
@@ -217,6 +286,60 @@ mod tests {
             None,
             "a FIFO is refused, not waited on"
         );
+    }
+
+    #[test]
+    fn a_process_no_scan_listed_is_labeled_as_a_scan_would_from_proc_or_its_snapshot() {
+        let rules = crate::config::AgentConfig::embedded_default().relabel;
+        // Still running: /proc's labels, the same as a scan's, relabeled.
+        let live = SnapshotTargets::new("/proc", Vec::new());
+        let me = ProcessInfo {
+            exe: std::env::current_exe().ok(),
+            ..ProcessInfo::unknown(std::process::id(), "whatever")
+        };
+        let scanned = scan(Path::new("/proc"))
+            .into_iter()
+            .find(|t| t[PROCESS_PID] == std::process::id().to_string())
+            .unwrap();
+        let mut got = live.labels_of(&me).unwrap();
+        // The comm of a test thread may differ between the two reads.
+        got.remove(COMM);
+        let mut want = scanned;
+        want.remove(COMM);
+        assert_eq!(got, want);
+
+        // Gone: from the snapshot, by the embedded default's rules.
+        let empty = tempfile::tempdir().unwrap();
+        let gone = SnapshotTargets::new(empty.path(), rules);
+        let service = |exe: Option<&str>, comm: &str, container: Option<&str>| {
+            let process = ProcessInfo {
+                exe: exe.map(PathBuf::from),
+                container_id: container.map(str::to_owned),
+                ..ProcessInfo::unknown(4242, comm)
+            };
+            gone.labels_of(&process)
+                .map(|l| (l[PROCESS_PID].clone(), l.get("service_name").cloned()))
+        };
+        let named = |s: &str| Some(("4242".to_owned(), Some(s.to_owned())));
+        assert_eq!(
+            service(
+                Some("/usr/libexec/gcc/x86_64-linux-gnu/12/cc1"),
+                "cc1",
+                None
+            ),
+            named("cc1")
+        );
+        assert_eq!(
+            service(Some("/usr/bin/x86_64-linux-gnu-as"), "as", None),
+            named("x86_64-linux-gnu-as")
+        );
+        assert_eq!(service(None, "as", None), named("as"));
+        assert_eq!(
+            service(Some("/memfd:jit (deleted)"), "node", None),
+            named("node")
+        );
+        // In a container: left to the container's target.
+        assert_eq!(service(Some("/usr/bin/gzip"), "gzip", Some("abc")), None);
     }
 
     #[test]

@@ -16,7 +16,7 @@ use crate::{
     labels::Labels,
     profile::{self, BuildOptions, BuiltProfile},
     sampler::{RawSample, Recording, Stack},
-    targets::{Target, TargetOptions, TargetSet},
+    targets::{Resolution, Target, TargetOptions, TargetSet},
 };
 
 /// One target's profile of the interval.
@@ -31,6 +31,10 @@ pub struct Interval {
     pub profiles: Vec<TargetProfile>,
     /// Samples of processes no target took.
     pub untargeted: u64,
+    /// Samples of processes no scan listed, given their target at the drain.
+    pub named_late: u64,
+    /// Samples that went to the default target (`ebpf/unspecified` unless configured).
+    pub defaulted: u64,
     pub start: SystemTime,
     pub duration: Duration,
 }
@@ -45,25 +49,32 @@ pub fn build(
     let start = recording.start.unwrap_or_else(SystemTime::now);
     let samples = merge(recording.samples);
     let mut groups: BTreeMap<&Labels, (Arc<Target>, Vec<&RawSample>)> = BTreeMap::new();
-    let resolved: Vec<(Option<Arc<Target>>, &RawSample)> = samples
+    // Once per process: a late target is made by relabeling.
+    let mut by_pid: HashMap<u32, (Option<Arc<Target>>, Resolution)> = HashMap::new();
+    let resolved: Vec<(Option<Arc<Target>>, Resolution, &RawSample)> = samples
         .iter()
         .map(|s| {
-            let container = recording
-                .processes
-                .get(&s.pid)
-                .and_then(|p| p.container_id.as_deref());
-            (targets.resolve(s.pid, container), s)
+            let (target, how) = by_pid
+                .entry(s.pid)
+                .or_insert_with(|| targets.resolve_process(s.pid, recording.processes.get(&s.pid)))
+                .clone();
+            (target, how, s)
         })
         .collect();
-    let mut untargeted = 0;
-    for (target, sample) in &resolved {
-        match target {
-            Some(t) => groups
+    let (mut untargeted, mut named_late, mut defaulted) = (0, 0, 0);
+    for (target, how, sample) in &resolved {
+        match how {
+            Resolution::Untargeted => untargeted += sample.count,
+            Resolution::Late => named_late += sample.count,
+            Resolution::Default => defaulted += sample.count,
+            Resolution::Listed => {}
+        }
+        if let Some(t) = target {
+            groups
                 .entry(&t.labels)
                 .or_insert_with(|| (t.clone(), Vec::new()))
                 .1
-                .push(sample),
-            None => untargeted += sample.count,
+                .push(sample);
         }
     }
     // Kernel names for every group in one pass.
@@ -84,6 +95,8 @@ pub fn build(
     Interval {
         profiles,
         untargeted,
+        named_late,
+        defaulted,
         start,
         duration: recording.duration,
     }

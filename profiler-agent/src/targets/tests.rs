@@ -181,3 +181,82 @@ fn invalid_label_sets_are_rejected_with_a_reason() {
         ]
     );
 }
+
+/// Names a process by its comm unless it is called "drop-me" (a test double for the
+/// process discovery's relabeled snapshot labels).
+#[derive(Debug)]
+struct ByComm;
+
+impl LateTargets for ByComm {
+    fn labels_of(&self, process: &ProcessInfo) -> Option<Labels> {
+        (process.comm != "drop-me").then(|| {
+            labels(&[
+                (PROCESS_PID, &process.pid.to_string()),
+                (SERVICE_NAME, &process.comm),
+            ])
+        })
+    }
+}
+
+#[test]
+fn a_process_no_scan_listed_gets_its_target_at_the_drain() {
+    let options = TargetOptions {
+        targets_only: false,
+        default_target: Labels::new(),
+    };
+    let listed = [
+        labels(&[(PROCESS_PID, "10"), (SERVICE_NAME, "listed")]),
+        labels(&[(CONTAINER_ID, "c1"), (SERVICE_NAME, "web")]),
+    ];
+    let plain = TargetSet::new(&listed, &options).0;
+    let set = TargetSet::new(&listed, &options)
+        .0
+        .with_late(Some(Arc::new(ByComm)));
+    let process = |pid: u32, comm: &str, container: Option<&str>| ProcessInfo {
+        container_id: container.map(str::to_owned),
+        ..ProcessInfo::unknown(pid, comm)
+    };
+    let name = |set: &TargetSet, p: &ProcessInfo| {
+        let (target, how) = set.resolve_process(p.pid, Some(p));
+        (target.map(|t| t.service_name().to_owned()), how)
+    };
+    let some = |s: &str| Some(s.to_owned());
+    // A listed pid keeps its own target.
+    let p = process(10, "whatever", None);
+    assert_eq!(name(&set, &p), (some("listed"), Resolution::Listed));
+    // An unlisted one is named now, by the rules.
+    let p = process(11, "cc1", None);
+    assert_eq!(name(&set, &p), (some("cc1"), Resolution::Late));
+    // Without late targets, it is the default's, as before.
+    assert_eq!(
+        name(&plain, &p),
+        (some(DEFAULT_SERVICE_NAME), Resolution::Default)
+    );
+    // Dropped by the rules: its container's target, else the default.
+    let p = process(12, "drop-me", Some("c1"));
+    assert_eq!(name(&set, &p), (some("web"), Resolution::Listed));
+    let p = process(13, "drop-me", None);
+    assert_eq!(
+        name(&set, &p),
+        (some(DEFAULT_SERVICE_NAME), Resolution::Default)
+    );
+    // No snapshot at all: nothing to name it by.
+    assert_eq!(
+        set.resolve_process(14, None).1,
+        Resolution::Default,
+        "no process snapshot"
+    );
+    // With targets_only, an unmatched process is untargeted.
+    let only = TargetSet::new(
+        &listed,
+        &TargetOptions {
+            targets_only: true,
+            default_target: Labels::new(),
+        },
+    )
+    .0;
+    assert_eq!(
+        name(&only, &process(13, "drop-me", None)).1,
+        Resolution::Untargeted
+    );
+}
