@@ -61,6 +61,9 @@ fn main() -> ExitCode {
         }
         Command::CheckConfig { config } => match AgentConfig::load(&config) {
             Ok(config) => {
+                for warning in &config.warnings {
+                    eprintln!("warning: {warning}");
+                }
                 print!("{}", config.to_toml());
                 ExitCode::SUCCESS
             }

@@ -7,6 +7,7 @@
 //! embedded default (`config/default.toml`) is used: every process on the host, named by its
 //! container or executable, written to `./profiles`.
 
+pub mod alloy;
 pub mod expand;
 #[cfg(test)]
 mod tests;
@@ -57,8 +58,12 @@ pub struct AgentConfig {
     /// libc takes about 30 000). A binary whose table does not fit is walked with frame
     /// pointers, and counted in `profiler_unwind_tables_total{outcome="over_budget"}`.
     pub unwind_table_memory: u64,
+    /// Deprecated by Alloy, still honoured: user stacks (default true).
     pub collect_user_profile: bool,
+    /// Deprecated by Alloy for `kernel_frames`, still honoured (default true).
     pub collect_kernel_profile: bool,
+    /// Kernel frames in the stacks (default true), as current Alloy's `kernel_frames`.
+    pub kernel_frames: bool,
     /// none | simplified | templates | full (default simplified).
     #[serde(with = "demangle_name")]
     pub demangle: Demangle,
@@ -81,6 +86,10 @@ pub struct AgentConfig {
     pub capture: CaptureConfig,
     /// Threshold triggers (`[[trigger]]`); fixed for the agent's life.
     pub trigger: Vec<TriggerConfig>,
+    /// What loading had to say about Alloy arguments (deprecated, ignored): logged by the
+    /// caller. Not a key.
+    #[serde(skip)]
+    pub warnings: Vec<String>,
 }
 
 impl Default for AgentConfig {
@@ -98,6 +107,7 @@ impl Default for AgentConfig {
             unwind_table_memory: crate::bpf::DEFAULT_UNWIND_TABLE_MEMORY,
             collect_user_profile: true,
             collect_kernel_profile: true,
+            kernel_frames: true,
             demangle: Demangle::Simplified,
             targets_only: true,
             default_target: Labels::new(),
@@ -110,6 +120,7 @@ impl Default for AgentConfig {
             server: ServerConfig::default(),
             capture: CaptureConfig::default(),
             trigger: Vec::new(),
+            warnings: Vec::new(),
         }
     }
 }
@@ -191,12 +202,15 @@ impl AgentConfig {
             message: crate::write::config::redact_urls(e.to_string().trim_end()),
         })?;
         expand::expand_table(&mut table, "", env).map_err(|e| invalid(e.field, e.reason))?;
+        let warnings =
+            alloy::review(&mut table).map_err(|(field, reason)| invalid(field, reason))?;
         let config: AgentConfig = serde_path_to_error::deserialize(toml::Value::Table(table))
             .map_err(|e| {
                 let field = e.path().to_string();
                 invalid(field, e.into_inner().message().to_owned())
             })?;
         let mut config = config;
+        config.warnings = warnings;
         config
             .validate()
             .map_err(|(field, reason)| invalid(field, reason))?;
@@ -223,11 +237,11 @@ impl AgentConfig {
         positive("build_id_cache_size", self.build_id_cache_size)?;
         positive("same_file_cache_size", self.same_file_cache_size)?;
         positive("container_id_cache_size", self.container_id_cache_size)?;
-        if !self.collect_user_profile && !self.collect_kernel_profile {
+        if !self.collect_user_profile && !self.collect_kernel() {
             return Err((
                 "collect_user_profile".into(),
-                "collect_user_profile and collect_kernel_profile are both false: nothing to \
-                 profile"
+                "no user stacks (collect_user_profile = false) and no kernel frames \
+                 (kernel_frames or collect_kernel_profile = false): nothing to profile"
                     .into(),
             ));
         }
@@ -250,6 +264,12 @@ impl AgentConfig {
                 .map_err(|(field, reason)| (format!("trigger[{i}].{field}"), reason))?;
         }
         Ok(())
+    }
+
+    /// Kernel stacks are recorded: `kernel_frames` and the deprecated
+    /// `collect_kernel_profile` both true.
+    pub fn collect_kernel(&self) -> bool {
+        self.kernel_frames && self.collect_kernel_profile
     }
 
     pub fn cache_config(&self) -> CacheConfig {

@@ -302,3 +302,143 @@ fn the_embedded_default_names_processes() {
     in_container.insert(crate::targets::CONTAINER_ID.to_owned(), "abc123".to_owned());
     assert_eq!(relabel::process(in_container, &rules), None);
 }
+
+/// The README's cell for an Alloy default.
+fn alloy_cell(default: Option<&str>) -> String {
+    match default {
+        None => "—".to_owned(),
+        Some("") => "no default".to_owned(),
+        Some("required") => "required".to_owned(),
+        Some(value) => format!("`{value}`"),
+    }
+}
+
+/// The README's cell for what this agent does, its default from `defaults`.
+fn ours_cell(argument: &alloy::AlloyArgument, defaults: &toml::Table) -> String {
+    use alloy::Support;
+    let default = || {
+        let value = defaults
+            .get(argument.name)
+            .unwrap_or_else(|| panic!("{} has no default", argument.name));
+        format!("`{value}`")
+    };
+    match argument.support {
+        Support::Same => default(),
+        Support::Deprecated { .. } => format!("{} (warns: deprecated)", default()),
+        Support::Ignored { .. } => "ignored (warns)".to_owned(),
+        Support::NotBuilt { off: Some(off), .. } => format!("refused unless `{off}`"),
+        Support::NotBuilt { off: None, .. } => "refused".to_owned(),
+        Support::Elsewhere { instead } => format!("refused: use `{instead}`"),
+    }
+}
+
+#[test]
+fn the_readme_alloy_table_matches_the_arguments_and_our_defaults() {
+    let defaults = match toml::Value::try_from(AgentConfig::default()).unwrap() {
+        toml::Value::Table(t) => t,
+        other => panic!("{other:?}"),
+    };
+    let readme = include_str!("../../../README.md");
+    let start = readme
+        .find("<!-- alloy-arguments:start -->")
+        .expect("README has the Alloy table");
+    let end = readme.find("<!-- alloy-arguments:end -->").unwrap();
+    let rows: Vec<Vec<String>> = readme[start..end]
+        .lines()
+        .filter(|l| l.starts_with("| `"))
+        .map(|l| {
+            l.trim_matches('|')
+                .split(" | ")
+                .map(|c| c.trim().to_owned())
+                .collect()
+        })
+        .collect();
+    let expected: Vec<String> = alloy::ARGUMENTS
+        .iter()
+        .map(|a| {
+            format!(
+                "| `{}` | {} | {} | {} |",
+                a.name,
+                alloy_cell(a.legacy),
+                alloy_cell(a.current),
+                ours_cell(a, &defaults)
+            )
+        })
+        .collect();
+    let found: Vec<String> = rows
+        .iter()
+        .map(|r| format!("| {} |", r[..4.min(r.len())].join(" | ")))
+        .collect();
+    assert_eq!(
+        found, expected,
+        "README's Alloy table (first four columns) drifted"
+    );
+    // Where ours differs from current Alloy, the last column says why.
+    for (row, argument) in rows.iter().zip(alloy::ARGUMENTS) {
+        let differs = alloy_cell(argument.current) != ours_cell(argument, &defaults);
+        assert!(
+            !differs || row.get(4).is_some_and(|why| why.len() > 3),
+            "README's Alloy table: say why `{}` differs",
+            argument.name
+        );
+    }
+    // And config/agent.toml shows the same defaults for the arguments it has.
+    let example: toml::Table = toml::from_str(include_str!("../../../config/agent.toml")).unwrap();
+    for argument in alloy::ARGUMENTS {
+        let implemented = matches!(
+            argument.support,
+            alloy::Support::Same | alloy::Support::Deprecated { .. }
+        );
+        if implemented && argument.name != "targets" {
+            assert_eq!(
+                example.get(argument.name).map(ToString::to_string),
+                defaults.get(argument.name).map(ToString::to_string),
+                "config/agent.toml's {}",
+                argument.name
+            );
+        }
+    }
+}
+
+#[test]
+fn alloy_arguments_are_honoured_warned_dropped_or_refused() {
+    let parse = |text: &str| AgentConfig::parse(text, "test", &|_| None);
+    // Current names we implement: no warning.
+    let c = parse("kernel_frames = false\ncomm = \"none\"\npid_label = true").unwrap();
+    assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+    assert!(!c.collect_kernel() && c.collect_user_profile);
+    // Deprecated: honoured, with a warning naming the replacement.
+    let c = parse("collect_kernel_profile = false\npid_cache_size = 7").unwrap();
+    assert!(!c.collect_kernel());
+    assert_eq!(c.pid_cache_size, 7);
+    assert_eq!(c.warnings.len(), 2, "{:?}", c.warnings);
+    assert!(
+        c.warnings
+            .iter()
+            .any(|w| w.contains("`collect_kernel_profile`") && w.contains("kernel_frames"))
+    );
+    // Legacy arguments without meaning here: dropped with a warning.
+    let c = parse("pid_map_size = 2048\nsymbols_map_size = 16384").unwrap();
+    assert_eq!(c.warnings.len(), 2, "{:?}", c.warnings);
+    // Not built: accepted at their off value, refused otherwise, naming the field.
+    let c = parse("python_enabled = false\noff_cpu_threshold = 0\ngo_enabled = true").unwrap();
+    assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+    for text in [
+        "python_enabled = true",
+        "hotspot_enabled = true",
+        "off_cpu_threshold = 0.5",
+        "probe_links = [\"kprobe:foo\"]",
+        "forward_to = []",
+    ] {
+        let error = parse(text).expect_err(text);
+        let field = text.split(' ').next().unwrap();
+        assert_eq!(error.field(), Some(field), "{text}: {error}");
+    }
+    // Both kinds of stack turned off: refused.
+    assert_eq!(
+        parse("collect_user_profile = false\nkernel_frames = false")
+            .unwrap_err()
+            .field(),
+        Some("collect_user_profile")
+    );
+}

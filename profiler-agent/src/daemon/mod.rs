@@ -77,11 +77,16 @@ pub enum ConfigSource {
 }
 
 impl ConfigSource {
+    /// Loads the configuration and logs what it had to say about Alloy arguments.
     pub fn load(&self) -> Result<AgentConfig, ConfigError> {
-        match self {
-            ConfigSource::File(path) => AgentConfig::load(path),
-            ConfigSource::EmbeddedDefault => Ok(AgentConfig::embedded_default()),
+        let config = match self {
+            ConfigSource::File(path) => AgentConfig::load(path)?,
+            ConfigSource::EmbeddedDefault => AgentConfig::embedded_default(),
+        };
+        for warning in &config.warnings {
+            tracing::warn!(%warning, "configuration");
         }
+        Ok(config)
     }
 }
 
@@ -128,7 +133,7 @@ async fn run_async(source: ConfigSource, mut config: AgentConfig) -> Result<(), 
     let capturer = Arc::new(Capturer::new(
         config.capture.max_concurrent,
         config.collect_user_profile,
-        config.collect_kernel_profile,
+        config.collect_kernel(),
         capture_jobs,
         metrics.clone(),
     ));
@@ -189,7 +194,7 @@ async fn run_async(source: ConfigSource, mut config: AgentConfig) -> Result<(), 
         collect_interval: config.collect_interval,
         sample_rate: config.sample_rate,
         collect_user: config.collect_user_profile,
-        collect_kernel: config.collect_kernel_profile,
+        collect_kernel: config.collect_kernel(),
         demangle: config.demangle,
         caches: config.cache_config(),
         container_id_cache_size: config.container_id_cache_size,
@@ -320,12 +325,12 @@ async fn reload(
     if new.sample_rate != running.sample_rate
         || new.collect_interval != running.collect_interval
         || new.collect_user_profile != running.collect_user_profile
-        || new.collect_kernel_profile != running.collect_kernel_profile
+        || new.collect_kernel() != running.collect_kernel()
         || new.server.listen_address != running.server.listen_address
     {
         tracing::warn!(
-            "sample_rate, collect_interval, collect_*_profile and server changes take effect \
-             only after a restart"
+            "sample_rate, collect_interval, collect_*_profile, kernel_frames and server \
+             changes take effect only after a restart"
         );
     }
     let fresh = Writer::start(&new.write, write_metrics.clone())?;
