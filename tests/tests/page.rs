@@ -7,6 +7,13 @@
 //! functions and not the other service's; typing into the filter box hides the services it
 //! does not match, and the filter still holds after the page's next reload.
 //!
+//! Once spin's graph is drawn (its boxes labelled), the test takes a screenshot of the page
+//! in a 1280x800 window, writes it to its temp dir (the path is printed) and checks it is a
+//! PNG of at least 600x300. With `UPDATE_SCREENSHOT=PATH` it also copies the PNG to PATH (a
+//! relative PATH is taken from `tests/`, the test's working directory): run
+//! `UPDATE_SCREENSHOT=$PWD/docs/page.png cargo test -p profiler-tests --test page` from the
+//! workspace root to refresh the README's `docs/page.png`.
+//!
 //! The page reloads every collect interval (2 s here), so element references and the frame
 //! can go stale between two commands: every step is retried until it succeeds or a deadline
 //! passes.
@@ -25,6 +32,21 @@ use common::{
 use serde_json::Value;
 
 const SHOW_UP: Duration = Duration::from_secs(30);
+/// The window the screenshot is taken in, and the least size it must have.
+const WINDOW: (u32, u32) = (1280, 800);
+const MIN_SHOT: (u32, u32) = (600, 300);
+
+/// The width and height in a PNG's IHDR chunk, if `png` starts like a PNG.
+fn png_size(png: &[u8]) -> Option<(u32, u32)> {
+    const SIGNATURE: &[u8] = b"\x89PNG\r\n\x1a\n";
+    let ihdr = png.strip_prefix(SIGNATURE)?;
+    // Length (4 bytes), "IHDR", then width and height, big-endian.
+    if ihdr.get(4..8)? != b"IHDR" {
+        return None;
+    }
+    let be = |at: usize| Some(u32::from_be_bytes(ihdr.get(at..at + 4)?.try_into().ok()?));
+    Some((be(8)?, be(12)?))
+}
 
 /// Runs `step` until it gives `Some`, logging WebDriver errors (stale elements, a frame gone
 /// with a reload) and retrying them; fails the test after `within`.
@@ -94,6 +116,7 @@ listen_address = "127.0.0.1:{port}"
 
     eprintln!("{:.1?}: agent's server up", started.elapsed());
     let wd = WebDriver::start(dir.path());
+    wd.set_window_size(WINDOW.0, WINDOW.1).unwrap();
     wd.navigate(&format!("http://127.0.0.1:{port}/")).unwrap();
 
     // Both services listed, once the page has reloaded after their first interval.
@@ -136,6 +159,39 @@ listen_address = "127.0.0.1:{port}"
         !svg.contains("chain_d"),
         "the other service's function in spin's graph"
     );
+
+    // Screenshot of spin's graph: once its boxes carry their labels (inferno's script fits
+    // them to the boxes after load; each ends in a space), with no reload in between.
+    let png = retry(SHOW_UP, "screenshot of spin's drawn graph", || {
+        wd.switch_to_top()?;
+        wd.execute("window.beforeShot = true", &[])?;
+        wd.switch_to_frame(&wd.find("iframe#graph")?)?;
+        let labels = wd.execute(
+            "return Array.from(document.querySelectorAll('#frames text'), t => t.textContent)",
+            &[],
+        );
+        wd.switch_to_top()?;
+        let labels: Vec<String> = serde_json::from_value(labels?).unwrap_or_default();
+        if !labels.iter().any(|l| l.trim() == "spin_inner") {
+            return Ok(None);
+        }
+        let png = wd.screenshot()?;
+        let same_page = wd.execute("return window.beforeShot === true", &[])?;
+        Ok((same_page == Value::Bool(true)).then_some(png))
+    });
+    let shot = dir.path().join("page.png");
+    std::fs::write(&shot, &png).unwrap();
+    eprintln!("{:.1?}: screenshot: {}", started.elapsed(), shot.display());
+    let (width, height) = png_size(&png).expect("the screenshot is not a PNG");
+    eprintln!("screenshot {width}x{height}, {} bytes", png.len());
+    assert!(
+        width >= MIN_SHOT.0 && height >= MIN_SHOT.1,
+        "screenshot {width}x{height}, less than {MIN_SHOT:?}"
+    );
+    if let Some(path) = std::env::var_os("UPDATE_SCREENSHOT").map(std::path::PathBuf::from) {
+        std::fs::write(&path, &png).unwrap_or_else(|e| panic!("write {path:?}: {e}"));
+        eprintln!("screenshot copied to {}", path.display());
+    }
 
     // The filter: "cha" matches chain only, so spin's entry is hidden and chain's is not.
     let displayed = |name: &str| -> webdriver::Result<bool> {

@@ -276,6 +276,22 @@ impl WebDriver {
         let v = self.session_request("GET", "/source", None)?;
         Ok(v.as_str().unwrap_or_default().to_owned())
     }
+
+    /// Resizes the browser window (the viewport a screenshot shows follows it).
+    pub fn set_window_size(&self, width: u32, height: u32) -> Result<()> {
+        let rect = json!({ "width": width, "height": height });
+        self.session_request("POST", "/window/rect", Some(&rect))
+            .map(drop)
+    }
+
+    /// A PNG of the top-level browsing context's viewport.
+    pub fn screenshot(&self) -> Result<Vec<u8>> {
+        let v = self.session_request("GET", "/screenshot", None)?;
+        use base64::Engine as _;
+        v.as_str()
+            .and_then(|text| base64::engine::general_purpose::STANDARD.decode(text).ok())
+            .ok_or_else(|| transport("screenshot: not a base64 string"))
+    }
 }
 
 /// The status and body of `answer`, once it holds a whole HTTP response; `None` while more
