@@ -68,7 +68,8 @@ pub struct SamplerConfig {
     /// Byte offset of `stack` (the kernel stack's base) in `struct task_struct`, from BTF:
     /// the user registers of a thread sampled in kernel mode sit at the top of that stack.
     pub task_stack_offset: u32,
-    pub _pad: u32,
+    /// A process never sampled (the profiler itself, in `record`); 0 for none.
+    pub exclude_tgid: u32,
 }
 
 impl SamplerConfig {

@@ -58,7 +58,7 @@ static CONFIG: SamplerConfig = SamplerConfig {
     task_flags_offset: 0,
     flags: 0,
     task_stack_offset: 0,
-    _pad: 0,
+    exclude_tgid: 0,
 };
 
 const EEXIST: i32 = 17;
@@ -89,6 +89,9 @@ fn try_profile_cpu(ctx: &PerfEventContext) -> Result<Counter, Counter> {
         return Ok(Counter::SkippedKernelThread);
     }
     if config.has(SamplerConfig::FILTER_PIDS) && PID_FILTER.get_ptr(pid).is_none() {
+        return Ok(Counter::SkippedFiltered);
+    }
+    if config.exclude_tgid != 0 && pid == config.exclude_tgid {
         return Ok(Counter::SkippedFiltered);
     }
 

@@ -363,7 +363,19 @@ fn detaches_cleanly_on_exit_and_on_sigint() {
             "{}",
             String::from_utf8_lossy(&output.stderr)
         );
-        assert!(!read_profile(&out).sample.is_empty());
+        let profile = read_profile(&out);
+        assert!(!profile.sample.is_empty());
+        // The whole host but `record` itself: none of its samples, so not its binary.
+        let agent = std::fs::canonicalize(agent()).unwrap();
+        let mapped: Vec<&str> = profile
+            .mapping
+            .iter()
+            .map(|m| profile.string_table[m.filename as usize].as_str())
+            .collect();
+        assert!(
+            !mapped.contains(&agent.to_str().unwrap()),
+            "record sampled itself: {mapped:?}"
+        );
         assert!(
             !bpftool_lists_our_program(),
             "program left loaded (interrupt={interrupt})"

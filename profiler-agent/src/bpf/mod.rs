@@ -127,6 +127,8 @@ pub struct SamplerOptions {
     pub scope: Scope,
     /// Bytes of kernel memory for unwind tables (`unwind_table_memory`): 16 bytes a row.
     pub unwind_table_memory: u64,
+    /// Leaves the agent's own process out (counted as `skipped_filtered`).
+    pub exclude_self: bool,
 }
 
 /// Default of `unwind_table_memory`: 32 MiB, two million rows (libc has about 30 000).
@@ -201,7 +203,11 @@ impl KernelSampler {
             task_flags_offset,
             flags,
             task_stack_offset,
-            _pad: 0,
+            exclude_tgid: if options.exclude_self {
+                std::process::id()
+            } else {
+                0
+            },
         };
         let unwind_rows = unwind_rows(options.unwind_table_memory);
 

@@ -321,6 +321,7 @@ impl Capturer {
             pids: Some(vec![pid]),
             scope,
             unwind_table_memory: CAPTURE_UNWIND_TABLE_MEMORY,
+            exclude_self: false,
         };
         let per_thread = Scope::Threads {
             pids: vec![pid],

@@ -94,6 +94,8 @@ impl Pipeline {
                         pids: None,
                         scope: Scope::EveryCpu,
                         unwind_table_memory: settings.unwind_table_memory,
+                        // The running agent is profiled too: its cost is part of the host's.
+                        exclude_self: false,
                     };
                     let metrics = outputs.metrics.clone();
                     metrics.profiling_sessions.inc();

@@ -139,6 +139,9 @@ pub fn run(args: &RecordArgs) -> Result<Option<std::process::ExitStatus>, Record
         collect_user: !args.no_user_stacks,
         unwind_table_memory: crate::bpf::DEFAULT_UNWIND_TABLE_MEMORY,
         collect_kernel: !args.no_kernel_stacks,
+        // What is recorded is the host or the named processes, not the recorder: its own
+        // samples would cost it an unwind table and a symbol table of its own binary.
+        exclude_self: true,
         // A command's children are not known yet: its inherited events are the filter.
         pids: (launched.is_none() && !args.pids.is_empty()).then(|| args.pids.clone()),
         // Named processes get events of their own, so the rest of the host is never
