@@ -326,9 +326,11 @@ fn measure_lightswitch(
     fs::create_dir(&cache)?;
     let load = start_load(copies, data, tmp)?;
     let mut cmd = Command::new(bin);
+    // It leaves itself out, as our record does.
     cmd.arg("--cache-dir-base")
         .arg(&cache)
         .args([
+            "--exclude-self",
             "--duration",
             &seconds.to_string(),
             "--sample-freq",

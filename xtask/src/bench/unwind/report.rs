@@ -43,13 +43,14 @@ pub(super) fn section(
          so every CPU is busy in stock Debian code built without frame pointers. Each \
          profiler in turn, on a fresh load started {} s before it, samples the whole host at \
          {RATE} Hz for {seconds} s: `profiler-agent record --duration {seconds}s` (release \
-         build); `perf record --call-graph dwarf -F {RATE} -a`, then `perf report --stdio` \
-         over its file (perf's symbolized answer: its CPU is spread over the recorded window, \
-         its RSS is the larger of the two); lightswitch writing pprof, its on-disk unwind \
-         cache empty at the start (ours has none). CPU is user+sys core-seconds per wall \
-         second and RSS the peak, both from `wait4`; while a profiler runs the benchmark \
-         (a debug build) blocks in `wait4`, so that it is not itself among the processes \
-         sampled and named. Samples: those of the gzip and \
+         build), which leaves itself out; `perf record --call-graph dwarf -F {RATE} -a`, then \
+         `perf report --stdio` over its file (perf's symbolized answer: its CPU is spread \
+         over the recorded window, its RSS is the larger of the two); lightswitch writing \
+         pprof with `--exclude-self`, its on-disk unwind cache empty at the start (ours has \
+         none). CPU is user+sys core-seconds per wall second and RSS the peak, both from \
+         `wait4`; while a profiler runs the benchmark (a debug build) sleeps in one `poll` \
+         on the profiler's pidfd, so that it is not itself among the processes sampled and \
+         named. Samples: those of the gzip and \
          python3.11 processes the benchmark started (by pid); complete: the share of them \
          whose stack reaches `_start`, `__libc_start_main` or `__libc_start_call_main` (or a \
          thread's root), read from each one's output (ours and lightswitch's pprof, \
