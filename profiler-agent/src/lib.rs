@@ -8,8 +8,9 @@
 //!    drain loop over a stack source), `unwind` (unwind tables from `.eh_frame` and
 //!    `.debug_frame`, which the kernel program will walk user stacks with: before `bpf`, which
 //!    loads them), `bpf` (the kernel program, its maps, opening a sampler).
-//! 3. Frames: `symbolize` (ELF, DWARF, Go, kallsyms and perf-map readers), `frames` (the
-//!    stage that resolves raw stacks, and its frame sources).
+//! 3. Frames: `symbolize` (ELF, DWARF, Go, kallsyms and perf-map readers), `python`
+//!    (CPython's layout: finding an interpreter, reading and naming its frames), `frames`
+//!    (the stage that resolves raw stacks, and its frame sources).
 //! 4. Counters: `metrics` (the Prometheus registry every later stage reports to).
 //! 5. Targets: `targets` (which series a process's samples go to), `discovery` (Docker,
 //!    Kubernetes, process and static providers, relabeling).
@@ -36,6 +37,7 @@ pub mod metrics;
 pub mod process;
 pub mod procfile;
 pub mod profile;
+pub mod python;
 pub mod record;
 pub mod sampler;
 pub mod server;

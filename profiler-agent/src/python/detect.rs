@@ -1,0 +1,147 @@
+//! Finds the CPython interpreter of a process: the executable mapping of `python3.N` or
+//! `libpython3.N.so`, the address of `_PyRuntime` from that file's symbol table plus the
+//! mapping's load bias, and the version from `Py_Version` (CPython 3.11 and later) in the
+//! process's memory. The file is the one the process snapshot opened through the safe file
+//! layer; it is parsed within a [`SymbolBudget`].
+
+use object::{Object as _, ObjectSegment as _, ObjectSymbol as _};
+
+use super::{
+    layout::Layout,
+    remote::{RemoteError, RemoteMemory},
+};
+use crate::{
+    process::{Mapping, MappingKind, ProcessInfo},
+    symbolize::{
+        budget::{Limits, SymbolBudget},
+        filedata::FileData,
+    },
+};
+
+/// Bytes of an interpreter's file that detection may read (its symbol tables).
+const DETECT_BUDGET: u64 = 64 << 20;
+
+/// A CPython interpreter found in a process.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Interpreter {
+    pub pid: u32,
+    /// Major, minor, micro.
+    pub version: (u8, u8, u8),
+    /// Address of `_PyRuntime` in the process.
+    pub runtime: u64,
+    pub layout: &'static Layout,
+}
+
+/// Why a process that maps CPython cannot be read as one.
+#[derive(Debug, thiserror::Error)]
+pub enum DetectError {
+    #[error("{path}: not a readable ELF file: {reason}")]
+    Elf { path: String, reason: String },
+    #[error("{path}: no _PyRuntime or Py_Version symbol (CPython before 3.11, or stripped)")]
+    NoSymbols { path: String },
+    #[error("CPython {major}.{minor}: no layout for this version")]
+    UnknownVersion { major: u8, minor: u8 },
+    #[error(transparent)]
+    Read(#[from] RemoteError),
+}
+
+/// The interpreter of `process`, `None` when it maps no CPython.
+pub fn detect(
+    process: &ProcessInfo,
+    memory: &dyn RemoteMemory,
+) -> Result<Option<Interpreter>, DetectError> {
+    let Some(mapping) = process.mappings.iter().find(|m| is_cpython(&m.path)) else {
+        return Ok(None);
+    };
+    let MappingKind::File {
+        file: Some(file), ..
+    } = &mapping.kind
+    else {
+        return Ok(None);
+    };
+    let elf = |reason: String| DetectError::Elf {
+        path: mapping.path.clone(),
+        reason,
+    };
+    let budget = SymbolBudget::new(DETECT_BUDGET, Limits::default());
+    let data = FileData::from_file(file.try_clone().map_err(|e| elf(e.to_string()))?, &budget)
+        .map_err(|e| elf(e.to_string()))?;
+    let object = object::File::parse(&data).map_err(|e| elf(e.to_string()))?;
+    let symbol = |name: &str| {
+        object
+            .dynamic_symbols()
+            .chain(object.symbols())
+            .find(|s| s.name() == Ok(name))
+            .map(|s| s.address())
+    };
+    let (Some(runtime), Some(version)) = (symbol("_PyRuntime"), symbol("Py_Version")) else {
+        return Err(DetectError::NoSymbols {
+            path: mapping.path.clone(),
+        });
+    };
+    let bias = load_bias(&object, mapping).ok_or_else(|| elf("no segment maps it".into()))?;
+    let hex = memory.read_u32(version.wrapping_add(bias))?;
+    let (major, minor, micro) = ((hex >> 24) as u8, (hex >> 16) as u8, (hex >> 8) as u8);
+    let layout =
+        Layout::for_version(major, minor).ok_or(DetectError::UnknownVersion { major, minor })?;
+    Ok(Some(Interpreter {
+        pid: process.pid,
+        version: (major, minor, micro),
+        runtime: runtime.wrapping_add(bias),
+        layout,
+    }))
+}
+
+/// `python3.N`, `python3.N[d|m]` or `libpython3.N[d].so[.1.0]`, by file name.
+fn is_cpython(path: &str) -> bool {
+    let name = path.rsplit('/').next().unwrap_or(path);
+    let rest = name
+        .strip_prefix("libpython3.")
+        .or_else(|| name.strip_prefix("python3."));
+    rest.is_some_and(|rest| {
+        let minor: String = rest.chars().take_while(char::is_ascii_digit).collect();
+        let tail = &rest[minor.len()..];
+        !minor.is_empty() && (tail.is_empty() || tail == "d" || tail == "m" || tail.contains(".so"))
+    })
+}
+
+/// Address in the process minus address in the file, from the segment that maps
+/// `mapping`'s file offset.
+fn load_bias<'d, R: object::ReadRef<'d>>(
+    object: &object::File<'d, R>,
+    mapping: &Mapping,
+) -> Option<u64> {
+    object.segments().find_map(|segment| {
+        let (offset, size) = segment.file_range();
+        (offset..offset + size).contains(&mapping.offset).then(|| {
+            let vaddr = segment.address() + (mapping.offset - offset);
+            mapping.start.wrapping_sub(vaddr)
+        })
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpython_file_names() {
+        for yes in [
+            "/usr/bin/python3.11",
+            "/usr/local/bin/python3.12d",
+            "/usr/lib/x86_64-linux-gnu/libpython3.11.so.1.0",
+            "/root/.pyenv/versions/3.13.0/lib/libpython3.13.so",
+        ] {
+            assert!(is_cpython(yes), "{yes}");
+        }
+        for no in [
+            "/usr/bin/python3",
+            "/usr/bin/python3.11-config",
+            "/usr/lib/libpython3.so",
+            "/usr/bin/gzip",
+            "/usr/lib/python3.11/lib-dynload/_json.cpython-311-x86_64-linux-gnu.so",
+        ] {
+            assert!(!is_cpython(no), "{no}");
+        }
+    }
+}

@@ -1,0 +1,173 @@
+//! Byte offsets of the CPython structures a stack walk reads, per minor version. Each table
+//! names its source. A table is used only for the minor version it was written for.
+
+/// Offsets into CPython's structures (x86_64), and sizes of the object headers read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Layout {
+    pub version: (u8, u8),
+    /// `_PyRuntimeState.interpreters.head`.
+    pub runtime_interpreters_head: u64,
+    /// `PyInterpreterState.next` and `.threads.head`.
+    pub interp_next: u64,
+    pub interp_threads_head: u64,
+    /// `PyThreadState.next`, `.native_thread_id`, `.cframe`.
+    pub thread_next: u64,
+    pub thread_native_id: u64,
+    pub thread_cframe: u64,
+    /// `_PyCFrame.current_frame`.
+    pub cframe_current_frame: u64,
+    /// `_PyInterpreterFrame.f_code`, `.previous`, `.prev_instr`.
+    pub frame_code: u64,
+    pub frame_previous: u64,
+    pub frame_prev_instr: u64,
+    /// `PyCodeObject.co_filename`, `.co_qualname`, `.co_linetable`, `.co_firstlineno`, and
+    /// where its instructions start (`co_code_adaptive`).
+    pub code_filename: u64,
+    pub code_qualname: u64,
+    pub code_linetable: u64,
+    pub code_firstlineno: u64,
+    pub code_instructions: u64,
+    /// `PyASCIIObject`: `length`, `state`, and its size (where a compact ASCII string's
+    /// characters start); `PyCompactUnicodeObject`'s size (where other compact strings'
+    /// characters start).
+    pub unicode_length: u64,
+    pub unicode_state: u64,
+    pub ascii_size: u64,
+    pub compact_size: u64,
+    /// `PyVarObject.ob_size` and `PyBytesObject.ob_sval`.
+    pub bytes_size: u64,
+    pub bytes_data: u64,
+}
+
+/// CPython 3.11: from its headers `Include/internal/pycore_runtime.h`, `pycore_interp.h`,
+/// `pycore_frame.h`, `Include/cpython/pystate.h`, `code.h` and `unicodeobject.h` (v3.11.0
+/// to v3.11.x do not change them). A unit test compiles `offsetof` against the machine's
+/// python3.11-dev headers, when installed, and compares.
+pub const PY311: Layout = Layout {
+    version: (3, 11),
+    runtime_interpreters_head: 40,
+    interp_next: 0,
+    interp_threads_head: 16,
+    thread_next: 8,
+    thread_native_id: 160,
+    thread_cframe: 56,
+    cframe_current_frame: 8,
+    frame_code: 32,
+    frame_previous: 48,
+    frame_prev_instr: 56,
+    code_filename: 112,
+    code_qualname: 128,
+    code_linetable: 136,
+    code_firstlineno: 72,
+    code_instructions: 184,
+    unicode_length: 16,
+    unicode_state: 32,
+    ascii_size: 48,
+    compact_size: 72,
+    bytes_size: 16,
+    bytes_data: 32,
+};
+
+impl Layout {
+    /// The layout of CPython `major.minor`, when this agent has one.
+    pub fn for_version(major: u8, minor: u8) -> Option<&'static Layout> {
+        [&PY311].into_iter().find(|l| l.version == (major, minor))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The table against `offsetof` on the installed headers (Debian's python3.11-dev).
+    #[test]
+    fn py311_matches_the_installed_headers() {
+        let include = std::path::Path::new("/usr/include/python3.11");
+        if !include.join("internal/pycore_frame.h").exists() {
+            eprintln!("python3.11-dev headers not installed: not compared");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let source = dir.path().join("offsets.c");
+        let fields = [
+            (
+                "offsetof(_PyRuntimeState, interpreters.head)",
+                PY311.runtime_interpreters_head,
+            ),
+            ("offsetof(PyInterpreterState, next)", PY311.interp_next),
+            (
+                "offsetof(PyInterpreterState, threads.head)",
+                PY311.interp_threads_head,
+            ),
+            ("offsetof(PyThreadState, next)", PY311.thread_next),
+            (
+                "offsetof(PyThreadState, native_thread_id)",
+                PY311.thread_native_id,
+            ),
+            ("offsetof(PyThreadState, cframe)", PY311.thread_cframe),
+            (
+                "offsetof(_PyCFrame, current_frame)",
+                PY311.cframe_current_frame,
+            ),
+            ("offsetof(_PyInterpreterFrame, f_code)", PY311.frame_code),
+            (
+                "offsetof(_PyInterpreterFrame, previous)",
+                PY311.frame_previous,
+            ),
+            (
+                "offsetof(_PyInterpreterFrame, prev_instr)",
+                PY311.frame_prev_instr,
+            ),
+            ("offsetof(PyCodeObject, co_filename)", PY311.code_filename),
+            ("offsetof(PyCodeObject, co_qualname)", PY311.code_qualname),
+            ("offsetof(PyCodeObject, co_linetable)", PY311.code_linetable),
+            (
+                "offsetof(PyCodeObject, co_firstlineno)",
+                PY311.code_firstlineno,
+            ),
+            (
+                "offsetof(PyCodeObject, co_code_adaptive)",
+                PY311.code_instructions,
+            ),
+            ("offsetof(PyASCIIObject, length)", PY311.unicode_length),
+            ("offsetof(PyASCIIObject, state)", PY311.unicode_state),
+            ("sizeof(PyASCIIObject)", PY311.ascii_size),
+            ("sizeof(PyCompactUnicodeObject)", PY311.compact_size),
+            ("offsetof(PyVarObject, ob_size)", PY311.bytes_size),
+            ("offsetof(PyBytesObject, ob_sval)", PY311.bytes_data),
+        ];
+        let prints: String = fields
+            .iter()
+            .map(|(expr, _)| format!("    printf(\"%zu\\n\", (size_t)({expr}));\n"))
+            .collect();
+        std::fs::write(
+            &source,
+            format!(
+                "#define Py_BUILD_CORE 1\n#include <Python.h>\n#include <stddef.h>\n\
+                 #include \"internal/pycore_runtime.h\"\n#include \"internal/pycore_interp.h\"\n\
+                 #include \"internal/pycore_frame.h\"\n#include <stdio.h>\n\
+                 int main(void) {{\n{prints}    return 0;\n}}\n"
+            ),
+        )
+        .unwrap();
+        let binary = dir.path().join("offsets");
+        let status = std::process::Command::new("gcc")
+            .arg(format!("-I{}", include.display()))
+            .arg("-o")
+            .arg(&binary)
+            .arg(&source)
+            .status()
+            .expect("run gcc");
+        assert!(status.success());
+        let out = std::process::Command::new(&binary).output().unwrap();
+        let got: Vec<u64> = String::from_utf8(out.stdout)
+            .unwrap()
+            .lines()
+            .map(|l| l.parse().unwrap())
+            .collect();
+        let want: Vec<u64> = fields.iter().map(|(_, v)| *v).collect();
+        for ((expr, _), (got, want)) in fields.iter().zip(got.iter().zip(&want)) {
+            assert_eq!(got, want, "{expr}");
+        }
+    }
+}

@@ -1,0 +1,18 @@
+//! CPython seen from outside the process: which processes run an interpreter and where its
+//! runtime state is ([`detect`]), the layout of its structures per version ([`layout`]), and
+//! the Python stack of each of its threads read from its memory, named from its code
+//! objects ([`stack`]). Memory is read through [`remote::RemoteMemory`]
+//! (`process_vm_readv`, or a test double); every read is bounded and every pointer checked,
+//! since the process is not trusted.
+//!
+//! This is the user-space half of Python frames: the kernel program will walk the same
+//! frame chain at sample time with the offsets of [`layout::Layout`], and user space names
+//! each (code object, instruction) pair with [`stack::CodeNames`].
+
+pub mod detect;
+pub mod layout;
+pub mod remote;
+pub mod stack;
+
+pub use detect::{Interpreter, detect};
+pub use layout::Layout;

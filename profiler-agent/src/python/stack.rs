@@ -1,0 +1,277 @@
+//! The Python stack of each thread of an interpreter, read from its memory: the runtime's
+//! first interpreter, its thread states, each one's current frame and the chain of
+//! `previous` frames, each frame a code object and the instruction it is at. [`CodeNames`]
+//! names a code object (qualified name, file, line of the instruction from its location
+//! table) and keeps the answer only while the object still holds the same name and file
+//! pointers, so a freed and reused code object is never given a stale name.
+
+use std::collections::HashMap;
+
+use super::{
+    detect::Interpreter,
+    layout::Layout,
+    remote::{RemoteError, RemoteMemory},
+};
+
+/// Frames read per thread at most: deeper stacks are cut (and say so).
+pub const MAX_DEPTH: usize = 128;
+/// Threads read per interpreter at most.
+const MAX_THREADS: usize = 1024;
+/// Longest name or file name read, in characters.
+const MAX_STRING: u64 = 1024;
+/// Largest location table read, in bytes.
+const MAX_LINETABLE: u64 = 1 << 20;
+
+/// One Python frame as the walk finds it: what the kernel program will record per frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct RawFrame {
+    /// Address of the code object.
+    pub code: u64,
+    /// Index of the code unit (2 bytes) the frame is at, from the start of its
+    /// instructions.
+    pub instruction: u32,
+}
+
+/// The frames of one thread, innermost first.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ThreadStack {
+    pub native_thread_id: u64,
+    pub frames: Vec<RawFrame>,
+    /// True when the chain went on past [`MAX_DEPTH`].
+    pub cut: bool,
+}
+
+/// The Python stacks of every thread of `interpreter`'s first (main) interpreter state.
+pub fn read_stacks(
+    memory: &dyn RemoteMemory,
+    interpreter: &Interpreter,
+) -> Result<Vec<ThreadStack>, RemoteError> {
+    let l = interpreter.layout;
+    let interp = memory.read_u64(interpreter.runtime + l.runtime_interpreters_head)?;
+    if interp == 0 {
+        return Ok(Vec::new());
+    }
+    let mut thread = memory.read_u64(interp + l.interp_threads_head)?;
+    let mut stacks = Vec::new();
+    while thread != 0 && stacks.len() < MAX_THREADS {
+        stacks.push(read_thread(memory, l, thread)?);
+        thread = memory.read_u64(thread + l.thread_next)?;
+    }
+    Ok(stacks)
+}
+
+fn read_thread(
+    memory: &dyn RemoteMemory,
+    l: &Layout,
+    thread: u64,
+) -> Result<ThreadStack, RemoteError> {
+    let native_thread_id = memory.read_u64(thread + l.thread_native_id)?;
+    let cframe = memory.read_u64(thread + l.thread_cframe)?;
+    let mut frame = if cframe == 0 {
+        0
+    } else {
+        memory.read_u64(cframe + l.cframe_current_frame)?
+    };
+    let mut frames = Vec::new();
+    while frame != 0 && frames.len() < MAX_DEPTH {
+        let code = memory.read_u64(frame + l.frame_code)?;
+        let prev_instr = memory.read_u64(frame + l.frame_prev_instr)?;
+        let start = code + l.code_instructions;
+        // A new frame's prev_instr is one unit before its first instruction.
+        let instruction = u32::try_from(prev_instr.saturating_sub(start) / 2).unwrap_or(0);
+        frames.push(RawFrame { code, instruction });
+        frame = memory.read_u64(frame + l.frame_previous)?;
+    }
+    Ok(ThreadStack {
+        native_thread_id,
+        frames,
+        cut: frame != 0,
+    })
+}
+
+/// A named Python frame.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PyFrame {
+    /// `co_qualname`: `Class.method`, `outer.<locals>.inner`.
+    pub name: String,
+    /// `co_filename`.
+    pub file: String,
+    /// The line of the instruction, when the location table has one.
+    pub line: Option<u32>,
+    /// `co_firstlineno`: the function's `def` line.
+    pub first_line: u32,
+}
+
+/// What a code object says about itself, with the pointers that identify it.
+#[derive(Clone, Debug)]
+struct Code {
+    /// `co_qualname`, `co_filename` and `co_linetable` pointers when read.
+    identity: [u64; 3],
+    name: String,
+    file: String,
+    first_line: u32,
+    linetable: Vec<u8>,
+}
+
+/// Names code objects of one process, caching each by address while its identity holds.
+pub struct CodeNames<'m> {
+    memory: &'m dyn RemoteMemory,
+    layout: &'static Layout,
+    codes: HashMap<u64, Code>,
+}
+
+impl<'m> CodeNames<'m> {
+    pub fn new(memory: &'m dyn RemoteMemory, layout: &'static Layout) -> Self {
+        Self {
+            memory,
+            layout,
+            codes: HashMap::new(),
+        }
+    }
+
+    /// The name, file and line of `frame`.
+    pub fn name(&mut self, frame: RawFrame) -> Result<PyFrame, RemoteError> {
+        let l = self.layout;
+        let identity = [
+            self.memory.read_u64(frame.code + l.code_qualname)?,
+            self.memory.read_u64(frame.code + l.code_filename)?,
+            self.memory.read_u64(frame.code + l.code_linetable)?,
+        ];
+        let cached = self
+            .codes
+            .get(&frame.code)
+            .is_some_and(|c| c.identity == identity);
+        if !cached {
+            let code = self.read_code(frame.code, identity)?;
+            self.codes.insert(frame.code, code);
+        }
+        let code = &self.codes[&frame.code];
+        Ok(PyFrame {
+            name: code.name.clone(),
+            file: code.file.clone(),
+            line: line_of(&code.linetable, code.first_line, frame.instruction),
+            first_line: code.first_line,
+        })
+    }
+
+    fn read_code(&self, code: u64, identity: [u64; 3]) -> Result<Code, RemoteError> {
+        let [qualname, filename, linetable] = identity;
+        Ok(Code {
+            identity,
+            name: read_str(self.memory, self.layout, qualname)?,
+            file: read_str(self.memory, self.layout, filename)?,
+            first_line: self.memory.read_u32(code + self.layout.code_firstlineno)?,
+            linetable: read_bytes(self.memory, self.layout, linetable)?,
+        })
+    }
+}
+
+/// A `str` object's text (compact strings only, which every name and file name is).
+fn read_str(memory: &dyn RemoteMemory, l: &Layout, object: u64) -> Result<String, RemoteError> {
+    let length = memory.read_u64(object + l.unicode_length)?.min(MAX_STRING);
+    let state = memory.read_u32(object + l.unicode_state)?;
+    // state: interned:2, kind:3, compact:1, ascii:1, ready:1.
+    let kind = (state >> 2) & 7;
+    let compact = state & (1 << 5) != 0;
+    let ascii = state & (1 << 6) != 0;
+    if !compact || !(1..=4).contains(&kind) || kind == 3 {
+        return Ok(String::from("<?>"));
+    }
+    let data = object + if ascii { l.ascii_size } else { l.compact_size };
+    let mut bytes = vec![0u8; (length * u64::from(kind)) as usize];
+    memory.read(data, &mut bytes)?;
+    Ok(match kind {
+        1 => bytes.iter().map(|&b| char::from(b)).collect(),
+        2 => char::decode_utf16(
+            bytes
+                .chunks_exact(2)
+                .map(|c| u16::from_le_bytes([c[0], c[1]])),
+        )
+        .map(|c| c.unwrap_or(char::REPLACEMENT_CHARACTER))
+        .collect(),
+        _ => bytes
+            .chunks_exact(4)
+            .map(|c| {
+                char::from_u32(u32::from_le_bytes([c[0], c[1], c[2], c[3]])).unwrap_or('\u{fffd}')
+            })
+            .collect(),
+    })
+}
+
+/// A `bytes` object's contents.
+fn read_bytes(memory: &dyn RemoteMemory, l: &Layout, object: u64) -> Result<Vec<u8>, RemoteError> {
+    let size = memory.read_u64(object + l.bytes_size)?.min(MAX_LINETABLE);
+    let mut bytes = vec![0u8; size as usize];
+    memory.read(object + l.bytes_data, &mut bytes)?;
+    Ok(bytes)
+}
+
+/// The line of code unit `instruction` from a CPython 3.11 location table (`co_linetable`,
+/// the format of `Objects/locations.md`): entries of a first byte `1cccclll` (code, length
+/// in code units minus one) and code-dependent varints; the line starts at `first_line`.
+pub fn line_of(table: &[u8], first_line: u32, instruction: u32) -> Option<u32> {
+    let mut line = i64::from(first_line);
+    let mut at = 0usize;
+    let mut unit = 0u32;
+    while at < table.len() {
+        let first = table[at];
+        at += 1;
+        if first & 0x80 == 0 {
+            return None; // not at an entry: a malformed table
+        }
+        let code = (first >> 3) & 15;
+        let length = u32::from(first & 7) + 1;
+        let varint = |at: &mut usize| -> Option<u64> {
+            let (mut value, mut shift) = (0u64, 0);
+            loop {
+                let b = *table.get(*at)?;
+                *at += 1;
+                value |= u64::from(b & 63) << shift;
+                if b & 64 == 0 || shift > 56 {
+                    return Some(value);
+                }
+                shift += 6;
+            }
+        };
+        let signed = |v: u64| {
+            if v & 1 != 0 {
+                -((v >> 1) as i64)
+            } else {
+                (v >> 1) as i64
+            }
+        };
+        let has_line = match code {
+            15 => false,
+            14 => {
+                line += signed(varint(&mut at)?);
+                for _ in 0..3 {
+                    varint(&mut at)?; // end line, start and end column
+                }
+                true
+            }
+            13 => {
+                line += signed(varint(&mut at)?);
+                true
+            }
+            10..=12 => {
+                line += i64::from(code) - 10;
+                at += 2; // start and end column
+                true
+            }
+            _ => {
+                at += 1; // column
+                true
+            }
+        };
+        if instruction < unit + length {
+            return (has_line && line > 0)
+                .then(|| u32::try_from(line).ok())
+                .flatten();
+        }
+        unit += length;
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests;
