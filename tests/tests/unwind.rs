@@ -359,10 +359,11 @@ fn frame_pointer_chain_is_unchanged() {
 fn compare_with_perf(what: &str, dir: &Path, workload: Workload) {
     let exe =
         std::fs::read_link(format!("/proc/{}/exe", workload.pid())).expect("the workload's exe");
-    // 10 s, about 970 samples each: a function with 45% of the samples then differs between
-    // two fair samplers by 2.3 points (one standard deviation), so 10 points is a real
-    // difference. With 5 s a CI run once saw 10.5 points on gzip, by chance alone.
-    let both = record_beside_perf(dir, workload, 10);
+    // 20 s, about 1940 samples each: a function with 45% of the samples then differs between
+    // two fair samplers by 1.6 points (one standard deviation), so 10 points is a real
+    // difference. With 5 s and then 10 s, CI runs saw 10.5 and 10.1 points on gzip (whose
+    // input then repeated: see gzip_stacks_match_perf).
+    let both = record_beside_perf(dir, workload, 20);
     let (ours, perf) = (both.ours, both.perf);
     let count = |s: &[Stack]| s.iter().map(|s| s.count).sum::<u64>();
     let (n_ours, n_perf) = (count(&ours), count(&perf));
@@ -435,9 +436,26 @@ fn gzip_stacks_match_perf() {
         .expect("start /bin/gzip (Debian's gzip)");
     let mut stdin = child.stdin.take().unwrap();
     let workload = Workload(child);
-    let text = words(1 << 20);
+    // Never the same text twice in a row: slices at pseudo-random offsets of 16 MiB. Both
+    // samplers fire every 10.3 ms of gzip's own CPU time (per-thread cpu-clock events); a
+    // 1 MiB text written over and over made gzip's work periodic in that time, and each
+    // sampler's fixed phase then over- or under-counted a function (10 points apart, in
+    // either direction, in two CI runs of about ten).
+    let text = words(16 << 20);
+    const CHUNK: usize = 64 << 10;
     // Ends when gzip is killed (the write fails: SIGPIPE is ignored in Rust programs).
-    std::thread::spawn(move || while stdin.write_all(&text).is_ok() {});
+    std::thread::spawn(move || {
+        let mut state: u64 = 0x2545_f491_4f6c_dd1d;
+        loop {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            let at = (state % (text.len() - CHUNK) as u64) as usize;
+            if stdin.write_all(&text[at..at + CHUNK]).is_err() {
+                return;
+            }
+        }
+    });
     std::thread::sleep(Duration::from_secs(1));
     compare_with_perf("gzip -9", dir.path(), workload);
 }
