@@ -45,14 +45,28 @@ pub enum DetectError {
     Read(#[from] RemoteError),
 }
 
-/// The interpreter of `process`, `None` when it maps no CPython.
+/// The interpreter of `process`, `None` when it maps no CPython. The runtime is in the
+/// executable (Debian's python3.11) or in `libpython3.N.so` (a `--enable-shared` build,
+/// whose executable has no symbols): the first CPython mapping with the symbols is used.
 pub fn detect(
     process: &ProcessInfo,
     memory: &dyn RemoteMemory,
 ) -> Result<Option<Interpreter>, DetectError> {
-    let Some(mapping) = process.mappings.iter().find(|m| is_cpython(&m.path)) else {
-        return Ok(None);
-    };
+    let mut missing = None;
+    for mapping in process.mappings.iter().filter(|m| is_cpython(&m.path)) {
+        match from_mapping(process, mapping, memory) {
+            Err(error @ DetectError::NoSymbols { .. }) => missing = Some(error),
+            other => return other,
+        }
+    }
+    missing.map_or(Ok(None), Err)
+}
+
+fn from_mapping(
+    process: &ProcessInfo,
+    mapping: &Mapping,
+    memory: &dyn RemoteMemory,
+) -> Result<Option<Interpreter>, DetectError> {
     let MappingKind::File {
         file: Some(file), ..
     } = &mapping.kind

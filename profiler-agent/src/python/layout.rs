@@ -16,10 +16,12 @@ pub struct Layout {
     pub thread_cframe: u64,
     /// `_PyCFrame.current_frame`.
     pub cframe_current_frame: u64,
-    /// `_PyInterpreterFrame.f_code`, `.previous`, `.prev_instr`.
+    /// `_PyInterpreterFrame.f_code`, `.previous`, `.prev_instr`, `.owner` (3.12's
+    /// `FRAME_OWNED_BY_CSTACK` marks a shim frame between C and Python, not a Python call).
     pub frame_code: u64,
     pub frame_previous: u64,
     pub frame_prev_instr: u64,
+    pub frame_owner: u64,
     /// `PyCodeObject.co_filename`, `.co_qualname`, `.co_linetable`, `.co_firstlineno`, and
     /// where its instructions start (`co_code_adaptive`).
     pub code_filename: u64,
@@ -55,6 +57,7 @@ pub const PY311: Layout = Layout {
     frame_code: 32,
     frame_previous: 48,
     frame_prev_instr: 56,
+    frame_owner: 69,
     code_filename: 112,
     code_qualname: 128,
     code_linetable: 136,
@@ -68,10 +71,41 @@ pub const PY311: Layout = Layout {
     bytes_data: 32,
 };
 
+/// CPython 3.12: the same headers of v3.12 (the frame starts with `f_code` and `previous`,
+/// interpreter states grew, strings lost `wstr`), checked against pyenv's 3.12 headers
+/// when installed.
+pub const PY312: Layout = Layout {
+    version: (3, 12),
+    runtime_interpreters_head: 40,
+    interp_next: 0,
+    interp_threads_head: 72,
+    thread_next: 8,
+    thread_native_id: 144,
+    thread_cframe: 56,
+    cframe_current_frame: 0,
+    frame_code: 0,
+    frame_previous: 8,
+    frame_prev_instr: 56,
+    frame_owner: 70,
+    code_filename: 112,
+    code_qualname: 128,
+    code_linetable: 136,
+    code_firstlineno: 68,
+    code_instructions: 192,
+    unicode_length: 16,
+    unicode_state: 32,
+    ascii_size: 40,
+    compact_size: 56,
+    bytes_size: 16,
+    bytes_data: 32,
+};
+
 impl Layout {
     /// The layout of CPython `major.minor`, when this agent has one.
     pub fn for_version(major: u8, minor: u8) -> Option<&'static Layout> {
-        [&PY311].into_iter().find(|l| l.version == (major, minor))
+        [&PY311, &PY312]
+            .into_iter()
+            .find(|l| l.version == (major, minor))
     }
 }
 
@@ -79,62 +113,67 @@ impl Layout {
 mod tests {
     use super::*;
 
-    /// The table against `offsetof` on the installed headers (Debian's python3.11-dev).
+    /// Each table against `offsetof` on installed headers: Debian's python3.11-dev, and
+    /// pyenv's 3.12 when present.
     #[test]
-    fn py311_matches_the_installed_headers() {
-        let include = std::path::Path::new("/usr/include/python3.11");
-        if !include.join("internal/pycore_frame.h").exists() {
-            eprintln!("python3.11-dev headers not installed: not compared");
-            return;
+    fn layouts_match_the_installed_headers() {
+        let mut compared = 0;
+        for (layout, include) in [
+            (&PY311, "/usr/include/python3.11"),
+            (&PY312, "/root/.pyenv/versions/3.12.1/include/python3.12"),
+        ] {
+            let include = std::path::Path::new(include);
+            if !include.join("internal/pycore_frame.h").exists() {
+                eprintln!("{}: headers not installed: not compared", include.display());
+                continue;
+            }
+            compare(layout, include);
+            compared += 1;
         }
+        eprintln!("{compared} layouts compared with their headers");
+    }
+
+    fn compare(l: &Layout, include: &std::path::Path) {
         let dir = tempfile::tempdir().unwrap();
         let source = dir.path().join("offsets.c");
         let fields = [
             (
                 "offsetof(_PyRuntimeState, interpreters.head)",
-                PY311.runtime_interpreters_head,
+                l.runtime_interpreters_head,
             ),
-            ("offsetof(PyInterpreterState, next)", PY311.interp_next),
+            ("offsetof(PyInterpreterState, next)", l.interp_next),
             (
                 "offsetof(PyInterpreterState, threads.head)",
-                PY311.interp_threads_head,
+                l.interp_threads_head,
             ),
-            ("offsetof(PyThreadState, next)", PY311.thread_next),
+            ("offsetof(PyThreadState, next)", l.thread_next),
             (
                 "offsetof(PyThreadState, native_thread_id)",
-                PY311.thread_native_id,
+                l.thread_native_id,
             ),
-            ("offsetof(PyThreadState, cframe)", PY311.thread_cframe),
-            (
-                "offsetof(_PyCFrame, current_frame)",
-                PY311.cframe_current_frame,
-            ),
-            ("offsetof(_PyInterpreterFrame, f_code)", PY311.frame_code),
-            (
-                "offsetof(_PyInterpreterFrame, previous)",
-                PY311.frame_previous,
-            ),
+            ("offsetof(PyThreadState, cframe)", l.thread_cframe),
+            ("offsetof(_PyCFrame, current_frame)", l.cframe_current_frame),
+            ("offsetof(_PyInterpreterFrame, f_code)", l.frame_code),
+            ("offsetof(_PyInterpreterFrame, previous)", l.frame_previous),
             (
                 "offsetof(_PyInterpreterFrame, prev_instr)",
-                PY311.frame_prev_instr,
+                l.frame_prev_instr,
             ),
-            ("offsetof(PyCodeObject, co_filename)", PY311.code_filename),
-            ("offsetof(PyCodeObject, co_qualname)", PY311.code_qualname),
-            ("offsetof(PyCodeObject, co_linetable)", PY311.code_linetable),
-            (
-                "offsetof(PyCodeObject, co_firstlineno)",
-                PY311.code_firstlineno,
-            ),
+            ("offsetof(_PyInterpreterFrame, owner)", l.frame_owner),
+            ("offsetof(PyCodeObject, co_filename)", l.code_filename),
+            ("offsetof(PyCodeObject, co_qualname)", l.code_qualname),
+            ("offsetof(PyCodeObject, co_linetable)", l.code_linetable),
+            ("offsetof(PyCodeObject, co_firstlineno)", l.code_firstlineno),
             (
                 "offsetof(PyCodeObject, co_code_adaptive)",
-                PY311.code_instructions,
+                l.code_instructions,
             ),
-            ("offsetof(PyASCIIObject, length)", PY311.unicode_length),
-            ("offsetof(PyASCIIObject, state)", PY311.unicode_state),
-            ("sizeof(PyASCIIObject)", PY311.ascii_size),
-            ("sizeof(PyCompactUnicodeObject)", PY311.compact_size),
-            ("offsetof(PyVarObject, ob_size)", PY311.bytes_size),
-            ("offsetof(PyBytesObject, ob_sval)", PY311.bytes_data),
+            ("offsetof(PyASCIIObject, length)", l.unicode_length),
+            ("offsetof(PyASCIIObject, state)", l.unicode_state),
+            ("sizeof(PyASCIIObject)", l.ascii_size),
+            ("sizeof(PyCompactUnicodeObject)", l.compact_size),
+            ("offsetof(PyVarObject, ob_size)", l.bytes_size),
+            ("offsetof(PyBytesObject, ob_sval)", l.bytes_data),
         ];
         let prints: String = fields
             .iter()
@@ -158,16 +197,16 @@ mod tests {
             .arg(&source)
             .status()
             .expect("run gcc");
-        assert!(status.success());
+        assert!(status.success(), "{}", include.display());
         let out = std::process::Command::new(&binary).output().unwrap();
         let got: Vec<u64> = String::from_utf8(out.stdout)
             .unwrap()
             .lines()
             .map(|l| l.parse().unwrap())
             .collect();
-        let want: Vec<u64> = fields.iter().map(|(_, v)| *v).collect();
-        for ((expr, _), (got, want)) in fields.iter().zip(got.iter().zip(&want)) {
-            assert_eq!(got, want, "{expr}");
+        assert_eq!(got.len(), fields.len());
+        for ((expr, want), got) in fields.iter().zip(got) {
+            assert_eq!(got, *want, "{:?}: {expr}", l.version);
         }
     }
 }

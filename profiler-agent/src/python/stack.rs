@@ -21,6 +21,8 @@ const MAX_THREADS: usize = 1024;
 const MAX_STRING: u64 = 1024;
 /// Largest location table read, in bytes.
 const MAX_LINETABLE: u64 = 1 << 20;
+/// `_PyInterpreterFrame.owner` of 3.12's shim frames (C calling into Python).
+const FRAME_OWNED_BY_CSTACK: u8 = 3;
 
 /// One Python frame as the walk finds it: what the kernel program will record per frame.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -73,7 +75,15 @@ fn read_thread(
         memory.read_u64(cframe + l.cframe_current_frame)?
     };
     let mut frames = Vec::new();
-    while frame != 0 && frames.len() < MAX_DEPTH {
+    let mut steps = 0;
+    while frame != 0 && frames.len() < MAX_DEPTH && steps < 2 * MAX_DEPTH {
+        steps += 1;
+        let mut owner = [0u8];
+        memory.read(frame + l.frame_owner, &mut owner)?;
+        if owner[0] == FRAME_OWNED_BY_CSTACK {
+            frame = memory.read_u64(frame + l.frame_previous)?;
+            continue;
+        }
         let code = memory.read_u64(frame + l.frame_code)?;
         let prev_instr = memory.read_u64(frame + l.frame_prev_instr)?;
         let start = code + l.code_instructions;

@@ -1,5 +1,5 @@
 //! The location-table decoder against CPython's own `co_lines()`, and a whole read of a live
-//! python3.11's stacks (Debian's, run by the test).
+//! interpreter's stacks (Debian's python3.11, and pyenv's 3.12 when installed).
 
 use std::{
     process::{Command, Stdio},
@@ -119,16 +119,34 @@ fn a_reused_code_object_is_never_given_its_old_name() {
     );
 }
 
-const PYTHON: &str = "/usr/bin/python3.11";
+/// The interpreters the tests run when installed: Debian's 3.11 and pyenv's 3.12.
+const PYTHONS: [(&str, (u8, u8)); 2] = [
+    ("/usr/bin/python3.11", (3, 11)),
+    ("/root/.pyenv/versions/3.12.1/bin/python3.12", (3, 12)),
+];
+
+/// The interpreters of [`PYTHONS`] present here (Debian's 3.11 at least, in CI).
+fn installed() -> Vec<(&'static str, (u8, u8))> {
+    let present: Vec<_> = PYTHONS
+        .into_iter()
+        .filter(|(path, _)| std::path::Path::new(path).exists())
+        .collect();
+    for (path, _) in PYTHONS.iter().filter(|p| !present.contains(p)) {
+        eprintln!("{path} missing: not tested");
+    }
+    present
+}
 
 /// Every code unit's line from `line_of` equals the one `co_lines()` gives, for functions
 /// with long, short, one-line and no-location entries.
 #[test]
 fn location_tables_decode_as_cpython_reads_them() {
-    if !std::path::Path::new(PYTHON).exists() {
-        eprintln!("{PYTHON} missing: not compared");
-        return;
+    for (python, _) in installed() {
+        compare_location_tables(python);
     }
+}
+
+fn compare_location_tables(python: &str) {
     let script = r#"
 import json, dis, json as j
 def short(a, b):
@@ -159,7 +177,7 @@ for f in (short, branches, C.method, json.dumps, j.JSONEncoder.encode):
                 "lines": [[s, e, l] for s, e, l in c.co_lines()]})
 print(json.dumps(out))
 "#;
-    let out = Command::new(PYTHON).args(["-c", script]).output().unwrap();
+    let out = Command::new(python).args(["-c", script]).output().unwrap();
     assert!(
         out.status.success(),
         "{}",
@@ -183,7 +201,7 @@ print(json.dumps(out))
             }
         }
     }
-    eprintln!("{checked} code units compared");
+    eprintln!("{python}: {checked} code units compared");
     assert!(checked > 100, "only {checked} code units compared");
 }
 
@@ -239,15 +257,17 @@ def main():
 main()
 "#;
 
-/// A live python3.11 running a known chain: its main thread's Python stack, read from its
+/// A live python running a known chain: its main thread's Python stack, read from its
 /// memory, is `tokenize` (or `json.dumps`'s encoder) under `parse`/`handle_request` under
 /// `main` under `<module>`, with the script's file and lines inside each function.
 #[test]
-fn reads_and_names_a_live_python311_stack() {
-    if !std::path::Path::new(PYTHON).exists() {
-        eprintln!("{PYTHON} missing: not read");
-        return;
+fn reads_and_names_live_python_stacks() {
+    for (python, version) in installed() {
+        read_live_stack(python, version);
     }
+}
+
+fn read_live_stack(python: &str, version: (u8, u8)) {
     let dir = tempfile::tempdir().unwrap();
     let script = dir.path().join("chain.py");
     std::fs::write(&script, CHAIN).unwrap();
@@ -260,7 +280,7 @@ fn reads_and_names_a_live_python311_stack() {
         }
     }
     let child = Kill(
-        Command::new(PYTHON)
+        Command::new(python)
             .arg(&script)
             .stdout(Stdio::null())
             .spawn()
@@ -269,14 +289,14 @@ fn reads_and_names_a_live_python311_stack() {
     let pid = child.0.id();
     std::thread::sleep(Duration::from_millis(300));
 
-    let process = ProcfsProcesses::new("/proc").snapshot(pid, "python3.11");
+    let process = ProcfsProcesses::new("/proc").snapshot(pid, "python3");
     let memory = ProcessMemory::new(pid);
     let interpreter = detect(&process, &memory)
         .unwrap()
-        .expect("python3.11 is detected");
+        .unwrap_or_else(|| panic!("{python} is detected"));
     assert_eq!(
         (interpreter.version.0, interpreter.version.1),
-        (3, 11),
+        version,
         "{interpreter:?}"
     );
     let file = script.display().to_string();
@@ -328,12 +348,12 @@ fn reads_and_names_a_live_python311_stack() {
             }
         }
         if complete == 0 {
-            eprintln!("a stack read from python3.11's memory: {frames:?}");
+            eprintln!("a stack read from {python}'s memory: {frames:?}");
         }
         whole += usize::from(chain.len() == full.len());
         complete += 1;
     }
-    eprintln!("{whole} of {complete} stacks were the whole chain ({reads} reads)");
+    eprintln!("{python}: {whole} of {complete} stacks were the whole chain ({reads} reads)");
     assert_eq!(complete, 50, "{complete} stacks in {reads} reads");
     // tokenize's loop is where the script spends most of its time.
     assert!(whole >= 20, "the whole chain in only {whole} of 50 stacks");
