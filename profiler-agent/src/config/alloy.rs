@@ -54,7 +54,22 @@ const fn arg(
     }
 }
 
-const LANGUAGE: &str = "this agent names native (C, C++, Rust, Go) and JIT perf-map frames only";
+/// The repeated answers of [`ARGUMENTS`].
+const SYMBOL_CACHE: Support = Support::Deprecated {
+    instead: "symbol_memory_limit bounds symbol data",
+};
+const DEFAULT_SUITS: Support = Support::Deprecated {
+    instead: "nothing: the default suits every host",
+};
+const MAP_SIZE: Support = Support::Ignored {
+    why: "the kernel maps are sized by unwind_table_memory and the sampler",
+};
+const LANGUAGE: Support = not_built(
+    Some("false"),
+    "this agent names native (C, C++, Rust, Go) and JIT perf-map frames only",
+);
+const PROBES: &str = "this agent samples on a timer only, not from probes";
+const CORRELATION: &str = "trace correlation through pinned maps is not built";
 
 /// Every argument of both versions, in README's order.
 pub const ARGUMENTS: &[AlloyArgument] = &[
@@ -82,46 +97,16 @@ pub const ARGUMENTS: &[AlloyArgument] = &[
     arg("pid_label", None, Some("false"), Support::Same),
     arg("kernel_frames", None, Some("true"), Support::Same),
     arg("targets_only", None, Some("true"), Support::Same),
-    arg(
-        "pid_cache_size",
-        Some("32"),
-        Some("32"),
-        Support::Deprecated {
-            instead: "symbol_memory_limit bounds symbol data",
-        },
-    ),
-    arg(
-        "build_id_cache_size",
-        Some("64"),
-        Some("64"),
-        Support::Deprecated {
-            instead: "symbol_memory_limit bounds symbol data",
-        },
-    ),
-    arg(
-        "same_file_cache_size",
-        Some("8"),
-        Some("8"),
-        Support::Deprecated {
-            instead: "symbol_memory_limit bounds symbol data",
-        },
-    ),
+    arg("pid_cache_size", Some("32"), Some("32"), SYMBOL_CACHE),
+    arg("build_id_cache_size", Some("64"), Some("64"), SYMBOL_CACHE),
+    arg("same_file_cache_size", Some("8"), Some("8"), SYMBOL_CACHE),
     arg(
         "container_id_cache_size",
         Some("1024"),
         Some("1024"),
-        Support::Deprecated {
-            instead: "nothing: the default suits every host",
-        },
+        DEFAULT_SUITS,
     ),
-    arg(
-        "cache_rounds",
-        Some("3"),
-        Some(""),
-        Support::Deprecated {
-            instead: "nothing: the default suits every host",
-        },
-    ),
+    arg("cache_rounds", Some("3"), Some(""), DEFAULT_SUITS),
     arg(
         "collect_user_profile",
         Some("true"),
@@ -138,22 +123,8 @@ pub const ARGUMENTS: &[AlloyArgument] = &[
             instead: "kernel_frames",
         },
     ),
-    arg(
-        "pid_map_size",
-        Some("16384"),
-        Some("2048"),
-        Support::Ignored {
-            why: "the kernel maps are sized by unwind_table_memory and the sampler",
-        },
-    ),
-    arg(
-        "symbols_map_size",
-        Some("2048"),
-        Some("16384"),
-        Support::Ignored {
-            why: "the kernel maps are sized by unwind_table_memory and the sampler",
-        },
-    ),
+    arg("pid_map_size", Some("16384"), Some("2048"), MAP_SIZE),
+    arg("symbols_map_size", Some("2048"), Some("16384"), MAP_SIZE),
     arg(
         "go_table_fallback",
         Some("false"),
@@ -162,160 +133,71 @@ pub const ARGUMENTS: &[AlloyArgument] = &[
             why: "Go binaries are named from .gopclntab, then from their symbol table",
         },
     ),
-    arg(
-        "python_enabled",
-        Some("true"),
-        Some("true"),
-        Support::NotBuilt {
-            off: Some("false"),
-            why: LANGUAGE,
-        },
-    ),
-    arg(
-        "hotspot_enabled",
-        None,
-        Some("true"),
-        Support::NotBuilt {
-            off: Some("false"),
-            why: LANGUAGE,
-        },
-    ),
-    arg(
-        "perl_enabled",
-        None,
-        Some("true"),
-        Support::NotBuilt {
-            off: Some("false"),
-            why: LANGUAGE,
-        },
-    ),
-    arg(
-        "php_enabled",
-        None,
-        Some("true"),
-        Support::NotBuilt {
-            off: Some("false"),
-            why: LANGUAGE,
-        },
-    ),
-    arg(
-        "ruby_enabled",
-        None,
-        Some("true"),
-        Support::NotBuilt {
-            off: Some("false"),
-            why: LANGUAGE,
-        },
-    ),
-    arg(
-        "v8_enabled",
-        None,
-        Some("true"),
-        Support::NotBuilt {
-            off: Some("false"),
-            why: LANGUAGE,
-        },
-    ),
-    arg(
-        "dotnet_enabled",
-        None,
-        Some("true"),
-        Support::NotBuilt {
-            off: Some("false"),
-            why: LANGUAGE,
-        },
-    ),
+    arg("python_enabled", Some("true"), Some("true"), LANGUAGE),
+    arg("hotspot_enabled", None, Some("true"), LANGUAGE),
+    arg("perl_enabled", None, Some("true"), LANGUAGE),
+    arg("php_enabled", None, Some("true"), LANGUAGE),
+    arg("ruby_enabled", None, Some("true"), LANGUAGE),
+    arg("v8_enabled", None, Some("true"), LANGUAGE),
+    arg("dotnet_enabled", None, Some("true"), LANGUAGE),
     arg(
         "go_enabled",
         None,
         Some("true"),
-        Support::NotBuilt {
-            off: Some("true"),
-            why: "Go frames are always named",
-        },
+        not_built(Some("true"), "Go frames are always named"),
     ),
     arg(
         "off_cpu_threshold",
         None,
         Some("0"),
-        Support::NotBuilt {
-            off: Some("0"),
-            why: "this agent samples on-CPU stacks only",
-        },
+        not_built(Some("0"), "this agent samples on-CPU stacks only"),
     ),
-    arg(
-        "probe_links",
-        None,
-        Some(""),
-        Support::NotBuilt {
-            off: None,
-            why: "this agent samples on a timer only, not from probes",
-        },
-    ),
-    arg(
-        "u_probe_links",
-        None,
-        Some(""),
-        Support::NotBuilt {
-            off: None,
-            why: "this agent samples on a timer only, not from probes",
-        },
-    ),
+    arg("probe_links", None, Some(""), not_built(None, PROBES)),
+    arg("u_probe_links", None, Some(""), not_built(None, PROBES)),
     arg(
         "load_probe",
         None,
         Some("false"),
-        Support::NotBuilt {
-            off: Some("false"),
-            why: "this agent samples on a timer only, not from probes",
-        },
+        not_built(Some("false"), PROBES),
     ),
     arg(
         "bpf_fs_root",
         None,
         Some("\"/sys/fs/bpf/\""),
-        Support::NotBuilt {
-            off: None,
-            why: "trace correlation through pinned maps is not built",
-        },
+        not_built(None, CORRELATION),
     ),
     arg(
         "obi_process_context_enabled",
         None,
         Some("true"),
-        Support::NotBuilt {
-            off: Some("false"),
-            why: "trace correlation through pinned maps is not built",
-        },
+        not_built(Some("false"), CORRELATION),
     ),
     arg(
         "verbose_mode",
         None,
         Some("false"),
-        Support::NotBuilt {
-            off: Some("false"),
-            why: "set RUST_LOG=debug for verbose logs",
-        },
+        not_built(Some("false"), "set RUST_LOG=debug for verbose logs"),
     ),
     arg(
         "lazy_mode",
         None,
         Some("false"),
-        Support::NotBuilt {
-            off: Some("false"),
-            why: "the sampler always starts at once",
-        },
+        not_built(Some("false"), "the sampler always starts at once"),
     ),
     arg(
         "no_kernel_version_check",
         None,
         Some("false"),
-        Support::NotBuilt {
-            off: Some("false"),
-            why: "the kernel's features are probed when the program loads",
-        },
+        not_built(
+            Some("false"),
+            "the kernel's features are probed when the program loads",
+        ),
     ),
 ];
+
+const fn not_built(off: Option<&'static str>, why: &'static str) -> Support {
+    Support::NotBuilt { off, why }
+}
 
 /// The argument called `name`, if Alloy has one.
 pub fn argument(name: &str) -> Option<&'static AlloyArgument> {
