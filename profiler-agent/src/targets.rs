@@ -11,7 +11,11 @@
 //! process that started and ended between two scans of a per-process provider is given its
 //! target at the drain by [`LateTargets`], from what the agent knows of it.
 
-use std::{collections::HashMap, fmt::Debug, sync::Arc};
+use std::{
+    collections::{HashMap, HashSet},
+    fmt::Debug,
+    sync::Arc,
+};
 
 // Re-exported for the modules that still import them from here.
 use crate::labels::is_valid_label_name;
@@ -104,6 +108,8 @@ pub struct TargetSet {
     default: Option<Arc<Target>>,
     active: usize,
     late: Option<Arc<dyn LateTargets>>,
+    /// Pids the providers listed: not named late, whatever the rules did with them.
+    listed: HashSet<u32>,
 }
 
 /// How [`TargetSet::resolve_process`] found a process's target.
@@ -156,51 +162,63 @@ impl TargetSet {
         (set, rejected)
     }
 
-    /// Also names processes the last scan did not list, with `late`.
-    pub fn with_late(mut self, late: Option<Arc<dyn LateTargets>>) -> Self {
+    /// Also names, with `late`, the processes that no provider listed: `listed` holds the
+    /// pids the providers published (before relabeling), whose fate the rules decided.
+    pub fn with_late(mut self, late: Option<Arc<dyn LateTargets>>, listed: HashSet<u32>) -> Self {
         self.late = late;
+        self.listed = listed;
         self
     }
 
-    /// The target of a process known by its snapshot: its pid target, else one made now by
-    /// [`LateTargets`] when the set has them and the rules keep the process, else its
-    /// container's, else the default.
+    /// The target of a process known by its snapshot: its pid target, else, for a process
+    /// no provider listed, one made now by [`LateTargets`] when the set has them and the
+    /// rules keep the process, else its container's, else the default.
     pub fn resolve_process(
         &self,
         pid: u32,
         process: Option<&ProcessInfo>,
     ) -> (Option<Arc<Target>>, Resolution) {
-        if let Some(target) = self.by_pid.get(&pid) {
-            return (Some(target.clone()), Resolution::Listed);
-        }
-        let late = self.late.as_ref().zip(process).and_then(|(late, process)| {
-            // As the scan's set would have it: a pid target when the rules keep it.
-            let labels = late.labels_of(process)?;
-            validate(&labels).ok()?;
-            labels
-                .contains_key(PROCESS_PID)
-                .then(|| Arc::new(Target::from_discovered(&labels)))
-        });
-        if let Some(target) = late {
-            return (Some(target), Resolution::Late);
-        }
         let container = process.and_then(|p| p.container_id.as_deref());
-        match container.and_then(|id| self.by_container.get(id)) {
-            Some(target) => (Some(target.clone()), Resolution::Listed),
-            None => match &self.default {
-                Some(target) => (Some(target.clone()), Resolution::Default),
-                None => (None, Resolution::Untargeted),
-            },
-        }
+        self.resolve_with(pid, container, || self.late_target(process?))
     }
 
     /// The target of a process: its pid target, else its container's, else the default.
     pub fn resolve(&self, pid: u32, container_id: Option<&str>) -> Option<Arc<Target>> {
-        self.by_pid
-            .get(&pid)
-            .or_else(|| container_id.and_then(|id| self.by_container.get(id)))
-            .or(self.default.as_ref())
-            .cloned()
+        self.resolve_with(pid, container_id, || None).0
+    }
+
+    /// pid target, then `late`, then the container's target, then the default.
+    fn resolve_with(
+        &self,
+        pid: u32,
+        container_id: Option<&str>,
+        late: impl FnOnce() -> Option<Arc<Target>>,
+    ) -> (Option<Arc<Target>>, Resolution) {
+        if let Some(target) = self.by_pid.get(&pid) {
+            return (Some(target.clone()), Resolution::Listed);
+        }
+        if let Some(target) = late() {
+            return (Some(target), Resolution::Late);
+        }
+        if let Some(target) = container_id.and_then(|id| self.by_container.get(id)) {
+            return (Some(target.clone()), Resolution::Listed);
+        }
+        match &self.default {
+            Some(target) => (Some(target.clone()), Resolution::Default),
+            None => (None, Resolution::Untargeted),
+        }
+    }
+
+    /// A pid target made from `process`'s late labels, as the scan's set would have it.
+    fn late_target(&self, process: &ProcessInfo) -> Option<Arc<Target>> {
+        if self.listed.contains(&process.pid) {
+            return None;
+        }
+        let labels = self.late.as_ref()?.labels_of(process)?;
+        validate(&labels).ok()?;
+        labels
+            .contains_key(PROCESS_PID)
+            .then(|| Arc::new(Target::from_discovered(&labels)))
     }
 
     /// Targets that can match a process (pyroscope_ebpf_active_targets).

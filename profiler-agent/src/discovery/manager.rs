@@ -35,7 +35,7 @@ use super::{
 use crate::{
     labels::Labels,
     metrics::{AgentMetrics, ProviderLabel},
-    targets::{LateTargets, TargetOptions, TargetSet},
+    targets::{LateTargets, PROCESS_PID, TargetOptions, TargetSet},
 };
 
 /// Longest wait for every provider's first answer before the first set is built anyway.
@@ -232,7 +232,15 @@ impl Combiner {
             .filter_map(|labels| relabel::process(labels.clone(), &self.relabel))
             .collect();
         let (set, rejected) = TargetSet::new(&relabeled, &self.options);
-        let set = set.with_late(self.late.clone());
+        // Processes a scan listed were decided by the rules already: only the others are
+        // named late.
+        let listed = self
+            .current
+            .iter()
+            .flatten()
+            .filter_map(|labels| labels.get(PROCESS_PID)?.parse().ok())
+            .collect();
+        let set = set.with_late(self.late.clone(), listed);
         self.metrics.targets_rejected.inc_by(rejected.len() as u64);
         for error in rejected {
             let message = error.to_string();

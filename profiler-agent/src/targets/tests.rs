@@ -209,9 +209,10 @@ fn a_process_no_scan_listed_gets_its_target_at_the_drain() {
         labels(&[(CONTAINER_ID, "c1"), (SERVICE_NAME, "web")]),
     ];
     let plain = TargetSet::new(&listed, &options).0;
+    // Pid 15 was listed by a scan and dropped by its rules.
     let set = TargetSet::new(&listed, &options)
         .0
-        .with_late(Some(Arc::new(ByComm)));
+        .with_late(Some(Arc::new(ByComm)), HashSet::from([10, 15]));
     let process = |pid: u32, comm: &str, container: Option<&str>| ProcessInfo {
         container_id: container.map(str::to_owned),
         ..ProcessInfo::unknown(pid, comm)
@@ -227,7 +228,14 @@ fn a_process_no_scan_listed_gets_its_target_at_the_drain() {
     // An unlisted one is named now, by the rules.
     let p = process(11, "cc1", None);
     assert_eq!(name(&set, &p), (some("cc1"), Resolution::Late));
+    // Listed by a scan whose rules dropped it: not named again at the drain.
+    let p = process(15, "cc1", None);
+    assert_eq!(
+        name(&set, &p),
+        (some(DEFAULT_SERVICE_NAME), Resolution::Default)
+    );
     // Without late targets, it is the default's, as before.
+    let p = process(11, "cc1", None);
     assert_eq!(
         name(&plain, &p),
         (some(DEFAULT_SERVICE_NAME), Resolution::Default)
