@@ -40,16 +40,21 @@ extern "C" fn on_signal(_: libc::c_int) {
     }
 }
 
-/// Makes SIGINT and SIGTERM set a flag instead of killing xtask, so children get cleaned up.
+/// Makes SIGINT and SIGTERM set a flag (and wake [`Child::wait_quietly`]) instead of killing
+/// xtask, so children get cleaned up. The pipe is made once, however many benchmarks call
+/// this.
 pub fn install_interrupt_handler() {
     let mut fds = [-1; 2];
     // SAFETY: `fds` is valid for two descriptors.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) } == 0 {
+    if INTERRUPT_PIPE.load(Ordering::SeqCst) < 0
+        && unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) } == 0
+    {
         INTERRUPT_PIPE.store(fds[0], Ordering::SeqCst);
         INTERRUPT_PIPE_WRITE.store(fds[1], Ordering::SeqCst);
     }
     let handler = on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
-    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+    // SAFETY: the handler only stores to atomics and writes one byte to a pipe, both
+    // async-signal-safe.
     unsafe {
         libc::signal(libc::SIGINT, handler);
         libc::signal(libc::SIGTERM, handler);
