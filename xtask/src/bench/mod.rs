@@ -7,6 +7,7 @@ mod criterion;
 mod daemon;
 mod overhead;
 mod pprof;
+mod python;
 mod receiver;
 mod report;
 mod scale;
@@ -79,6 +80,14 @@ pub enum Bench {
         #[arg(long)]
         keep: bool,
     },
+    /// Python processes: `profiler-agent record --pid` against py-spy (one `py-spy record`
+    /// per process) on the same two busy CPython 3.11 processes, each for the same window at
+    /// 97 Hz: CPU, peak RSS, samples (goal: our CPU under a quarter of py-spy's).
+    Python {
+        /// Seconds each profiler records.
+        #[arg(long, default_value_t = 20)]
+        seconds: u64,
+    },
     /// Every benchmark above with its defaults, one after another (about an hour).
     All,
 }
@@ -96,6 +105,7 @@ pub fn bench(which: Bench) -> Result<()> {
                     seconds: 20,
                     keep: false,
                 },
+                Bench::Python { seconds: 20 },
                 Bench::Scale { seconds: 45 },
                 Bench::Churn {
                     seconds: 60,
@@ -120,5 +130,6 @@ pub fn bench(which: Bench) -> Result<()> {
         Bench::Pprof => pprof::pprof(),
         Bench::Agent { seconds, idle } => agent::agent(seconds, idle),
         Bench::Unwind { seconds, keep } => unwind::unwind(seconds, keep),
+        Bench::Python { seconds } => python::python(seconds),
     }
 }
