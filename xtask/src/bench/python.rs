@@ -363,8 +363,8 @@ fn section(seconds: u64, cpus: usize, load: &str, ours: &Row, py_spy: &Row) -> R
     writeln!(s, "Goal:\n")?;
     writeln!(
         s,
-        "- CPU under a quarter of py-spy's: {} ({:.2} vs {:.2} CPU s, ratio {cpu_ratio:.3} < \
-         {CPU_GOAL_RATIO}).",
+        "- CPU under a quarter of py-spy's (ratio below {CPU_GOAL_RATIO}): {} ({:.2} vs {:.2} \
+         CPU s, ratio {cpu_ratio:.3}).",
         if cpu_ratio < CPU_GOAL_RATIO {
             "met"
         } else {
