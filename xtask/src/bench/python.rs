@@ -360,6 +360,14 @@ fn section(seconds: u64, cpus: usize, load: &str, ours: &Row, py_spy: &Row) -> R
         s,
         "\nOurs against py-spy: CPU ratio {cpu_ratio:.3}, peak RSS ratio {rss_ratio:.2}.\n"
     )?;
+    let share = |r: &Row| 100.0 * r.targets_cpu_s / (PROCESSES as f64 * r.wall_s);
+    writeln!(
+        s,
+        "The two Python processes ran {:.0}% of the time on their CPUs while ours recorded \
+         them and {:.0}% while py-spy did (py-spy stops each process for each sample).\n",
+        share(ours),
+        share(py_spy)
+    )?;
     writeln!(s, "Goal:\n")?;
     writeln!(
         s,
