@@ -20,7 +20,7 @@
 //! names the script's innermost function [`LEAF`] (py-spy names Python frames; ours names
 //! only CPython's C frames until it reads the interpreter's own stacks), and the CPU the two
 //! Python processes got during each window (from /proc, to show what each profiler takes
-//! from them). The goal: our CPU under a quarter of py-spy's.
+//! from them), and what the rest of the host used meanwhile (a busy host skews both). The goal: our CPU under a quarter of py-spy's.
 use std::{
     fmt::Write as _,
     fs::{self, File},
@@ -84,6 +84,9 @@ struct Row {
     named: u64,
     /// CPU seconds the Python processes got while it ran, summed.
     targets_cpu_s: f64,
+    /// CPU seconds the rest of the host used while it ran: neither it nor the Python
+    /// processes (xtask's own wake-ups, anything else running), to tell a quiet run.
+    others_cpu_s: f64,
 }
 
 pub fn python(seconds: u64) -> Result<()> {
@@ -154,11 +157,11 @@ fn measure_ours(seconds: u64, pids: &[libc::pid_t], tmp: &Path) -> Result<Row> {
         cmd.arg("--pid").arg(pid.to_string());
     }
     cmd.arg("--output").arg(&out);
-    let before = targets_cpu_s(pids)?;
+    let before = (targets_cpu_s(pids)?, host_busy_s()?);
     let mut runs = start(vec![("profiler-agent record", cmd, tmp.join("agent.log"))])?;
     let exits = finish(&mut runs, seconds)?;
-    let targets = targets_cpu_s(pids)? - before;
-    row("profiler-agent record", &exits, &[out], targets)
+    let after = (targets_cpu_s(pids)?, host_busy_s()?);
+    row("profiler-agent record", &exits, &[out], before, after)
 }
 
 fn measure_py_spy(seconds: u64, pids: &[libc::pid_t], tmp: &Path) -> Result<Row> {
@@ -175,11 +178,11 @@ fn measure_py_spy(seconds: u64, pids: &[libc::pid_t], tmp: &Path) -> Result<Row>
         cmds.push(("py-spy record", cmd, tmp.join(format!("py-spy-{i}.log"))));
         outs.push(out);
     }
-    let before = targets_cpu_s(pids)?;
+    let before = (targets_cpu_s(pids)?, host_busy_s()?);
     let mut runs = start(cmds)?;
     let exits = finish(&mut runs, seconds)?;
-    let targets = targets_cpu_s(pids)? - before;
-    row("py-spy record (2 processes)", &exits, &outs, targets)
+    let after = (targets_cpu_s(pids)?, host_busy_s()?);
+    row("py-spy record (2 processes)", &exits, &outs, before, after)
 }
 
 /// A started profiler and its log.
@@ -227,7 +230,15 @@ fn finish(runs: &mut [Run], seconds: u64) -> Result<Vec<child::Exit>> {
     Ok(exits)
 }
 
-fn row(name: &'static str, exits: &[child::Exit], outs: &[PathBuf], targets: f64) -> Result<Row> {
+/// The row of a profiler whose runs ended with `exits` and wrote `outs`; `before` and
+/// `after` are the Python processes' and the host's CPU seconds around the runs.
+fn row(
+    name: &'static str,
+    exits: &[child::Exit],
+    outs: &[PathBuf],
+    before: (f64, f64),
+    after: (f64, f64),
+) -> Result<Row> {
     let mut samples = 0;
     let mut named = 0;
     for out in outs {
@@ -236,9 +247,11 @@ fn row(name: &'static str, exits: &[child::Exit], outs: &[PathBuf], targets: f64
         samples += s;
         named += n;
     }
+    let cpu_s: f64 = exits.iter().map(|e| e.cpu.as_secs_f64()).sum();
+    let targets_cpu_s = after.0 - before.0;
     Ok(Row {
         name,
-        cpu_s: exits.iter().map(|e| e.cpu.as_secs_f64()).sum(),
+        cpu_s,
         wall_s: exits
             .iter()
             .map(|e| e.wall.as_secs_f64())
@@ -246,7 +259,8 @@ fn row(name: &'static str, exits: &[child::Exit], outs: &[PathBuf], targets: f64
         max_rss_kib: exits.iter().map(|e| e.max_rss_kib).max().unwrap_or(0),
         samples,
         named,
-        targets_cpu_s: targets,
+        targets_cpu_s,
+        others_cpu_s: (after.1 - before.1 - targets_cpu_s - cpu_s).max(0.0),
     })
 }
 
@@ -295,6 +309,32 @@ fn targets_cpu_s(pids: &[libc::pid_t]) -> Result<f64> {
     Ok(total)
 }
 
+/// Busy CPU seconds of the whole host so far: every field of /proc/stat's `cpu` line but
+/// idle and iowait (guest time is already in user).
+fn host_busy_s() -> Result<f64> {
+    // SAFETY: sysconf has no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let stat = fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
+    let line = stat
+        .lines()
+        .find(|l| l.starts_with("cpu "))
+        .context("no cpu line in /proc/stat")?;
+    let fields: Vec<f64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(str::parse)
+        .collect::<Result<_, _>>()?;
+    // user nice system idle iowait irq softirq steal [guest guest_nice]
+    let busy: f64 = fields
+        .iter()
+        .take(8)
+        .enumerate()
+        .filter(|&(i, _)| i != 3 && i != 4)
+        .map(|(_, v)| v)
+        .sum();
+    Ok(busy / ticks)
+}
+
 fn load_average() -> String {
     fs::read_to_string("/proc/loadavg")
         .ok()
@@ -327,7 +367,9 @@ fn section(seconds: u64, cpus: usize, load: &str, ours: &Row, py_spy: &Row) -> R
          the CPU by the {seconds} s window. Samples are counted in each output; \"naming \
          `{LEAF}`\" are those whose stack has the Python function (py-spy names Python \
          frames; ours, so far, only CPython's C frames). Python CPU is what the two \
-         processes got while the profiler ran (from /proc). The host's 1-minute load average \
+         processes got while the profiler ran, other CPU what the rest of the host used \
+         meanwhile (/proc/stat's busy time less the profiler's and the Python processes'; \
+         near 0 on a quiet host). The host's 1-minute load average \
          just before the run: {load} (the load itself adds about 2).\n",
         today(),
         kernel_release(),
@@ -337,13 +379,13 @@ fn section(seconds: u64, cpus: usize, load: &str, ours: &Row, py_spy: &Row) -> R
     )?;
     writeln!(
         s,
-        "| profiler | CPU s | CPU core-s/s | peak RSS MiB | wall s | samples | naming `{LEAF}` | Python CPU s |"
+        "| profiler | CPU s | CPU core-s/s | peak RSS MiB | wall s | samples | naming `{LEAF}` | Python CPU s | other CPU s |"
     )?;
-    writeln!(s, "|---|---:|---:|---:|---:|---:|---:|---:|")?;
+    writeln!(s, "|---|---:|---:|---:|---:|---:|---:|---:|---:|")?;
     for r in [ours, py_spy] {
         writeln!(
             s,
-            "| {} | {:.2} | {:.4} | {:.1} | {:.1} | {} | {} | {:.1} |",
+            "| {} | {:.2} | {:.4} | {:.1} | {:.1} | {} | {} | {:.1} | {:.1} |",
             r.name,
             r.cpu_s,
             r.cpu_s / seconds as f64,
@@ -352,6 +394,7 @@ fn section(seconds: u64, cpus: usize, load: &str, ours: &Row, py_spy: &Row) -> R
             r.samples,
             r.named,
             r.targets_cpu_s,
+            r.others_cpu_s,
         )?;
     }
     let cpu_ratio = ratio(ours.cpu_s, py_spy.cpu_s);
