@@ -211,6 +211,7 @@ fn samples() -> Vec<RawSample> {
                 comm: format!("worker-{}", i % 8),
                 user: Stack::Frames(frames),
                 kernel: Stack::NotCollected,
+                python: Vec::new(),
                 count: 1 + mix(i) % 20,
             }
         })

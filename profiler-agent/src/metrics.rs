@@ -102,6 +102,12 @@ pub struct AgentMetrics {
     pub bpf_errors: Family<NameLabel, Counter>,
     /// User-stack walks by how they ended (complete, no_table, read_error, ...).
     pub unwind_walks: Family<EndLabel, Counter>,
+    /// Python walks by how they ended (complete, cut, no_thread, read_error).
+    pub python_walks: Family<EndLabel, Counter>,
+    /// Python frames by outcome (named, unnamed).
+    pub python_frames: Family<OutcomeLabel, Counter>,
+    /// Processes whose Python frames the kernel program walks.
+    pub python_processes: Gauge,
     /// Unwind tables by outcome (loaded, evicted, over_budget, unavailable).
     pub unwind_tables: Family<OutcomeLabel, Counter>,
     /// Mapping entries the kernel refused (its trie full).
@@ -155,6 +161,9 @@ impl AgentMetrics {
             bpf_samples: Family::default(),
             bpf_errors: Family::default(),
             unwind_walks: Family::default(),
+            python_walks: Family::default(),
+            python_frames: Family::default(),
+            python_processes: Gauge::default(),
             unwind_tables: Family::default(),
             unwind_entries_refused: Counter::default(),
             unwind_table_memory: Gauge::default(),
@@ -234,6 +243,24 @@ impl AgentMetrics {
              entry), no_table, mapping_unknown, read_error, depth_limit, unsupported_rule, \
              no_registers",
             m.unwind_walks.clone(),
+        );
+        r.register(
+            "profiler_python_walks",
+            "Python frame-chain walks of CPython processes' samples by how they ended: \
+             complete, cut (depth limit or a read failed midway), no_thread (the sampled \
+             thread has no Python thread state), read_error",
+            m.python_walks.clone(),
+        );
+        r.register(
+            "profiler_python_frames",
+            "Python frames the frames stage named from their code objects, by outcome: \
+             named, unnamed (the code object could not be read)",
+            m.python_frames.clone(),
+        );
+        r.register(
+            "profiler_python_processes",
+            "CPython processes whose Python frames the kernel program walks",
+            m.python_processes.clone(),
         );
         r.register(
             "profiler_unwind_tables",
@@ -448,6 +475,15 @@ impl Cumulative {
     pub fn kernel(&mut self, m: &AgentMetrics, now: &CounterSnapshot) {
         let delta = now.since(&self.kernel);
         for counter in KernelCounter::ALL {
+            if counter.is_python_walk_end() {
+                let name = counter.name();
+                m.python_walks
+                    .get_or_create(&EndLabel {
+                        end: name.strip_prefix("python_").unwrap_or(name).to_owned(),
+                    })
+                    .inc_by(delta.get(counter));
+                continue;
+            }
             if counter.is_walk_end() {
                 m.unwind_walks
                     .get_or_create(&EndLabel {
@@ -508,6 +544,21 @@ impl Cumulative {
             .inc_by(now.unknown_frames.saturating_sub(was.unknown_frames));
         m.elf_errors
             .inc_by(now.elf_errors.saturating_sub(was.elf_errors));
+        for (outcome, now, was) in [
+            ("named", now.python_frames_named, was.python_frames_named),
+            (
+                "unnamed",
+                now.python_frames_unnamed,
+                was.python_frames_unnamed,
+            ),
+        ] {
+            m.python_frames
+                .get_or_create(&OutcomeLabel {
+                    outcome: outcome.to_owned(),
+                })
+                .inc_by(now.saturating_sub(was));
+        }
+        m.python_processes.set(now.python_processes as i64);
         cache(m, "same_file", &was.same_file_cache, &now.same_file_cache);
         cache(m, "build_id", &was.build_id_cache, &now.build_id_cache);
         cache(m, "pid", &was.pid_cache, &now.pid_cache);

@@ -38,6 +38,9 @@ pub struct RawSample {
     pub comm: String,
     pub user: Stack,
     pub kernel: Stack,
+    /// Python frames the kernel program recorded beside the user stack, innermost first,
+    /// packed as `profiler_common::py_frame` describes; empty for other processes.
+    pub python: Vec<u64>,
     pub count: u64,
 }
 
@@ -358,6 +361,7 @@ pub(crate) mod tests {
             comm: format!("p{pid}"),
             user: Stack::Frames(vec![0x1000, 0x2000]),
             kernel: Stack::NotCollected,
+            python: Vec::new(),
             count,
         }
     }

@@ -3,8 +3,15 @@
 //! is `#[repr(C)]`, has explicit padding and a size assert.
 #![no_std]
 
+mod python;
 mod unwind;
 
+pub use python::{
+    MAX_PYTHON_DEPTH, PY_FRAME_CODE_MASK, PY_FRAME_ENTRY, PY_FRAME_INSTRUCTION_SHIFT,
+    PY_FRAME_INSTRUCTION_UNKNOWN, PY_NO_OFFSET, PYTHON_PROCESSES_ENTRIES, PYTHON_PROCESSES_MAP,
+    PYTHON_PROGRAM_INDEX, PYTHON_PROGRAM_NAME, PYTHON_STACKS_MAPS, PythonProcess, PythonStack,
+    py_frame, py_frame_parts,
+};
 pub use unwind::{
     MAPPINGS_MAP, MappingInfo, MappingKey, UNWIND_PROGRAM_INDEX, UNWIND_PROGRAM_NAME,
     UNWIND_PROGRAMS_MAP, UNWIND_ROWS_MAP, USER_STACKS_MAPS, UnwindRow, UserStack,
@@ -70,19 +77,25 @@ pub struct SamplerConfig {
     pub task_stack_offset: u32,
     /// A process never sampled (the profiler itself, in `record`); 0 for none.
     pub exclude_tgid: u32,
+    /// Byte offset of `thread.fsbase` in `struct task_struct` (BTF): the thread pointer
+    /// CPython keeps as a thread state's `thread_id`.
+    pub task_fsbase_offset: u32,
+    pub _pad: u32,
 }
 
 impl SamplerConfig {
     pub const COLLECT_USER: u32 = 1;
     pub const COLLECT_KERNEL: u32 = 1 << 1;
     pub const FILTER_PIDS: u32 = 1 << 2;
+    /// Walk the Python frames of processes in the Python processes map.
+    pub const COLLECT_PYTHON: u32 = 1 << 3;
 
     pub const fn has(&self, flag: u32) -> bool {
         self.flags & flag != 0
     }
 }
 
-const _: () = assert!(core::mem::size_of::<SamplerConfig>() == 16);
+const _: () = assert!(core::mem::size_of::<SamplerConfig>() == 24);
 
 /// Key of the counts maps: one entry per distinct (process, thread name, user stack, kernel
 /// stack) seen in a generation.
@@ -162,10 +175,22 @@ pub enum Counter {
     /// Walks not started: the user registers of a thread sampled in the kernel were not where
     /// the task's kernel stack says.
     UnwindNoRegisters = 21,
+    /// Python walks that read the thread's whole Python stack (possibly empty).
+    PythonComplete = 22,
+    /// Python walks cut short: past the depth limit, or a read failed midway. The innermost
+    /// frames are kept.
+    PythonCut = 23,
+    /// Python walks that found no thread state for the sampled thread (a thread CPython does
+    /// not know, or one past the walk's thread limit).
+    PythonNoThread = 24,
+    /// Python walks that could not read the interpreter's thread list.
+    PythonReadError = 25,
+    /// The Python stack map was full: the sample keeps its native stack only.
+    PythonStackMapFullError = 26,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 22;
+    pub const COUNT: u32 = 27;
 
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Counter::Recorded,
@@ -190,6 +215,11 @@ impl Counter {
         Counter::UnwindDepthLimit,
         Counter::UnwindUnsupportedRule,
         Counter::UnwindNoRegisters,
+        Counter::PythonComplete,
+        Counter::PythonCut,
+        Counter::PythonNoThread,
+        Counter::PythonReadError,
+        Counter::PythonStackMapFullError,
     ];
 
     /// The snake_case name used in logs and metric labels.
@@ -217,19 +247,33 @@ impl Counter {
             Counter::UnwindDepthLimit => "depth_limit",
             Counter::UnwindUnsupportedRule => "unsupported_rule",
             Counter::UnwindNoRegisters => "no_registers",
+            Counter::PythonComplete => "python_complete",
+            Counter::PythonCut => "python_cut",
+            Counter::PythonNoThread => "python_no_thread",
+            Counter::PythonReadError => "python_read_error",
+            Counter::PythonStackMapFullError => "python_stack_map_full",
         }
     }
 
     /// Whether this counter records a failure (as opposed to a sample or a deliberate skip).
     pub const fn is_error(self) -> bool {
         let i = self as u32;
-        i >= Counter::UserStackCollisionError as u32 && i <= Counter::UnwindTailCallError as u32
+        (i >= Counter::UserStackCollisionError as u32 && i <= Counter::UnwindTailCallError as u32)
+            || i == Counter::PythonStackMapFullError as u32
     }
 
     /// Whether this counter is one of the ways a user-stack walk ends (exported apart from the
     /// sample outcomes and the errors: every walk ends in exactly one of them).
     pub const fn is_walk_end(self) -> bool {
-        self as u32 >= Counter::UnwindComplete as u32
+        let i = self as u32;
+        i >= Counter::UnwindComplete as u32 && i <= Counter::UnwindNoRegisters as u32
+    }
+
+    /// Whether this counter is one of the ways a Python walk ends (every walk of a Python
+    /// process's sample ends in exactly one of them).
+    pub const fn is_python_walk_end(self) -> bool {
+        let i = self as u32;
+        i >= Counter::PythonComplete as u32 && i <= Counter::PythonReadError as u32
     }
 }
 
@@ -243,6 +287,8 @@ mod pod {
     unsafe impl aya::Pod for super::MappingKey {}
     unsafe impl aya::Pod for super::MappingInfo {}
     unsafe impl aya::Pod for super::UserStack {}
+    unsafe impl aya::Pod for super::PythonProcess {}
+    unsafe impl aya::Pod for super::PythonStack {}
 }
 
 #[cfg(test)]
@@ -260,9 +306,14 @@ mod tests {
     #[test]
     fn error_counters_are_exactly_the_failures() {
         let errors = Counter::ALL.iter().filter(|c| c.is_error()).count();
-        assert_eq!(errors, 11);
+        assert_eq!(errors, 12);
         let ends = Counter::ALL.iter().filter(|c| c.is_walk_end()).count();
         assert_eq!(ends, 7);
+        let python = Counter::ALL
+            .iter()
+            .filter(|c| c.is_python_walk_end())
+            .count();
+        assert_eq!(python, 4);
         assert!(!Counter::UnwindComplete.is_error());
         assert!(!Counter::NewProcessLostError.is_walk_end());
         assert!(!Counter::SkippedFiltered.is_error());

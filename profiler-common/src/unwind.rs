@@ -92,8 +92,14 @@ const _: () = assert!(core::mem::size_of::<MappingInfo>() == 24);
 #[derive(Clone, Copy, Debug)]
 pub struct UserStack {
     pub len: u32,
-    pub _pad: u32,
+    /// Bit set of [`UserStack::HAS_PYTHON`].
+    pub flags: u32,
     pub frames: [u64; crate::MAX_STACK_DEPTH],
+}
+
+impl UserStack {
+    /// A Python stack was stored under the same hash in the generation's Python stacks map.
+    pub const HAS_PYTHON: u32 = 1;
 }
 
 const _: () = assert!(core::mem::size_of::<UserStack>() == 1024);

@@ -8,6 +8,7 @@
 #![no_std]
 #![no_main]
 
+mod python;
 mod unwind;
 
 use aya_ebpf::{
@@ -21,8 +22,8 @@ use aya_ebpf::{
     programs::{PerfEventContext, RawTracePointContext, tracing::StackIdContext as _},
 };
 use profiler_common::{
-    Counter, MAX_STACK_DEPTH, NEW_PROCESSES_BYTES, PF_KTHREAD, SEEN_PROCESSES_ENTRIES, STACK_LOST,
-    STACK_NOT_COLLECTED, STACK_WALKED, SampleKey, SamplerConfig, UserStack,
+    Counter, MAX_STACK_DEPTH, NEW_PROCESSES_BYTES, PF_KTHREAD, PythonStack, SEEN_PROCESSES_ENTRIES,
+    STACK_LOST, STACK_NOT_COLLECTED, STACK_WALKED, SampleKey, SamplerConfig, UserStack,
 };
 
 // Sizes below are placeholders: user space sets every size at load time from the sample rate,
@@ -40,6 +41,10 @@ static STACKS_1: StackTrace = StackTrace::with_max_entries(1, 0);
 static USER_STACKS_0: HashMap<u64, UserStack> = HashMap::with_max_entries(1, 0);
 #[map]
 static USER_STACKS_1: HashMap<u64, UserStack> = HashMap::with_max_entries(1, 0);
+#[map]
+static PYTHON_STACKS_0: HashMap<u64, PythonStack> = HashMap::with_max_entries(1, 0);
+#[map]
+static PYTHON_STACKS_1: HashMap<u64, PythonStack> = HashMap::with_max_entries(1, 0);
 #[map]
 static GENERATION: Array<u32> = Array::with_max_entries(1, 0);
 #[map]
@@ -59,6 +64,8 @@ static CONFIG: SamplerConfig = SamplerConfig {
     flags: 0,
     task_stack_offset: 0,
     exclude_tgid: 0,
+    task_fsbase_offset: 0,
+    _pad: 0,
 };
 
 const EEXIST: i32 = 17;
@@ -130,7 +137,8 @@ fn try_profile_cpu(ctx: &PerfEventContext) -> Result<Counter, Counter> {
 }
 
 /// The walker: continues the walk [`profile_cpu`] began, tail-calling itself until it ends,
-/// then stores the stack and counts the sample.
+/// then hands a CPython process's sample to [`walk_python`], or stores the stack and counts
+/// the sample.
 #[perf_event]
 pub fn unwind_user(ctx: PerfEventContext) -> u32 {
     let Some(walk) = unwind::current() else {
@@ -145,12 +153,51 @@ pub fn unwind_user(ctx: PerfEventContext) -> u32 {
         }
     };
     bump(end);
+    // SAFETY: as in `try_profile_cpu`.
+    let config = unsafe { core::ptr::read_volatile(&CONFIG) };
+    walk.python.stack.len = 0;
+    if config.has(SamplerConfig::COLLECT_PYTHON) {
+        match python::begin(walk, config.task_fsbase_offset) {
+            Ok(true) => {
+                python::start(&ctx);
+                // Only reached when the tail call failed: the sample keeps its native stack.
+                bump(Counter::PythonCut);
+                walk.python.stack.len = 0;
+            }
+            Ok(false) => {}
+            Err(end) => bump(end),
+        }
+    }
+    end_walk(walk);
+    0
+}
+
+/// The Python walker: continues the Python walk [`unwind_user`] began, tail-calling itself
+/// until the chain ends, then stores both stacks and counts the sample.
+#[perf_event]
+pub fn walk_python(ctx: PerfEventContext) -> u32 {
+    let Some(walk) = unwind::current() else {
+        return 0;
+    };
+    match python::steps(&mut walk.python) {
+        Some(end) => bump(end),
+        None => {
+            python::start(&ctx);
+            // The tail-call limit: keep the frames recorded so far.
+            walk.python.stack.flags |= PythonStack::CUT;
+            bump(Counter::PythonCut);
+        }
+    }
+    end_walk(walk);
+    0
+}
+
+fn end_walk(walk: &mut unwind::Walk) {
     let outcome = match finish_walk(walk) {
         Ok(outcome) => outcome,
         Err(error) => error,
     };
     bump(outcome);
-    0
 }
 
 fn finish_walk(walk: &mut unwind::Walk) -> Result<Counter, Counter> {
@@ -159,12 +206,34 @@ fn finish_walk(walk: &mut unwind::Walk) -> Result<Counter, Counter> {
         // The next sample announces the process again.
         let _ = SEEN_PROCESSES.remove(&key.pid);
     }
-    let stacks = if walk.generation == 0 {
-        &USER_STACKS_0
+    let (stacks, python_stacks) = if walk.generation == 0 {
+        (&USER_STACKS_0, &PYTHON_STACKS_0)
     } else {
-        &USER_STACKS_1
+        (&USER_STACKS_1, &PYTHON_STACKS_1)
     };
     walk.hash = (walk.hash ^ walk.stack.len as u64).wrapping_mul(0x0000_0100_0000_01b3);
+    walk.stack.flags = 0;
+    let python_len = walk.python.stack.len as usize;
+    if python_len > 0 {
+        for i in 0..profiler_common::MAX_PYTHON_DEPTH {
+            if i >= python_len {
+                break;
+            }
+            walk.hash =
+                (walk.hash ^ walk.python.stack.frames[i]).wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        walk.hash = (walk.hash ^ (python_len as u64 | 1 << 32)).wrapping_mul(0x0000_0100_0000_01b3);
+        let stored = python_stacks.get_ptr(&walk.hash).is_some()
+            || match python_stacks.insert(&walk.hash, &walk.python.stack, BPF_NOEXIST as u64) {
+                Ok(()) => true,
+                Err(errno) => -errno == EEXIST as _,
+            };
+        if stored {
+            walk.stack.flags = UserStack::HAS_PYTHON;
+        } else {
+            bump(Counter::PythonStackMapFullError);
+        }
+    }
     match store_user_stack(stacks, walk.hash, &walk.stack) {
         Ok(()) => {
             key.user_stack_id = STACK_WALKED;

@@ -23,7 +23,7 @@ pub static UNWIND_ROWS: Array<UnwindRow> = Array::with_max_entries(1, BPF_F_MMAP
 #[map]
 pub static MAPPINGS: LpmTrie<MappingKey, MappingInfo> = LpmTrie::with_max_entries(1, 0);
 #[map]
-pub static UNWIND_PROGRAMS: ProgramArray = ProgramArray::with_max_entries(1, 0);
+pub static UNWIND_PROGRAMS: ProgramArray = ProgramArray::with_max_entries(2, 0);
 #[map]
 static WALKS: PerCpuArray<Walk> = PerCpuArray::with_max_entries(1, 0);
 
@@ -61,6 +61,8 @@ pub struct Walk {
     /// (a library it mapped since): the process is announced again so user space reloads it.
     pub reload: u32,
     pub _pad: u32,
+    /// The Python walk that follows the native one, for a process running CPython.
+    pub python: crate::python::PythonWalk,
 }
 
 const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;

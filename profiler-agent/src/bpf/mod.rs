@@ -4,15 +4,17 @@
 //! counts and stacks at a time into plain Rust values. Dropping [`KernelSampler`] closes every
 //! program, link and map fd, which detaches the sampler from the kernel.
 
+mod attach;
 pub mod btf;
+mod drain;
 mod loader;
 mod new_processes;
 mod open;
+mod python;
 pub mod sizing;
 mod unwind_maps;
 
 use std::{
-    collections::HashMap as StdHashMap,
     os::fd::{AsFd as _, AsRawFd as _},
     path::Path,
     time::Duration,
@@ -24,27 +26,24 @@ use aya::{
         Array, HashMap, IterableMap as _, MapData, PerCpuArray, PerCpuHashMap, ProgramArray,
         RingBuf, StackTraceMap, lpm_trie::LpmTrie,
     },
-    programs::{
-        PerfEvent, RawTracePoint,
-        perf_event::{
-            PerfEventConfig, PerfEventLinkId, PerfEventScope, SamplePolicy, SoftwareEvent,
-        },
-    },
+    programs::{PerfEvent, RawTracePoint, perf_event::PerfEventLinkId},
 };
 pub use new_processes::NewProcesses;
-pub use open::{OpenSampler, open_sampler};
+pub use open::{OpenSampler, ProcessHook, open_sampler};
 use profiler_common::{
     CONFIG_GLOBAL, COUNTERS_MAP, COUNTS_MAPS, Counter, EXEC_PROGRAM_NAME, GENERATION_MAP,
-    MAPPINGS_MAP, NEW_PROCESSES_MAP, PID_FILTER_MAP, PROGRAM_NAME, SEEN_PROCESSES_MAP, STACK_LOST,
-    STACK_MAPS, STACK_NOT_COLLECTED, STACK_WALKED, SampleKey, SamplerConfig, UNWIND_PROGRAM_INDEX,
+    MAPPINGS_MAP, NEW_PROCESSES_MAP, PID_FILTER_MAP, PROGRAM_NAME, PYTHON_PROCESSES_ENTRIES,
+    PYTHON_PROCESSES_MAP, PYTHON_PROGRAM_INDEX, PYTHON_PROGRAM_NAME, PYTHON_STACKS_MAPS,
+    PythonStack, SEEN_PROCESSES_MAP, STACK_MAPS, SampleKey, SamplerConfig, UNWIND_PROGRAM_INDEX,
     UNWIND_PROGRAM_NAME, UNWIND_PROGRAMS_MAP, UNWIND_ROWS_MAP, USER_STACKS_MAPS, UserStack,
 };
+pub use python::{PythonProcesses, PythonStackReader};
 pub use sizing::MapSizes;
 pub use unwind_maps::SharedLoader;
 
 use crate::{
     process::{ProcessInfo, ProcessSource as _, ProcfsProcesses},
-    sampler::{CounterSnapshot, RawSample, Stack, StackSource},
+    sampler::{CounterSnapshot, RawSample, StackSource},
     unwind::{Loader, LoaderStats},
 };
 use unwind_maps::KernelTables;
@@ -129,6 +128,8 @@ pub struct SamplerOptions {
     pub unwind_table_memory: u64,
     /// Leaves the agent's own process out (counted as `skipped_filtered`).
     pub exclude_self: bool,
+    /// Walks the Python frames of CPython processes (`python_enabled`).
+    pub python: bool,
 }
 
 /// Default of `unwind_table_memory`: 32 MiB, two million rows (libc has about 30 000).
@@ -161,6 +162,8 @@ pub struct KernelSampler {
     counts: [PerCpuHashMap<MapData, SampleKey, u64>; 2],
     stacks: [StackTraceMap<MapData>; 2],
     user_stacks: [HashMap<MapData, u64, UserStack>; 2],
+    python_stacks: [HashMap<MapData, u64, PythonStack>; 2],
+    python_processes: Option<PythonProcesses>,
     loader: SharedLoader,
     generation_map: Array<MapData, u32>,
     counters: PerCpuArray<MapData, u64>,
@@ -184,6 +187,15 @@ impl KernelSampler {
         let kernel_btf = btf::read(Path::new(btf::VMLINUX))?;
         let task_flags_offset = btf::member_offset(&kernel_btf, "task_struct", "flags")?;
         let task_stack_offset = btf::member_offset(&kernel_btf, "task_struct", "stack")?;
+        let task_fsbase_offset = if options.python && options.collect_user {
+            python::fsbase_offset(&kernel_btf)
+                .inspect_err(|error| {
+                    tracing::warn!(%error, "Python frames off: the thread pointer cannot be read")
+                })
+                .ok()
+        } else {
+            None
+        };
         drop(kernel_btf);
         let cpus =
             aya::util::online_cpus().map_err(|(what, source)| BpfError::Cpus { what, source })?;
@@ -199,6 +211,9 @@ impl KernelSampler {
         if options.pids.is_some() {
             flags |= SamplerConfig::FILTER_PIDS;
         }
+        if task_fsbase_offset.is_some() {
+            flags |= SamplerConfig::COLLECT_PYTHON;
+        }
         let config = SamplerConfig {
             task_flags_offset,
             flags,
@@ -208,7 +223,10 @@ impl KernelSampler {
             } else {
                 0
             },
+            task_fsbase_offset: task_fsbase_offset.unwrap_or(0),
+            _pad: 0,
         };
+        let python = task_fsbase_offset.is_some();
         let unwind_rows = unwind_rows(options.unwind_table_memory);
 
         let mut loader = loader::loader_without_kernel_btf();
@@ -222,6 +240,20 @@ impl KernelSampler {
         for name in USER_STACKS_MAPS {
             loader.map_max_entries(name, sizes.user_stack_entries);
         }
+        for name in PYTHON_STACKS_MAPS {
+            loader.map_max_entries(
+                name,
+                if python {
+                    sizes.python_stack_entries
+                } else {
+                    1
+                },
+            );
+        }
+        loader.map_max_entries(
+            PYTHON_PROCESSES_MAP,
+            if python { PYTHON_PROCESSES_ENTRIES } else { 1 },
+        );
         loader.map_max_entries(UNWIND_ROWS_MAP, unwind_rows);
         loader.map_max_entries(MAPPINGS_MAP, MAPPING_ENTRIES);
         loader.map_max_entries(PID_FILTER_MAP, pid_filter_len);
@@ -230,30 +262,37 @@ impl KernelSampler {
         // and a taken map that is dropped (the PID filter) closes its fd.
         // The walker first: the sampler shows in `bpftool prog list` only once the slower
         // of the two verifications is done, and attaching follows it within milliseconds.
-        for name in [UNWIND_PROGRAM_NAME, PROGRAM_NAME] {
-            let program: &mut PerfEvent = ebpf
-                .program_mut(name)
-                .ok_or(BpfError::Program(aya::programs::ProgramError::NotLoaded))?
-                .try_into()?;
-            program.load()?;
+        let walkers: &[(&str, u32)] = if python {
+            &[
+                (UNWIND_PROGRAM_NAME, UNWIND_PROGRAM_INDEX),
+                (PYTHON_PROGRAM_NAME, PYTHON_PROGRAM_INDEX),
+            ]
+        } else {
+            &[(UNWIND_PROGRAM_NAME, UNWIND_PROGRAM_INDEX)]
+        };
+        for (name, _) in walkers {
+            load_perf_event(&mut ebpf, name)?;
         }
+        load_perf_event(&mut ebpf, PROGRAM_NAME)?;
         {
-            let walker: &PerfEvent = ebpf
-                .program(UNWIND_PROGRAM_NAME)
-                .ok_or(BpfError::Program(aya::programs::ProgramError::NotLoaded))?
-                .try_into()?;
-            let walker_fd = walker
-                .fd()?
-                .try_clone()
-                .map_err(|e| BpfError::Program(aya::programs::ProgramError::IOError(e)))?;
             let mut programs: ProgramArray<MapData> = typed(&mut ebpf, UNWIND_PROGRAMS_MAP)?;
-            programs
-                .set(UNWIND_PROGRAM_INDEX, &walker_fd, 0)
-                .map_err(|source| BpfError::Map {
-                    name: UNWIND_PROGRAMS_MAP,
-                    source,
-                })?;
-            // The array keeps its entry while a program that uses it is loaded.
+            for &(name, index) in walkers {
+                let walker: &PerfEvent = ebpf
+                    .program(name)
+                    .ok_or(BpfError::Program(aya::programs::ProgramError::NotLoaded))?
+                    .try_into()?;
+                let fd = walker
+                    .fd()?
+                    .try_clone()
+                    .map_err(|e| BpfError::Program(aya::programs::ProgramError::IOError(e)))?;
+                programs
+                    .set(index, &fd, 0)
+                    .map_err(|source| BpfError::Map {
+                        name: UNWIND_PROGRAMS_MAP,
+                        source,
+                    })?;
+            }
+            // The array keeps its entries while a program that uses it is loaded.
             std::mem::forget(programs);
         }
 
@@ -278,6 +317,12 @@ impl KernelSampler {
             typed(&mut ebpf, USER_STACKS_MAPS[0])?,
             typed(&mut ebpf, USER_STACKS_MAPS[1])?,
         ];
+        let python_stacks: [HashMap<MapData, u64, PythonStack>; 2] = [
+            typed(&mut ebpf, PYTHON_STACKS_MAPS[0])?,
+            typed(&mut ebpf, PYTHON_STACKS_MAPS[1])?,
+        ];
+        let python_processes = typed(&mut ebpf, PYTHON_PROCESSES_MAP)?;
+        let python_processes = python.then(|| PythonProcesses::new(python_processes));
         let tables = KernelTables::new(
             typed(&mut ebpf, UNWIND_ROWS_MAP)?,
             unwind_rows,
@@ -302,6 +347,11 @@ impl KernelSampler {
             .collect();
         memlock_fds.extend(stacks.iter().map(|m| m.map().fd().as_fd().as_raw_fd()));
         memlock_fds.extend(user_stacks.iter().map(|m| m.map().fd().as_fd().as_raw_fd()));
+        memlock_fds.extend(
+            python_stacks
+                .iter()
+                .map(|m| m.map().fd().as_fd().as_raw_fd()),
+        );
         memlock_fds.extend(loader.raw_fds());
 
         watch_execs(&mut ebpf);
@@ -310,10 +360,10 @@ impl KernelSampler {
             .ok_or(BpfError::Program(aya::programs::ProgramError::NotLoaded))?
             .try_into()?;
         let links = match &options.scope {
-            Scope::EveryCpu => attach_every_cpu(program, &cpus, options.sample_rate)?,
+            Scope::EveryCpu => attach::attach_every_cpu(program, &cpus, options.sample_rate)?,
             Scope::Threads { pids, max_events } => {
-                let tids = list_threads(pids, *max_events)?;
-                attach_threads(program, &tids, options.sample_rate)?
+                let tids = attach::list_threads(pids, *max_events)?;
+                attach::attach_threads(program, &tids, options.sample_rate)?
             }
         };
         tracing::info!(
@@ -323,6 +373,7 @@ impl KernelSampler {
             counts_entries = sizes.counts_entries,
             stack_entries = sizes.stack_entries,
             user_stack_entries = sizes.user_stack_entries,
+            python,
             unwind_rows,
             "eBPF sampler attached"
         );
@@ -334,6 +385,8 @@ impl KernelSampler {
             counts,
             stacks,
             user_stacks,
+            python_stacks,
+            python_processes,
             loader,
             generation_map,
             counters,
@@ -354,6 +407,21 @@ impl KernelSampler {
     /// The unwind-table loader, for the thread that loads processes at their first sample.
     pub fn loader(&self) -> SharedLoader {
         self.loader.clone()
+    }
+
+    /// The CPython processes the program walks, when Python frames are on.
+    pub fn python_processes(&self) -> Option<PythonProcesses> {
+        self.python_processes.clone()
+    }
+
+    /// A reader of the Python stacks stored so far, for the thread that names them while
+    /// their processes run.
+    pub fn python_stack_reader(&self) -> Option<PythonStackReader> {
+        self.python_processes.as_ref()?;
+        Some(PythonStackReader::new([
+            python::duplicate(&self.python_stacks[0])?,
+            python::duplicate(&self.python_stacks[1])?,
+        ]))
     }
 
     pub fn unwind_stats(&self) -> LoaderStats {
@@ -382,78 +450,13 @@ impl KernelSampler {
             .sum()
     }
 
-    fn drain_generation(&mut self, old: usize) -> Result<Vec<RawSample>, BpfError> {
-        let counts = &mut self.counts[old];
-        let keys: Vec<SampleKey> = counts.keys().filter_map(Result::ok).collect();
-        let mut totals = Vec::with_capacity(keys.len());
-        for key in keys {
-            let count: u64 = match counts.get(&key, 0) {
-                Ok(values) => values.iter().sum(),
-                Err(_) => continue,
-            };
-            let _ = counts.remove(&key);
-            if count > 0 {
-                totals.push((key, count));
-            }
-        }
-
-        let user_stacks = &mut self.user_stacks[old];
-        let mut walked: StdHashMap<u64, Stack> = StdHashMap::new();
-        let mut user = |key: &SampleKey| -> Stack {
-            match key.user_stack_id {
-                STACK_WALKED => walked
-                    .entry(key.user_stack_hash)
-                    .or_insert_with(|| match user_stacks.get(&key.user_stack_hash, 0) {
-                        Ok(stack) => {
-                            let len = (stack.len as usize).min(stack.frames.len());
-                            Stack::Frames(stack.frames[..len].to_vec())
-                        }
-                        Err(_) => Stack::Lost,
-                    })
-                    .clone(),
-                STACK_NOT_COLLECTED => Stack::NotCollected,
-                _ => Stack::Lost,
-            }
-        };
-        let user: Vec<Stack> = totals.iter().map(|(key, _)| user(key)).collect();
-        let hashes: Vec<u64> = user_stacks.keys().filter_map(Result::ok).collect();
-        for hash in hashes {
-            let _ = user_stacks.remove(&hash);
-        }
-
-        let stacks = &mut self.stacks[old];
-        let mut resolved: StdHashMap<i32, Stack> = StdHashMap::new();
-        let mut lookup = |id: i32| -> Stack {
-            match id {
-                STACK_NOT_COLLECTED => Stack::NotCollected,
-                STACK_LOST => Stack::Lost,
-                id if id < 0 => Stack::Lost,
-                id => resolved
-                    .entry(id)
-                    .or_insert_with(|| match stacks.get(&(id as u32), 0) {
-                        Ok(trace) => Stack::Frames(trace.frames().iter().map(|f| f.ip).collect()),
-                        Err(_) => Stack::Lost,
-                    })
-                    .clone(),
-            }
-        };
-        let samples = totals
-            .into_iter()
-            .zip(user)
-            .map(|((key, count), user)| RawSample {
-                pid: key.pid,
-                comm: comm_string(&key.comm),
-                user,
-                kernel: lookup(key.kernel_stack_id),
-                count,
-            })
-            .collect();
-
-        let ids: Vec<u32> = stacks.stack_ids().filter_map(Result::ok).collect();
-        for id in ids {
-            let _ = stacks.remove(&id);
-        }
-        Ok(samples)
+    fn drain_generation(&mut self, old: usize) -> Vec<RawSample> {
+        drain::drain(drain::Generation {
+            counts: &mut self.counts[old],
+            stacks: &mut self.stacks[old],
+            user_stacks: &mut self.user_stacks[old],
+            python_stacks: &mut self.python_stacks[old],
+        })
     }
 }
 
@@ -474,7 +477,7 @@ impl StackSource for KernelSampler {
             })?;
         self.generation = new;
         std::thread::sleep(GENERATION_GRACE);
-        self.drain_generation(old)
+        Ok(self.drain_generation(old))
     }
 
     /// Loads (or refreshes) the process's unwind tables.
@@ -491,6 +494,9 @@ impl StackSource for KernelSampler {
     /// drops the unwind entries of processes that exited.
     fn next_interval(&mut self) {
         self.loader.prune(Path::new("/proc"));
+        if let Some(python) = &self.python_processes {
+            python.prune(Path::new("/proc"));
+        }
         let pids: Vec<u32> = self.seen_processes.keys().filter_map(Result::ok).collect();
         for pid in pids {
             let _ = self.seen_processes.remove(&pid);
@@ -525,95 +531,13 @@ impl StackSource for KernelSampler {
     }
 }
 
-fn attach_every_cpu(
-    program: &mut PerfEvent,
-    cpus: &[u32],
-    sample_rate: u64,
-) -> Result<Vec<PerfEventLinkId>, BpfError> {
-    cpus.iter()
-        .map(|&cpu| {
-            program
-                .attach(
-                    PerfEventConfig::Software(SoftwareEvent::CpuClock),
-                    PerfEventScope::AllProcessesOneCpu { cpu },
-                    SamplePolicy::Frequency(sample_rate),
-                    false,
-                )
-                .map_err(|source| BpfError::PerfEvent { cpu, source })
-        })
-        .collect()
-}
-
-/// The threads of each process (`/proc/PID/task`), at most `max_events` in all: listing
-/// stops at the first thread over the limit, so a process with 100 000 threads costs one
-/// directory read of `max_events + 1` entries, not 100 000 descriptors.
-fn list_threads(pids: &[u32], max_events: usize) -> Result<Vec<(u32, Vec<u32>)>, BpfError> {
-    let mut total = 0usize;
-    let mut all = Vec::with_capacity(pids.len());
-    for &pid in pids {
-        let tasks = std::fs::read_dir(format!("/proc/{pid}/task"))
-            .map_err(|source| BpfError::Threads { pid, source })?;
-        let mut tids = Vec::new();
-        for tid in tasks
-            .flatten()
-            .filter_map(|t| t.file_name().to_str()?.parse().ok())
-        {
-            if total == max_events {
-                return Err(BpfError::TooManyThreads {
-                    pid,
-                    limit: max_events,
-                });
-            }
-            total += 1;
-            tids.push(tid);
-        }
-        all.push((pid, tids));
-    }
-    Ok(all)
-}
-
-/// One inherited event per listed thread (threads started later inherit it in the kernel,
-/// without a descriptor of their own). A thread that exits between the listing and its
-/// attach is skipped; a process none of whose threads could be attached is an error (it has
-/// exited, or the events are refused).
-fn attach_threads(
-    program: &mut PerfEvent,
-    threads: &[(u32, Vec<u32>)],
-    sample_rate: u64,
-) -> Result<Vec<PerfEventLinkId>, BpfError> {
-    let mut links = Vec::new();
-    for (pid, tids) in threads {
-        let pid = *pid;
-        let mut last_error = None;
-        let before = links.len();
-        for &tid in tids {
-            match program.attach(
-                PerfEventConfig::Software(SoftwareEvent::CpuClock),
-                PerfEventScope::OneProcess {
-                    pid: tid,
-                    cpu: None,
-                },
-                SamplePolicy::Frequency(sample_rate),
-                true,
-            ) {
-                Ok(link) => links.push(link),
-                Err(error) => {
-                    tracing::debug!(pid, tid, %error, "thread not attached");
-                    last_error = Some(error);
-                }
-            }
-        }
-        if links.len() == before {
-            return Err(match last_error {
-                Some(source) => BpfError::ProcessPerfEvent { pid, source },
-                None => BpfError::Threads {
-                    pid,
-                    source: std::io::Error::from_raw_os_error(libc::ESRCH),
-                },
-            });
-        }
-    }
-    Ok(links)
+fn load_perf_event(ebpf: &mut Ebpf, name: &str) -> Result<(), BpfError> {
+    let program: &mut PerfEvent = ebpf
+        .program_mut(name)
+        .ok_or(BpfError::Program(aya::programs::ProgramError::NotLoaded))?
+        .try_into()?;
+    program.load()?;
+    Ok(())
 }
 
 fn typed<M>(ebpf: &mut Ebpf, name: &'static str) -> Result<M, BpfError>
@@ -667,11 +591,6 @@ fn check_kernel_version() -> Result<(), BpfError> {
     Ok(())
 }
 
-fn comm_string(raw: &[u8; 16]) -> String {
-    let end = raw.iter().position(|&b| b == 0).unwrap_or(raw.len());
-    String::from_utf8_lossy(&raw[..end]).into_owned()
-}
-
 /// Whether this process may load tracing programs: CAP_SYS_ADMIN, or CAP_BPF with
 /// CAP_PERFMON (from `CapEff` in /proc/self/status).
 fn has_bpf_privilege() -> bool {
@@ -690,43 +609,4 @@ fn has_bpf_privilege() -> bool {
     };
     let has = |cap: u32| caps & (1 << cap) != 0;
     has(CAP_SYS_ADMIN) || (has(CAP_BPF) && has(CAP_PERFMON))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn thread_listing_stops_at_the_limit() {
-        let stop = std::sync::Arc::new(std::sync::Barrier::new(9));
-        let parked: Vec<_> = (0..8)
-            .map(|_| {
-                let stop = stop.clone();
-                std::thread::spawn(move || {
-                    stop.wait();
-                })
-            })
-            .collect();
-        let me = std::process::id();
-        // The test harness runs other tests on threads of its own: count what is there now.
-        let now = std::fs::read_dir(format!("/proc/{me}/task"))
-            .unwrap()
-            .count();
-        assert!(now >= 9, "{now}");
-        let listed = list_threads(&[me], 100_000).unwrap();
-        assert_eq!(listed[0].0, me);
-        assert!(listed[0].1.contains(&me));
-        assert!(matches!(
-            list_threads(&[me], 5),
-            Err(BpfError::TooManyThreads { pid, limit: 5 }) if pid == me
-        ));
-        assert!(matches!(
-            list_threads(&[u32::MAX], 5),
-            Err(BpfError::Threads { .. })
-        ));
-        stop.wait();
-        for t in parked {
-            t.join().unwrap();
-        }
-    }
 }

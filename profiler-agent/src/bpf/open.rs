@@ -1,13 +1,19 @@
 //! Opening a sampler: the one way `run`, `record` and captures start sampling. Loads and
 //! attaches the kernel side, and pairs it with a /proc process source and the early-snapshot
 //! thread fed by the kernel's new-process announcements, which loads each process's unwind
-//! tables at its first sample (and, when asked, hands its snapshot to the sampler).
+//! tables at its first sample (and, when asked, hands its snapshot to the sampler). Later
+//! stages that prepare something in the kernel for a process (the Python walk) do it there
+//! too, through [`ProcessHook`]s.
 
 use super::{BpfError, KernelSampler, SamplerOptions};
 use crate::{
-    process::{ProcfsProcesses, early::EarlySnapshots},
+    process::{ProcessInfo, ProcfsProcesses, early::EarlySnapshots},
     sampler::Sampler,
 };
+
+/// Run on the early-snapshot thread: with each process the kernel announces, after its
+/// unwind tables are loaded, and with `None` at least every 200 ms (for periodic work).
+pub type ProcessHook = Box<dyn FnMut(Option<&ProcessInfo>) + Send>;
 
 /// A started sampler, with the thread that snapshots announced processes (stopped on drop).
 pub struct OpenSampler {
@@ -21,15 +27,18 @@ pub struct OpenSampler {
 /// Loads and attaches the sampler for `options`. Every process is snapshotted within
 /// milliseconds of its first sample, to load its unwind tables; with `early_snapshots` the
 /// sampler keeps those snapshots too, so one that exits before the drain keeps its names.
-/// `container_id_cache_size` bounds the container ids remembered.
+/// `container_id_cache_size` bounds the container ids remembered. `hooks` makes, from the
+/// started kernel side, the hooks shown each announced process.
 pub fn open_sampler(
     options: &SamplerOptions,
     container_id_cache_size: usize,
     early_snapshots: bool,
+    hooks: impl FnOnce(&KernelSampler) -> Vec<ProcessHook>,
 ) -> Result<OpenSampler, BpfError> {
     let mut kernel = KernelSampler::start(options)?;
     let kernel_memory_bytes = kernel.kernel_memory_bytes();
-    let early = start_early_snapshots(&mut kernel, container_id_cache_size);
+    let hooks = hooks(&kernel);
+    let early = start_early_snapshots(&mut kernel, container_id_cache_size, hooks);
     let processes = ProcfsProcesses::with_container_id_cache("/proc", container_id_cache_size);
     let mut sampler = Sampler::new(kernel, processes)?;
     let early_snapshots = early.map(|(thread, snapshots)| {
@@ -50,17 +59,22 @@ pub fn open_sampler(
 fn start_early_snapshots(
     kernel: &mut KernelSampler,
     container_id_cache_size: usize,
-) -> Option<(
-    EarlySnapshots,
-    std::sync::mpsc::Receiver<crate::process::ProcessInfo>,
-)> {
+    mut hooks: Vec<ProcessHook>,
+) -> Option<(EarlySnapshots, std::sync::mpsc::Receiver<ProcessInfo>)> {
     let announcements = kernel.take_new_processes()?;
     let loader = kernel.loader();
     EarlySnapshots::start(
         announcements,
         "/proc",
         container_id_cache_size,
-        move |info: &crate::process::ProcessInfo| loader.load(info),
+        move |info: Option<&ProcessInfo>| {
+            if let Some(info) = info {
+                loader.load(info);
+            }
+            for hook in &mut hooks {
+                hook(info);
+            }
+        },
     )
     .inspect_err(|e| {
         tracing::warn!(

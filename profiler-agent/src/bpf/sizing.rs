@@ -12,6 +12,9 @@ pub struct MapSizes {
     pub stack_entries: u32,
     /// Entries of each walked user stack map: one per distinct user stack.
     pub user_stack_entries: u32,
+    /// Entries of each Python stack map: a quarter of the user stacks (only samples of
+    /// CPython processes have one).
+    pub python_stack_entries: u32,
 }
 
 /// A drain may run up to one interval late, so a generation can see two intervals of samples.
@@ -29,6 +32,7 @@ const MAX_STACKS: u64 = 1 << 17;
 const MIN_USER_STACKS: u64 = 1024;
 const MAX_USER_STACKS: u64 = 1 << 15;
 const MAX_COUNTS: u64 = 1 << 20;
+const MIN_PYTHON_STACKS: u64 = 256;
 
 impl MapSizes {
     pub fn derive(sample_rate: u64, cpus: usize, interval: Duration) -> Self {
@@ -48,6 +52,7 @@ impl MapSizes {
             counts_entries: counts.min(MAX_COUNTS) as u32,
             stack_entries: stacks as u32,
             user_stack_entries: user_stacks as u32,
+            python_stack_entries: (user_stacks / 4).max(MIN_PYTHON_STACKS) as u32,
         }
     }
 }

@@ -322,13 +322,23 @@ impl Capturer {
             scope,
             unwind_table_memory: CAPTURE_UNWIND_TABLE_MEMORY,
             exclude_self: false,
+            // Captures are named by the pipeline's sources, which know the daemon's
+            // interpreters, not this sampler's: Python frames are the daemon's for now.
+            python: false,
         };
         let per_thread = Scope::Threads {
             pids: vec![pid],
             max_events: reservation.events(),
         };
         // The captured process is alive and named now: no early snapshots needed.
-        let open = |scope| open_sampler(&options(scope), DEFAULT_CONTAINER_ID_CACHE_SIZE, false);
+        let open = |scope| {
+            open_sampler(
+                &options(scope),
+                DEFAULT_CONTAINER_ID_CACHE_SIZE,
+                false,
+                |_| Vec::new(),
+            )
+        };
         let started = match open(per_thread) {
             Err(BpfError::TooManyThreads { limit, .. }) => {
                 let cpus = aya::util::online_cpus().map_or(0, |c| c.len());

@@ -66,7 +66,7 @@ const MAP_SIZE: Support = Support::Ignored {
 };
 const LANGUAGE: Support = not_built(
     Some("false"),
-    "this agent names native (C, C++, Rust, Go) and JIT perf-map frames only",
+    "this agent names native (C, C++, Rust, Go), Python and JIT perf-map frames only",
 );
 const PROBES: &str = "this agent samples on a timer only, not from probes";
 const CORRELATION: &str = "trace correlation through pinned maps is not built";
@@ -133,7 +133,7 @@ pub const ARGUMENTS: &[AlloyArgument] = &[
             why: "Go binaries are named from .gopclntab, then from their symbol table",
         },
     ),
-    arg("python_enabled", Some("true"), Some("true"), LANGUAGE),
+    arg("python_enabled", Some("true"), Some("true"), Support::Same),
     arg("hotspot_enabled", None, Some("true"), LANGUAGE),
     arg("perl_enabled", None, Some("true"), LANGUAGE),
     arg("php_enabled", None, Some("true"), LANGUAGE),

@@ -64,6 +64,9 @@ pub struct AgentConfig {
     pub collect_kernel_profile: bool,
     /// Kernel frames in the stacks (default true), as current Alloy's `kernel_frames`.
     pub kernel_frames: bool,
+    /// Python functions in the stacks of CPython 3.11 and 3.12 processes (default true), as
+    /// Alloy's `python_enabled`.
+    pub python_enabled: bool,
     /// none | simplified | templates | full (default simplified).
     #[serde(with = "demangle_name")]
     pub demangle: Demangle,
@@ -108,6 +111,7 @@ impl Default for AgentConfig {
             collect_user_profile: true,
             collect_kernel_profile: true,
             kernel_frames: true,
+            python_enabled: true,
             demangle: Demangle::Simplified,
             targets_only: true,
             default_target: Labels::new(),

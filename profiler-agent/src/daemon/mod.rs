@@ -195,6 +195,7 @@ async fn run_async(source: ConfigSource, mut config: AgentConfig) -> Result<(), 
         sample_rate: config.sample_rate,
         collect_user: config.collect_user_profile,
         collect_kernel: config.collect_kernel(),
+        python: config.python_enabled,
         demangle: config.demangle,
         caches: config.cache_config(),
         container_id_cache_size: config.container_id_cache_size,
@@ -326,11 +327,12 @@ async fn reload(
         || new.collect_interval != running.collect_interval
         || new.collect_user_profile != running.collect_user_profile
         || new.collect_kernel() != running.collect_kernel()
+        || new.python_enabled != running.python_enabled
         || new.server.listen_address != running.server.listen_address
     {
         tracing::warn!(
-            "sample_rate, collect_interval, collect_*_profile, kernel_frames and server \
-             changes take effect only after a restart"
+            "sample_rate, collect_interval, collect_*_profile, kernel_frames, python_enabled \
+             and server changes take effect only after a restart"
         );
     }
     let fresh = Writer::start(&new.write, write_metrics.clone())?;

@@ -29,6 +29,7 @@ use crate::{
     metrics::{AgentMetrics, Cumulative, ServiceLabel},
     process::ProcessSource,
     profile::{self, BuildOptions},
+    python::Interpreters,
     sampler::{Recording, Sampler, StackSource},
     symbolize::{CacheConfig, Demangle, kallsyms::KernelSymbols},
     targets::TargetSet,
@@ -46,6 +47,8 @@ pub struct PipelineSettings {
     pub sample_rate: u64,
     pub collect_user: bool,
     pub collect_kernel: bool,
+    /// Python frames (`python_enabled`).
+    pub python: bool,
     pub demangle: Demangle,
     pub caches: CacheConfig,
     pub container_id_cache_size: usize,
@@ -96,21 +99,27 @@ impl Pipeline {
                         unwind_table_memory: settings.unwind_table_memory,
                         // The running agent is profiled too: its cost is part of the host's.
                         exclude_self: false,
+                        python: settings.python,
                     };
+                    let interpreters = Interpreters::new();
                     let metrics = outputs.metrics.clone();
                     metrics.profiling_sessions.inc();
-                    let opened =
-                        match open_sampler(&options, settings.container_id_cache_size, true) {
-                            Ok(opened) => {
-                                let _ = started_tx.send(Ok(()));
-                                opened
-                            }
-                            Err(e) => {
-                                metrics.profiling_sessions_failing.inc();
-                                let _ = started_tx.send(Err(e));
-                                return;
-                            }
-                        };
+                    let opened = match open_sampler(
+                        &options,
+                        settings.container_id_cache_size,
+                        true,
+                        |kernel| interpreters.hook(kernel).into_iter().collect(),
+                    ) {
+                        Ok(opened) => {
+                            let _ = started_tx.send(Ok(()));
+                            opened
+                        }
+                        Err(e) => {
+                            metrics.profiling_sessions_failing.inc();
+                            let _ = started_tx.send(Err(e));
+                            return;
+                        }
+                    };
                     metrics
                         .kernel_map_memory
                         .set(opened.kernel_memory_bytes as i64);
@@ -123,8 +132,12 @@ impl Pipeline {
                     } else {
                         None
                     };
-                    let sources =
-                        sources::native(settings.demangle, kernel_symbols, settings.caches);
+                    let sources = sources::native(
+                        settings.demangle,
+                        kernel_symbols,
+                        settings.caches,
+                        settings.python.then_some(interpreters),
+                    );
                     let worker = Worker::new(settings, sources, outputs);
                     worker.run(opened.sampler, &stop, &heartbeat);
                     drop(opened.early_snapshots);

@@ -86,6 +86,7 @@ fn sample(pid: u32, leaf: u64, count: u64) -> RawSample {
         comm: format!("p{pid}"),
         user: Stack::Frames(vec![leaf]),
         kernel: Stack::NotCollected,
+        python: Vec::new(),
         count,
     }
 }
@@ -118,6 +119,7 @@ fn run_worker(
         sample_rate: 97,
         collect_user: true,
         collect_kernel: false,
+        python: false,
         demangle: Demangle::None,
         caches: CacheConfig::default(),
         container_id_cache_size: 16,

@@ -7,6 +7,9 @@
 //!
 //! Names come from [`FrameSource`]s, chosen by the class of the mapping an address falls in
 //! ([`MappingClass`]): see [`sources`] for the registered ones, in the order they are asked.
+//! Frames an interpreter ran, which the kernel program recorded beside the native stack
+//! (Python), come from an [`InterpretedSource`] and take the place of the native frames of
+//! the interpreter loop that ran them.
 //! Whatever no source names becomes `module+0xoffset` when the module is known and
 //! `[unknown]` otherwise, so no sample is dropped for lack of a name.
 
@@ -15,7 +18,9 @@ mod source;
 pub mod sources;
 
 pub use resolve::{prepare, resolve};
-pub use source::{Found, FrameSource, MappingClass, SYSCALL_INSTRUCTION, Site, Sources};
+pub use source::{
+    Found, FrameSource, InterpretedSource, MappingClass, SYSCALL_INSTRUCTION, Site, Sources,
+};
 
 pub use crate::symbolize::{Frame, Frames, UNKNOWN};
 use crate::{process::Mapping, sampler::RawSample};
@@ -36,8 +41,8 @@ pub enum FrameKind {
     Native,
     /// Code generated at run time (anonymous executable memory), named from a perf map.
     Jit,
-    /// A function of an interpreted language, named from the interpreter's own structures.
-    Interpreted,
+    /// A Python function, named from the interpreter's code object.
+    Python,
     /// A frame that stands for no instruction: a lost stack, the thread name.
     Synthetic,
 }

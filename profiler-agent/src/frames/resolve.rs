@@ -16,6 +16,9 @@ use crate::{
     sampler::{RawSample, Stack},
 };
 
+/// Stands for an interpreter frame when no interpreted source is registered.
+const UNKNOWN_STATIC: &str = super::UNKNOWN;
+
 /// What a stack address is, which decides the instruction it names.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Role {
@@ -73,7 +76,11 @@ pub fn resolve<'a>(
             frames: Vec::with_capacity(
                 samples
                     .iter()
-                    .map(|s| s.user.frames().len().max(1) + s.kernel.frames().len().max(1))
+                    .map(|s| {
+                        s.user.frames().len().max(1)
+                            + s.kernel.frames().len().max(1)
+                            + s.python.len()
+                    })
                     .sum(),
             ),
             ..Stacks::default()
@@ -82,6 +89,7 @@ pub fn resolve<'a>(
         by_mapping: FastMap::default(),
         mappings: FastMap::default(),
         kernel: FastMap::default(),
+        interpreted: FastMap::default(),
         kernel_mapping: None,
         synthetic: FastMap::default(),
     };
@@ -112,6 +120,8 @@ struct Resolver<'s, 'a> {
     /// By (start, end, offset), then path.
     mappings: FastMap<(u64, u64, u64), Vec<u32>>,
     kernel: FastMap<u64, u32>,
+    /// By (pid, recorded interpreter frame).
+    interpreted: FastMap<(u32, u64), u32>,
     kernel_mapping: Option<u32>,
     synthetic: FastMap<&'static str, u32>,
 }
@@ -139,19 +149,79 @@ impl Resolver<'_, '_> {
             Role::KernelEntry
         };
         match &sample.user {
-            Stack::Frames(frames) => {
-                for (depth, &address) in frames.iter().enumerate() {
-                    let role = if depth == 0 { first_user } else { Role::Caller };
-                    let index = self.user_location(process, address, role);
-                    self.stacks.frames.push(index);
-                }
-            }
+            Stack::Frames(frames) => self.user_stack(process, frames, &sample.python, first_user),
             Stack::Lost => {
                 let index = self.synthetic(LOST_USER_STACK);
                 self.stacks.frames.push(index);
             }
             Stack::NotCollected => {}
         }
+    }
+
+    /// The user frames, each native run of the interpreter loop replaced by the recorded
+    /// interpreter frames of that run (innermost first, as the native frames are). Runs left
+    /// over when the native stack ends (its walk stopped early) go on its outer end.
+    fn user_stack(&mut self, process: &ProcessInfo, frames: &[u64], python: &[u64], first: Role) {
+        let mut runs = python;
+        for (depth, &address) in frames.iter().enumerate() {
+            let role = if depth == 0 { first } else { Role::Caller };
+            if !runs.is_empty() && self.runs_interpreter(process, address, role) {
+                let end = self.run_end(runs);
+                self.interpreted_frames(process, &runs[..end]);
+                runs = &runs[end..];
+                continue;
+            }
+            let index = self.user_location(process, address, role);
+            self.stacks.frames.push(index);
+        }
+        self.interpreted_frames(process, runs);
+    }
+
+    fn runs_interpreter(&mut self, process: &ProcessInfo, address: u64, role: Role) -> bool {
+        let lookup = lookup_address(address, role == Role::Caller);
+        self.sources
+            .interpreted()
+            .is_some_and(|source| source.runs_interpreter(process, lookup))
+    }
+
+    /// How many of `runs`' frames make its first run: up to and including its entry frame.
+    fn run_end(&mut self, runs: &[u64]) -> usize {
+        let Some(source) = self.sources.interpreted() else {
+            return runs.len();
+        };
+        runs.iter()
+            .position(|&raw| source.is_entry(raw))
+            .map_or(runs.len(), |i| i + 1)
+    }
+
+    fn interpreted_frames(&mut self, process: &ProcessInfo, raws: &[u64]) {
+        for &raw in raws {
+            let index = self.interpreted_location(process, raw);
+            self.stacks.frames.push(index);
+        }
+    }
+
+    fn interpreted_location(&mut self, process: &ProcessInfo, raw: u64) -> u32 {
+        let key = (process.pid, raw);
+        if let Some(&index) = self.interpreted.get(&key) {
+            return index;
+        }
+        let Some(source) = self.sources.interpreted() else {
+            return self.synthetic(UNKNOWN_STATIC);
+        };
+        let (frame, known) = match source.frame(process, raw) {
+            Some(frame) => (frame, true),
+            None => (Frame::named(source.unnamed()), false),
+        };
+        self.sources.count_frame(known);
+        let index = self.push(Location {
+            kind: FrameKind::Python,
+            address: 0,
+            mapping: None,
+            frames: std::sync::Arc::new([frame]),
+        });
+        self.interpreted.insert(key, index);
+        index
     }
 
     fn push(&mut self, location: Location) -> u32 {

@@ -86,6 +86,28 @@ pub trait FrameSource {
     fn next_round(&mut self) {}
 }
 
+/// Names the frames of an interpreted language that the kernel program recorded beside a
+/// native stack (`RawSample::python`), and says which native frames they replace: each run
+/// of the interpreter loop is one native frame, and the recorded frames come in runs, each
+/// ending (outermost) with an entry frame.
+pub trait InterpretedSource {
+    /// Short name for logs and tests.
+    fn name(&self) -> &'static str;
+    /// Whether the native instruction at `address` of `process` is in the interpreter loop.
+    fn runs_interpreter(&mut self, process: &ProcessInfo, address: u64) -> bool;
+    /// Whether a recorded frame is the outermost of its run.
+    fn is_entry(&self, raw: u64) -> bool;
+    /// The frame for a recorded value, or `None` when it cannot be named (shown as the
+    /// language's unknown frame).
+    fn frame(&mut self, process: &ProcessInfo, raw: u64) -> Option<Frame>;
+    /// The name shown for a frame that could not be named.
+    fn unnamed(&self) -> &'static str;
+    /// Marks the end of a collect interval.
+    fn next_round(&mut self) {}
+    /// Adds this source's figures.
+    fn add_stats(&self, _stats: &mut SymbolizeStats) {}
+}
+
 /// The instruction that enters the kernel for a system call.
 #[cfg(target_arch = "x86_64")]
 pub const SYSCALL_INSTRUCTION: [u8; 2] = [0x0f, 0x05];
@@ -96,6 +118,8 @@ pub const SYSCALL_INSTRUCTION: [u8; 4] = [0x01, 0x00, 0x00, 0xd4];
 /// The registered sources, asked in order, with the counts of named and unnamed frames.
 pub struct Sources {
     sources: Vec<Box<dyn FrameSource>>,
+    /// Names recorded interpreter frames (one language for now: CPython).
+    interpreted: Option<Box<dyn InterpretedSource>>,
     known_frames: u64,
     unknown_frames: u64,
 }
@@ -104,14 +128,40 @@ impl Sources {
     pub fn new(sources: Vec<Box<dyn FrameSource>>) -> Self {
         Self {
             sources,
+            interpreted: None,
             known_frames: 0,
             unknown_frames: 0,
         }
     }
 
-    /// Names of the registered sources, in the order they are asked.
+    /// Registers the source of recorded interpreter frames.
+    pub fn with_interpreted(mut self, source: Box<dyn InterpretedSource>) -> Self {
+        self.interpreted = Some(source);
+        self
+    }
+
+    /// The source of recorded interpreter frames, when one is registered.
+    pub fn interpreted(&mut self) -> Option<&mut (dyn InterpretedSource + 'static)> {
+        self.interpreted.as_deref_mut()
+    }
+
+    /// Counts an interpreter frame named (or not) outside [`Sources::user_frames`].
+    pub fn count_frame(&mut self, known: bool) {
+        if known {
+            self.known_frames += 1;
+        } else {
+            self.unknown_frames += 1;
+        }
+    }
+
+    /// Names of the registered sources, in the order they are asked, then the interpreted
+    /// one.
     pub fn names(&self) -> Vec<&'static str> {
-        self.sources.iter().map(|s| s.name()).collect()
+        self.sources
+            .iter()
+            .map(|s| s.name())
+            .chain(self.interpreted.as_ref().map(|s| s.name()))
+            .collect()
     }
 
     pub fn prepare(&mut self, class: MappingClass, addresses: &[u64]) {
@@ -223,12 +273,18 @@ impl Sources {
         for source in &self.sources {
             source.add_stats(&mut stats);
         }
+        if let Some(source) = &self.interpreted {
+            source.add_stats(&mut stats);
+        }
         stats
     }
 
     /// Marks the end of a collect interval for every source's caches.
     pub fn next_round(&mut self) {
         for source in &mut self.sources {
+            source.next_round();
+        }
+        if let Some(source) = &mut self.interpreted {
             source.next_round();
         }
     }

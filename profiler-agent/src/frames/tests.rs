@@ -89,6 +89,7 @@ fn raw(pid: u32, user: Vec<u64>, kernel: Stack) -> RawSample {
         comm: "p".into(),
         user: Stack::Frames(user),
         kernel,
+        python: Vec::new(),
         count: 1,
     }
 }
@@ -220,6 +221,7 @@ fn a_process_without_a_snapshot_keeps_its_samples() {
         comm: "gone".into(),
         user: Stack::Lost,
         kernel: Stack::NotCollected,
+        python: Vec::new(),
         count: 5,
     }];
     let refs: Vec<&RawSample> = samples.iter().collect();
@@ -260,7 +262,7 @@ fn names_own_code_and_vdso() {
         symbol_memory_limit: u64::MAX,
         ..CacheConfig::default()
     };
-    let mut s = sources::native(Demangle::Simplified, None, caches);
+    let mut s = sources::native(Demangle::Simplified, None, caches, None);
     assert_eq!(s.names(), ["perf map", "vdso", "elf"]);
     let here = names_own_code_and_vdso as *const () as u64;
     let (_, frames) = s.user_frames(&info, info.mapping_for(here), here);
@@ -308,4 +310,69 @@ fn unknown_and_anonymous_addresses_keep_a_name() {
     let anon = info.mapping_for(0x1010);
     assert_eq!(&*s.user_frames(&info, anon, 0x1010).1[0].name, "[anon]");
     assert_eq!(s.stats().unknown_frames, 2);
+}
+
+/// Interpreter frames recorded as `code | entry bit`: names them `py<code hex>`, except code
+/// 0xdead (unreadable); the interpreter loop is at 0x2000..0x3000.
+struct Interpreter;
+
+impl InterpretedSource for Interpreter {
+    fn name(&self) -> &'static str {
+        "interpreter"
+    }
+    fn runs_interpreter(&mut self, _: &ProcessInfo, address: u64) -> bool {
+        (0x2000..0x3000).contains(&address)
+    }
+    fn is_entry(&self, raw: u64) -> bool {
+        raw & (1 << 63) != 0
+    }
+    fn frame(&mut self, _: &ProcessInfo, raw: u64) -> Option<Frame> {
+        let code = raw & !(1 << 63);
+        (code != 0xdead).then(|| Frame {
+            file: Some("x.py".into()),
+            line: 7,
+            ..Frame::named(format!("py{code:x}"))
+        })
+    }
+    fn unnamed(&self) -> &'static str {
+        "[py?]"
+    }
+}
+
+#[test]
+fn interpreter_runs_replace_their_loop_frames_in_order() {
+    let entry = 1u64 << 63;
+    let mut sources = Sources::new(vec![table(
+        "elf",
+        MappingClass::File,
+        FrameKind::Native,
+        u64::MAX,
+    )])
+    .with_interpreted(Box::new(Interpreter));
+    let processes = HashMap::from([(1, process(1))]);
+    // C leaf, loop (run of 2), C extension, loop (run of 1), main. Return addresses are
+    // looked up one byte back: 0x2001 names 0x2000, inside the loop.
+    let mut sample = raw(
+        1,
+        vec![0x1100, 0x2100, 0x1500, 0x2001, 0x1800],
+        Stack::NotCollected,
+    );
+    sample.python = vec![0xa1, 0xa2 | entry, 0xb1 | entry];
+    // No loop frame left for the third run: it goes on the outer end; unreadable code is
+    // named by the source's placeholder.
+    let mut short = raw(1, vec![0x1100, 0x2100], Stack::NotCollected);
+    short.python = vec![0xa1 | entry, 0xdead | entry];
+    let samples = [sample, short];
+    let refs: Vec<&RawSample> = samples.iter().collect();
+    let stacks = resolve(&mut sources, &refs, &processes);
+    assert_eq!(
+        names(&stacks, 0),
+        ["elf@1100", "pya1", "pya2", "elf@14ff", "pyb1", "elf@17ff"]
+    );
+    assert_eq!(names(&stacks, 1), ["elf@1100", "pya1", "[py?]"]);
+    let python = stacks.location(stacks.stack(&stacks.samples[0])[1]);
+    assert_eq!(python.kind, FrameKind::Python);
+    assert_eq!(python.frames[0].file.as_deref(), Some("x.py"));
+    assert_eq!(python.frames[0].line, 7);
+    assert_eq!(python.mapping, None);
 }

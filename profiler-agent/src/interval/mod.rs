@@ -131,17 +131,20 @@ pub fn build_one(
 
 /// One sample per (pid, comm, stacks) over the interval's drains.
 fn merge(samples: Vec<RawSample>) -> Vec<RawSample> {
-    let mut counts: HashMap<(u32, String, Stack, Stack), u64> = HashMap::new();
+    let mut counts: HashMap<(u32, String, Stack, Stack, Vec<u64>), u64> = HashMap::new();
     for s in samples {
-        *counts.entry((s.pid, s.comm, s.user, s.kernel)).or_default() += s.count;
+        *counts
+            .entry((s.pid, s.comm, s.user, s.kernel, s.python))
+            .or_default() += s.count;
     }
     counts
         .into_iter()
-        .map(|((pid, comm, user, kernel), count)| RawSample {
+        .map(|((pid, comm, user, kernel, python), count)| RawSample {
             pid,
             comm,
             user,
             kernel,
+            python,
             count,
         })
         .collect()

@@ -55,6 +55,7 @@ fn sample(pid: u32, leaf: u64, count: u64) -> RawSample {
         comm: format!("p{pid}"),
         user: Stack::Frames(vec![leaf, 0x2000]),
         kernel: Stack::NotCollected,
+        python: Vec::new(),
         count,
     }
 }
@@ -175,6 +176,7 @@ fn merge_sums_equal_stacks_across_drains() {
         comm: "c".into(),
         user: Stack::Frames(frames),
         kernel: Stack::NotCollected,
+        python: Vec::new(),
         count,
     };
     let merged = merge(vec![

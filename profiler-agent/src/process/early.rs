@@ -34,12 +34,14 @@ pub struct EarlySnapshots {
 
 impl EarlySnapshots {
     /// Starts the thread; snapshots of live processes arrive on the returned receiver, each
-    /// first shown to `on_snapshot` (which loads its unwind tables) on the thread.
+    /// first shown to `on_snapshot` (which loads its unwind tables) on the thread, which
+    /// also calls it with `None` after each wait for announcements (at least every
+    /// 200 ms).
     pub fn start(
         mut announcements: impl Announcements,
         proc_root: impl Into<PathBuf>,
         container_id_cache_size: usize,
-        mut on_snapshot: impl FnMut(&ProcessInfo) + Send + 'static,
+        mut on_snapshot: impl FnMut(Option<&ProcessInfo>) + Send + 'static,
     ) -> std::io::Result<(Self, mpsc::Receiver<ProcessInfo>)> {
         let (tx, rx) = mpsc::channel();
         let stop = Arc::new(AtomicBool::new(false));
@@ -56,11 +58,12 @@ impl EarlySnapshots {
                             if info.vanished {
                                 continue;
                             }
-                            on_snapshot(&info);
+                            on_snapshot(Some(&info));
                             // The receiver may be gone (nobody takes the snapshots): the
                             // thread still serves `on_snapshot`.
                             let _ = tx.send(info);
                         }
+                        on_snapshot(None);
                     }
                 })?
         };
@@ -109,7 +112,11 @@ mod tests {
             Scripted(vec![vec![gone, me]]),
             "/proc",
             16,
-            move |info: &ProcessInfo| shown.lock().unwrap().push(info.pid),
+            move |info: Option<&ProcessInfo>| {
+                if let Some(info) = info {
+                    shown.lock().unwrap().push(info.pid);
+                }
+            },
         )
         .unwrap();
         let info = rx.recv_timeout(Duration::from_secs(10)).unwrap();

@@ -310,6 +310,7 @@ fn raw_sample() -> impl Strategy<Value = RawSample> {
             comm: comm.into(),
             user,
             kernel,
+            python: Vec::new(),
             count,
         })
 }

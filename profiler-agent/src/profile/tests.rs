@@ -116,6 +116,7 @@ fn recording() -> Recording {
             // leaf first; the caller's return address 0x2001 resolves via 0x2000
             user: Stack::Frames(vec![0x1500, 0x2001]),
             kernel: Stack::NotCollected,
+            python: Vec::new(),
             count: 3,
         },
         RawSample {
@@ -123,6 +124,7 @@ fn recording() -> Recording {
             comm: "worker".into(),
             user: Stack::Frames(vec![0x1500, 0x2001]),
             kernel: Stack::Frames(vec![0xffff_ffff_8100_0000]),
+            python: Vec::new(),
             count: 2,
         },
         RawSample {
@@ -130,6 +132,7 @@ fn recording() -> Recording {
             comm: "app".into(),
             user: Stack::Lost,
             kernel: Stack::NotCollected,
+            python: Vec::new(),
             count: 1,
         },
     ];
@@ -377,6 +380,7 @@ fn one_function_per_text_whether_or_not_the_symbolizer_shares_strings() {
             comm: "app".into(),
             user: Stack::Frames(vec![leaf]),
             kernel: Stack::NotCollected,
+            python: Vec::new(),
             count: 1,
         })
         .collect();

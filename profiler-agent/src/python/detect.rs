@@ -30,6 +30,19 @@ pub struct Interpreter {
     /// Address of `_PyRuntime` in the process.
     pub runtime: u64,
     pub layout: &'static Layout,
+    /// Where `_PyEval_EvalFrameDefault` (and its `.cold` part, when the symbol table has it)
+    /// is in the process, as (start, end): each of its native frames is one run of the
+    /// interpreter loop, which the Python frames of that run replace. (0, 0) when absent.
+    pub eval: [(u64, u64); 2],
+}
+
+impl Interpreter {
+    /// Whether `address` is in the interpreter loop.
+    pub fn in_eval(&self, address: u64) -> bool {
+        self.eval
+            .iter()
+            .any(|&(start, end)| (start..end).contains(&address))
+    }
 }
 
 /// Why a process that maps CPython cannot be read as one.
@@ -86,9 +99,10 @@ fn from_mapping(
             .dynamic_symbols()
             .chain(object.symbols())
             .find(|s| s.name() == Ok(name))
-            .map(|s| s.address())
+            .map(|s| (s.address(), s.size()))
     };
-    let (Some(runtime), Some(version)) = (symbol("_PyRuntime"), symbol("Py_Version")) else {
+    let (Some((runtime, _)), Some((version, _))) = (symbol("_PyRuntime"), symbol("Py_Version"))
+    else {
         return Err(DetectError::NoSymbols {
             path: mapping.path.clone(),
         });
@@ -98,16 +112,26 @@ fn from_mapping(
     let (major, minor, micro) = ((hex >> 24) as u8, (hex >> 16) as u8, (hex >> 8) as u8);
     let layout =
         Layout::for_version(major, minor).ok_or(DetectError::UnknownVersion { major, minor })?;
+    let range = |name: &str| {
+        symbol(name).map_or((0, 0), |(address, size)| {
+            let start = address.wrapping_add(bias);
+            (start, start.wrapping_add(size))
+        })
+    };
     Ok(Some(Interpreter {
         pid: process.pid,
         version: (major, minor, micro),
         runtime: runtime.wrapping_add(bias),
         layout,
+        eval: [
+            range("_PyEval_EvalFrameDefault"),
+            range("_PyEval_EvalFrameDefault.cold"),
+        ],
     }))
 }
 
 /// `python3.N`, `python3.N[d|m]` or `libpython3.N[d].so[.1.0]`, by file name.
-fn is_cpython(path: &str) -> bool {
+pub(crate) fn is_cpython(path: &str) -> bool {
     let name = path.rsplit('/').next().unwrap_or(path);
     let rest = name
         .strip_prefix("libpython3.")

@@ -1,6 +1,8 @@
 //! Byte offsets of the CPython structures a stack walk reads, per minor version. Each table
 //! names its source. A table is used only for the minor version it was written for.
 
+use profiler_common::{PY_NO_OFFSET, PythonProcess};
+
 /// Offsets into CPython's structures (x86_64), and sizes of the object headers read.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Layout {
@@ -10,8 +12,10 @@ pub struct Layout {
     /// `PyInterpreterState.next` and `.threads.head`.
     pub interp_next: u64,
     pub interp_threads_head: u64,
-    /// `PyThreadState.next`, `.native_thread_id`, `.cframe`.
+    /// `PyThreadState.next`, `.thread_id` (`pthread_self()`), `.native_thread_id`,
+    /// `.cframe`.
     pub thread_next: u64,
+    pub thread_id: u64,
     pub thread_native_id: u64,
     pub thread_cframe: u64,
     /// `_PyCFrame.current_frame`.
@@ -22,6 +26,9 @@ pub struct Layout {
     pub frame_previous: u64,
     pub frame_prev_instr: u64,
     pub frame_owner: u64,
+    /// `_PyInterpreterFrame.is_entry` (3.11); 3.12 marks each run of the interpreter loop
+    /// with a C-stack shim frame instead.
+    pub frame_is_entry: Option<u64>,
     /// `PyCodeObject.co_filename`, `.co_qualname`, `.co_linetable`, `.co_firstlineno`, and
     /// where its instructions start (`co_code_adaptive`).
     pub code_filename: u64,
@@ -51,6 +58,7 @@ pub const PY311: Layout = Layout {
     interp_next: 0,
     interp_threads_head: 16,
     thread_next: 8,
+    thread_id: 152,
     thread_native_id: 160,
     thread_cframe: 56,
     cframe_current_frame: 8,
@@ -58,6 +66,7 @@ pub const PY311: Layout = Layout {
     frame_previous: 48,
     frame_prev_instr: 56,
     frame_owner: 69,
+    frame_is_entry: Some(68),
     code_filename: 112,
     code_qualname: 128,
     code_linetable: 136,
@@ -80,6 +89,7 @@ pub const PY312: Layout = Layout {
     interp_next: 0,
     interp_threads_head: 72,
     thread_next: 8,
+    thread_id: 136,
     thread_native_id: 144,
     thread_cframe: 56,
     cframe_current_frame: 0,
@@ -87,6 +97,7 @@ pub const PY312: Layout = Layout {
     frame_previous: 8,
     frame_prev_instr: 56,
     frame_owner: 70,
+    frame_is_entry: None,
     code_filename: 112,
     code_qualname: 128,
     code_linetable: 136,
@@ -101,6 +112,32 @@ pub const PY312: Layout = Layout {
 };
 
 impl Layout {
+    /// What the kernel program needs to walk a thread's frames with this layout, for the
+    /// interpreter whose `_PyRuntime` is at `runtime`.
+    pub fn kernel_walk(&self, runtime: u64) -> PythonProcess {
+        let offset = |o: u64| u16::try_from(o).unwrap_or(PY_NO_OFFSET);
+        PythonProcess {
+            interpreters_head: runtime + self.runtime_interpreters_head,
+            interp_threads_head: offset(self.interp_threads_head),
+            thread_next: offset(self.thread_next),
+            thread_id: offset(self.thread_id),
+            thread_frame: offset(self.thread_cframe),
+            cframe_current_frame: offset(self.cframe_current_frame),
+            frame_code: offset(self.frame_code),
+            frame_previous: offset(self.frame_previous),
+            frame_instruction: offset(self.frame_prev_instr),
+            frame_owner: offset(self.frame_owner),
+            frame_is_entry: self.frame_is_entry.map_or(PY_NO_OFFSET, offset),
+            code_instructions: offset(self.code_instructions),
+            instruction_kind: PythonProcess::INSTRUCTION_POINTER,
+            entry_kind: if self.frame_is_entry.is_some() {
+                PythonProcess::ENTRY_FIELD
+            } else {
+                PythonProcess::ENTRY_CSTACK_SHIM
+            },
+        }
+    }
+
     /// The layout of CPython `major.minor`, when this agent has one.
     pub fn for_version(major: u8, minor: u8) -> Option<&'static Layout> {
         [&PY311, &PY312]
@@ -136,7 +173,7 @@ mod tests {
     fn compare(l: &Layout, include: &std::path::Path) {
         let dir = tempfile::tempdir().unwrap();
         let source = dir.path().join("offsets.c");
-        let fields = [
+        let mut fields = vec![
             (
                 "offsetof(_PyRuntimeState, interpreters.head)",
                 l.runtime_interpreters_head,
@@ -147,6 +184,7 @@ mod tests {
                 l.interp_threads_head,
             ),
             ("offsetof(PyThreadState, next)", l.thread_next),
+            ("offsetof(PyThreadState, thread_id)", l.thread_id),
             (
                 "offsetof(PyThreadState, native_thread_id)",
                 l.thread_native_id,
@@ -175,6 +213,9 @@ mod tests {
             ("offsetof(PyVarObject, ob_size)", l.bytes_size),
             ("offsetof(PyBytesObject, ob_sval)", l.bytes_data),
         ];
+        if let Some(is_entry) = l.frame_is_entry {
+            fields.push(("offsetof(_PyInterpreterFrame, is_entry)", is_entry));
+        }
         let prints: String = fields
             .iter()
             .map(|(expr, _)| format!("    printf(\"%zu\\n\", (size_t)({expr}));\n"))

@@ -5,14 +5,17 @@
 //! (`process_vm_readv`, or a test double); every read is bounded and every pointer checked,
 //! since the process is not trusted.
 //!
-//! This is the user-space half of Python frames: the kernel program will walk the same
-//! frame chain at sample time with the offsets of [`layout::Layout`], and user space names
-//! each (code object, instruction) pair with [`stack::CodeNames`].
+//! The kernel program walks the same frame chain at sample time with the offsets of
+//! [`layout::Layout`] (see `profiler_common::PythonProcess`), and user space names each
+//! recorded (code object, instruction) pair with [`stack::CodeNames`]. [`interpreters`]
+//! ties the two together for one sampler.
 
 pub mod detect;
+pub mod interpreters;
 pub mod layout;
 pub mod remote;
 pub mod stack;
 
 pub use detect::{Interpreter, detect};
+pub use interpreters::{Interpreters, PythonStats};
 pub use layout::Layout;

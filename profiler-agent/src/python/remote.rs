@@ -31,6 +31,12 @@ pub trait RemoteMemory {
     }
 }
 
+impl<T: RemoteMemory + ?Sized> RemoteMemory for &T {
+    fn read(&self, address: u64, buf: &mut [u8]) -> Result<(), RemoteError> {
+        (**self).read(address, buf)
+    }
+}
+
 /// A live process, read with `process_vm_readv` (needs ptrace access: root, or the same
 /// user without Yama restrictions).
 pub struct ProcessMemory {

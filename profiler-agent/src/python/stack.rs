@@ -5,7 +5,7 @@
 //! table) and keeps the answer only while the object still holds the same name and file
 //! pointers, so a freed and reused code object is never given a stale name.
 
-use std::collections::HashMap;
+use std::{collections::HashMap, sync::Arc};
 
 use super::{
     detect::Interpreter,
@@ -103,9 +103,9 @@ fn read_thread(
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PyFrame {
     /// `co_qualname`: `Class.method`, `outer.<locals>.inner`.
-    pub name: String,
+    pub name: Arc<str>,
     /// `co_filename`.
-    pub file: String,
+    pub file: Arc<str>,
     /// The line of the instruction, when the location table has one.
     pub line: Option<u32>,
     /// `co_firstlineno`: the function's `def` line.
@@ -117,25 +117,43 @@ pub struct PyFrame {
 struct Code {
     /// `co_qualname`, `co_filename` and `co_linetable` pointers when read.
     identity: [u64; 3],
-    name: String,
-    file: String,
+    name: Arc<str>,
+    file: Arc<str>,
     first_line: u32,
     linetable: Vec<u8>,
 }
 
 /// Names code objects of one process, caching each by address while its identity holds.
-pub struct CodeNames<'m> {
-    memory: &'m dyn RemoteMemory,
+pub struct CodeNames<M> {
+    memory: M,
     layout: &'static Layout,
     codes: HashMap<u64, Code>,
 }
 
-impl<'m> CodeNames<'m> {
-    pub fn new(memory: &'m dyn RemoteMemory, layout: &'static Layout) -> Self {
+impl<M: RemoteMemory> CodeNames<M> {
+    pub fn new(memory: M, layout: &'static Layout) -> Self {
         Self {
             memory,
             layout,
             codes: HashMap::new(),
+        }
+    }
+
+    /// Code objects named so far.
+    pub fn len(&self) -> usize {
+        self.codes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.codes.is_empty()
+    }
+
+    /// [`CodeNames::name`], or when the process can no longer be read (it exited), the name
+    /// its code object had when last read.
+    pub fn name_or_last(&mut self, frame: RawFrame) -> Option<PyFrame> {
+        match self.name(frame) {
+            Ok(named) => Some(named),
+            Err(_) => self.codes.get(&frame.code).map(|code| code.frame(frame)),
         }
     }
 
@@ -155,29 +173,35 @@ impl<'m> CodeNames<'m> {
             let code = self.read_code(frame.code, identity)?;
             self.codes.insert(frame.code, code);
         }
-        let code = &self.codes[&frame.code];
-        Ok(PyFrame {
-            name: code.name.clone(),
-            file: code.file.clone(),
-            line: line_of(&code.linetable, code.first_line, frame.instruction),
-            first_line: code.first_line,
-        })
+        Ok(self.codes[&frame.code].frame(frame))
     }
 
     fn read_code(&self, code: u64, identity: [u64; 3]) -> Result<Code, RemoteError> {
         let [qualname, filename, linetable] = identity;
+        let memory = &self.memory;
         Ok(Code {
             identity,
-            name: read_str(self.memory, self.layout, qualname)?,
-            file: read_str(self.memory, self.layout, filename)?,
-            first_line: self.memory.read_u32(code + self.layout.code_firstlineno)?,
-            linetable: read_bytes(self.memory, self.layout, linetable)?,
+            name: read_str(memory, self.layout, qualname)?.into(),
+            file: read_str(memory, self.layout, filename)?.into(),
+            first_line: memory.read_u32(code + self.layout.code_firstlineno)?,
+            linetable: read_bytes(memory, self.layout, linetable)?,
         })
     }
 }
 
+impl Code {
+    fn frame(&self, frame: RawFrame) -> PyFrame {
+        PyFrame {
+            name: self.name.clone(),
+            file: self.file.clone(),
+            line: line_of(&self.linetable, self.first_line, frame.instruction),
+            first_line: self.first_line,
+        }
+    }
+}
+
 /// A `str` object's text (compact strings only, which every name and file name is).
-fn read_str(memory: &dyn RemoteMemory, l: &Layout, object: u64) -> Result<String, RemoteError> {
+fn read_str(memory: &impl RemoteMemory, l: &Layout, object: u64) -> Result<String, RemoteError> {
     let length = memory.read_u64(object + l.unicode_length)?.min(MAX_STRING);
     let state = memory.read_u32(object + l.unicode_state)?;
     // state: interned:2, kind:3, compact:1, ascii:1, ready:1.
@@ -209,7 +233,7 @@ fn read_str(memory: &dyn RemoteMemory, l: &Layout, object: u64) -> Result<String
 }
 
 /// A `bytes` object's contents.
-fn read_bytes(memory: &dyn RemoteMemory, l: &Layout, object: u64) -> Result<Vec<u8>, RemoteError> {
+fn read_bytes(memory: &impl RemoteMemory, l: &Layout, object: u64) -> Result<Vec<u8>, RemoteError> {
     let size = memory.read_u64(object + l.bytes_size)?.min(MAX_LINETABLE);
     let mut bytes = vec![0u8; size as usize];
     memory.read(object + l.bytes_data, &mut bytes)?;

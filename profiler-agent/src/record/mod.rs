@@ -25,6 +25,7 @@ use crate::{
     interval,
     process::DEFAULT_CONTAINER_ID_CACHE_SIZE,
     profile,
+    python::Interpreters,
     sampler::CounterSnapshot,
     symbolize::{CacheConfig, Demangle, kallsyms::KernelSymbols},
 };
@@ -52,6 +53,10 @@ pub struct RecordArgs {
     /// Do not record kernel stacks.
     #[arg(long)]
     pub no_kernel_stacks: bool,
+    /// Do not put Python functions in the stacks of CPython processes (their interpreter
+    /// loop's native frames stay).
+    #[arg(long)]
+    pub no_python: bool,
     /// How often the kernel maps are drained; short intervals keep maps small and catch
     /// short-lived processes' mappings early.
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
@@ -142,6 +147,7 @@ pub fn run(args: &RecordArgs) -> Result<Option<std::process::ExitStatus>, Record
         // What is recorded is the host or the named processes, not the recorder: its own
         // samples would cost it an unwind table and a symbol table of its own binary.
         exclude_self: true,
+        python: !args.no_python,
         // A command's children are not known yet: its inherited events are the filter.
         pids: (launched.is_none() && !args.pids.is_empty()).then(|| args.pids.clone()),
         // Named processes get events of their own, so the rest of the host is never
@@ -169,12 +175,15 @@ pub fn run(args: &RecordArgs) -> Result<Option<std::process::ExitStatus>, Record
             request_stop as *const () as libc::sighandler_t,
         );
     }
-    let opened =
-        open_sampler(&options, DEFAULT_CONTAINER_ID_CACHE_SIZE, true).inspect_err(|_| {
-            // Leave no empty file behind for a recording that never started (and a held
-            // command is killed when `launched` drops).
-            remove_outputs();
-        })?;
+    let interpreters = Interpreters::new();
+    let opened = open_sampler(&options, DEFAULT_CONTAINER_ID_CACHE_SIZE, true, |kernel| {
+        interpreters.hook(kernel).into_iter().collect()
+    })
+    .inspect_err(|_| {
+        // Leave no empty file behind for a recording that never started (and a held
+        // command is killed when `launched` drops).
+        remove_outputs();
+    })?;
     let kernel_memory = opened.kernel_memory_bytes;
     let mut sampler = opened.sampler;
     let early_snapshots = opened.early_snapshots;
@@ -244,7 +253,12 @@ pub fn run(args: &RecordArgs) -> Result<Option<std::process::ExitStatus>, Record
             .map(KernelSymbols::one_shot)
     };
     // The whole recording is one interval, named with the default caches.
-    let mut sources = sources::native(args.demangle, kernel_symbols, CacheConfig::default());
+    let mut sources = sources::native(
+        args.demangle,
+        kernel_symbols,
+        CacheConfig::default(),
+        options.python.then_some(interpreters),
+    );
     let counters = recording.counters;
     let tables = recording.unwind_tables;
     eprintln!(

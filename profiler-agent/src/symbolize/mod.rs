@@ -66,6 +66,10 @@ pub struct SymbolizeStats {
     pub pid_cache: CacheStats,
     /// The symbol memory budget: bytes in use, and what was left out for lack of it.
     pub symbols: BudgetStats,
+    /// Python frames named and not, and the processes whose frames the kernel walks.
+    pub python_frames_named: u64,
+    pub python_frames_unnamed: u64,
+    pub python_processes: u64,
 }
 
 /// Cache sizes with pyroscope.ebpf's names and defaults.

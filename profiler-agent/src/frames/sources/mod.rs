@@ -5,12 +5,16 @@
 mod kernel;
 mod native;
 mod perfmap;
+mod python;
 mod vdso;
 
+pub use self::python::UNNAMED_PYTHON;
 use self::{
-    kernel::KallsymsSource, native::NativeSource, perfmap::PerfMapSource, vdso::VdsoSource,
+    kernel::KallsymsSource, native::NativeSource, perfmap::PerfMapSource, python::PythonSource,
+    vdso::VdsoSource,
 };
 use super::{FrameSource, Sources};
+use crate::python::Interpreters;
 use crate::symbolize::{
     CacheConfig, Demangle,
     budget::{Limits, SymbolBudget},
@@ -19,7 +23,13 @@ use crate::symbolize::{
 
 /// The sources the agent names frames with. `kernel` is none when kernel stacks are not
 /// collected or kallsyms could not be read (kernel frames are then `[unknown]`).
-pub fn native(demangle: Demangle, kernel: Option<KernelSymbols>, caches: CacheConfig) -> Sources {
+/// `python` names the Python frames of the sampler's CPython processes, when it walks them.
+pub fn native(
+    demangle: Demangle,
+    kernel: Option<KernelSymbols>,
+    caches: CacheConfig,
+    python: Option<Interpreters>,
+) -> Sources {
     // One budget for every binary any source loads.
     let budget = SymbolBudget::new(caches.symbol_memory_limit, Limits::default());
     let mut sources: Vec<Box<dyn FrameSource>> = vec![
@@ -30,10 +40,14 @@ pub fn native(demangle: Demangle, kernel: Option<KernelSymbols>, caches: CacheCo
     if let Some(symbols) = kernel {
         sources.push(Box::new(KallsymsSource::new(symbols)));
     }
-    Sources::new(sources)
+    let sources = Sources::new(sources);
+    match python {
+        Some(interpreters) => sources.with_interpreted(Box::new(PythonSource::new(interpreters))),
+        None => sources,
+    }
 }
 
-/// [`native`] with the default caches and no kernel symbols.
+/// [`native`] with the default caches, no kernel symbols and no Python frames.
 pub fn user_only(demangle: Demangle) -> Sources {
-    native(demangle, None, CacheConfig::default())
+    native(demangle, None, CacheConfig::default(), None)
 }

@@ -332,13 +332,13 @@ fn read_live_stack(python: &str, version: (u8, u8)) {
             .collect::<Result<Vec<_>, _>>()
             .expect("a stopped process's frames are named");
         drop(stopped);
-        let ours: Vec<&PyFrame> = frames.iter().filter(|f| f.file == file).collect();
-        let chain: Vec<&str> = ours.iter().map(|f| f.name.as_str()).collect();
+        let ours: Vec<&PyFrame> = frames.iter().filter(|f| *f.file == *file).collect();
+        let chain: Vec<&str> = ours.iter().map(|f| &*f.name).collect();
         // Where the thread stopped: anywhere in the chain, innermost first.
         let full = ["tokenize", "parse", "handle_request", "main", "<module>"];
         assert!(chain.len() >= 2 && full.ends_with(&chain), "{frames:?}");
         for f in &ours {
-            if f.name != "<module>" {
+            if &*f.name != "<module>" {
                 let within = lines(&f.name);
                 assert!(
                     f.line.is_some_and(|l| within.contains(&l)),
