@@ -407,7 +407,7 @@ fn section(seconds: u64, cpus: usize, load: &str, ours: &Row, py_spy: &Row) -> R
     writeln!(
         s,
         "The two Python processes ran {:.0}% of the time on their CPUs while ours recorded \
-         them and {:.0}% while py-spy did (py-spy stops each process for each sample).\n",
+         them and {:.0}% while py-spy did (compare other CPU: a busy host takes its share).\n",
         share(ours),
         share(py_spy)
     )?;
