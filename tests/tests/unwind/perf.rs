@@ -77,7 +77,10 @@ pub fn record_beside_perf(dir: &Path, workload: Workload, seconds: u32) -> Both 
     control.send(&mut perf, "ping");
 
     let duration = format!("{seconds}s");
-    let mut agent = record_command(&["--pid", &pid_arg, "--duration", &duration], &out)
+    // Native stacks against native stacks: Python functions would stand in for CPython's
+    // interpreter loop, which perf shows.
+    let args = ["--pid", &pid_arg, "--duration", &duration, "--no-python"];
+    let mut agent = record_command(&args, &out)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
