@@ -1,6 +1,6 @@
 //! End-to-end tests of Python frames (issue 18): real CPython interpreters on the machine
-//! (Debian's python3.11, which `cargo xtask setup` installs, and pyenv's 3.11 and 3.12 where
-//! present) run the scripts in `tests/fixtures/python/`, sampled by `profiler-agent record`.
+//! (Debian's python3.11, which `cargo xtask setup` installs, and pyenv's 3.11, 3.12 and 3.13
+//! where present) run the scripts in `tests/fixtures/python/`, sampled by `profiler-agent record`.
 //!
 //! - A known chain (`main -> handle_request -> parse -> tokenize`, plus `json.dumps` into the
 //!   C extension `_json`): at least 90% of samples show it in order, each `chain.py` frame
@@ -35,7 +35,7 @@ fn script(name: &str) -> PathBuf {
 }
 
 /// The CPython executables to test: Debian's python3.11 (required in CI), then pyenv's
-/// 3.11 and 3.12 builds, the versions the agent reads.
+/// 3.11, 3.12 and 3.13 builds, the versions the agent reads.
 fn interpreters(test: &str) -> Vec<PathBuf> {
     let debian = PathBuf::from(DEBIAN_PYTHON);
     if !debian.exists() {
@@ -52,7 +52,7 @@ fn interpreters(test: &str) -> Vec<PathBuf> {
         .flatten()
         .filter_map(|version| {
             let name = version.file_name().into_string().ok()?;
-            let minor = ["3.11.", "3.12."]
+            let minor = ["3.11.", "3.12.", "3.13."]
                 .iter()
                 .find(|prefix| name.starts_with(*prefix))?;
             let exe = version

@@ -27,6 +27,9 @@ use crate::{process::Mapping, sampler::RawSample};
 
 /// Name of the mapping kernel frames belong to, as perf names it.
 pub const KERNEL_MAPPING: &str = "[kernel.kallsyms]";
+/// Name of the mapping Python frames belong to: they are functions of the interpreter, at
+/// no address of their own.
+pub const PYTHON_MAPPING: &str = "[python]";
 /// Frame standing in for a user stack the kernel could not record.
 pub const LOST_USER_STACK: &str = "[lost user stack]";
 /// Frame standing in for a kernel stack the kernel could not record.
@@ -66,6 +69,17 @@ impl MappingInfo {
             offset: mapping.offset,
             path: mapping.path.clone(),
             build_id,
+        }
+    }
+
+    /// The mapping of Python frames.
+    pub fn python() -> Self {
+        Self {
+            start: 0,
+            end: 0,
+            offset: 0,
+            path: PYTHON_MAPPING.to_owned(),
+            build_id: None,
         }
     }
 

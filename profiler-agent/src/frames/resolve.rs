@@ -91,6 +91,7 @@ pub fn resolve<'a>(
         kernel: FastMap::default(),
         interpreted: FastMap::default(),
         kernel_mapping: None,
+        python_mapping: None,
         synthetic: FastMap::default(),
     };
     static UNKNOWN_PROCESS: std::sync::OnceLock<ProcessInfo> = std::sync::OnceLock::new();
@@ -123,6 +124,7 @@ struct Resolver<'s, 'a> {
     /// By (pid, recorded interpreter frame).
     interpreted: FastMap<(u32, u64), u32>,
     kernel_mapping: Option<u32>,
+    python_mapping: Option<u32>,
     synthetic: FastMap<&'static str, u32>,
 }
 
@@ -214,10 +216,14 @@ impl Resolver<'_, '_> {
             None => (Frame::named(source.unnamed()), false),
         };
         self.sources.count_frame(known);
+        let mapping = *self.python_mapping.get_or_insert_with(|| {
+            self.stacks.mappings.push(MappingInfo::python());
+            self.stacks.mappings.len() as u32 - 1
+        });
         let index = self.push(Location {
             kind: FrameKind::Python,
             address: 0,
-            mapping: None,
+            mapping: Some(mapping),
             frames: std::sync::Arc::new([frame]),
         });
         self.interpreted.insert(key, index);

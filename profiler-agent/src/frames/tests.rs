@@ -374,5 +374,6 @@ fn interpreter_runs_replace_their_loop_frames_in_order() {
     assert_eq!(python.kind, FrameKind::Python);
     assert_eq!(python.frames[0].file.as_deref(), Some("x.py"));
     assert_eq!(python.frames[0].line, 7);
-    assert_eq!(python.mapping, None);
+    let mapping = &stacks.mappings[python.mapping.unwrap() as usize];
+    assert_eq!(mapping.path, PYTHON_MAPPING);
 }

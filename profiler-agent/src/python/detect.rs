@@ -7,7 +7,7 @@
 use object::{Object as _, ObjectSegment as _, ObjectSymbol as _};
 
 use super::{
-    layout::Layout,
+    layout::{DEBUG_OFFSETS_313_WORDS, Layout},
     remote::{RemoteError, RemoteMemory},
 };
 use crate::{
@@ -29,7 +29,7 @@ pub struct Interpreter {
     pub version: (u8, u8, u8),
     /// Address of `_PyRuntime` in the process.
     pub runtime: u64,
-    pub layout: &'static Layout,
+    pub layout: Layout,
     /// Where `_PyEval_EvalFrameDefault` (and its `.cold` part, when the symbol table has it)
     /// is in the process, as (start, end): each of its native frames is one run of the
     /// interpreter loop, which the Python frames of that run replace. (0, 0) when absent.
@@ -52,6 +52,8 @@ pub enum DetectError {
     Elf { path: String, reason: String },
     #[error("{path}: no _PyRuntime or Py_Version symbol (CPython before 3.11, or stripped)")]
     NoSymbols { path: String },
+    #[error("CPython 3.13: _PyRuntime does not start with a readable _Py_DebugOffsets")]
+    BadDebugOffsets,
     #[error("CPython {major}.{minor}: no layout for this version")]
     UnknownVersion { major: u8, minor: u8 },
     #[error(transparent)]
@@ -110,8 +112,13 @@ fn from_mapping(
     let bias = load_bias(&object, mapping).ok_or_else(|| elf("no segment maps it".into()))?;
     let hex = memory.read_u32(version.wrapping_add(bias))?;
     let (major, minor, micro) = ((hex >> 24) as u8, (hex >> 16) as u8, (hex >> 8) as u8);
-    let layout =
-        Layout::for_version(major, minor).ok_or(DetectError::UnknownVersion { major, minor })?;
+    let runtime = runtime.wrapping_add(bias);
+    let layout = match Layout::for_version(major, minor) {
+        Some(layout) => *layout,
+        // 3.13 describes itself: `_PyRuntime` starts with its `_Py_DebugOffsets`.
+        None if (major, minor) == (3, 13) => read_debug_offsets(memory, runtime)?,
+        None => return Err(DetectError::UnknownVersion { major, minor }),
+    };
     let range = |name: &str| {
         symbol(name).map_or((0, 0), |(address, size)| {
             let start = address.wrapping_add(bias);
@@ -121,13 +128,25 @@ fn from_mapping(
     Ok(Some(Interpreter {
         pid: process.pid,
         version: (major, minor, micro),
-        runtime: runtime.wrapping_add(bias),
+        runtime,
         layout,
         eval: [
             range("_PyEval_EvalFrameDefault"),
             range("_PyEval_EvalFrameDefault.cold"),
         ],
     }))
+}
+
+/// The layout a CPython 3.13 process gives in the `_Py_DebugOffsets` at the start of its
+/// `_PyRuntime`.
+fn read_debug_offsets(memory: &dyn RemoteMemory, runtime: u64) -> Result<Layout, DetectError> {
+    let mut bytes = vec![0u8; DEBUG_OFFSETS_313_WORDS * 8];
+    memory.read(runtime, &mut bytes)?;
+    let words: Vec<u64> = bytes
+        .chunks_exact(8)
+        .map(|w| u64::from_le_bytes(w.try_into().expect("8 bytes")))
+        .collect();
+    Layout::from_debug_offsets_313(&words).ok_or(DetectError::BadDebugOffsets)
 }
 
 /// `python3.N`, `python3.N[d|m]` or `libpython3.N[d].so[.1.0]`, by file name.

@@ -47,13 +47,16 @@ pub struct PythonStats {
 /// One process seen by the hook.
 enum Known {
     /// Runs an interpreter, found in the CPython mapping at `key`.
-    Python {
-        key: (u64, String),
-        interpreter: Interpreter,
-        names: CodeNames<ProcessMemory>,
-    },
+    Python(Box<Live>),
     /// Maps CPython at `key` but could not be read as one: not tried again.
     Unsupported { key: (u64, String) },
+}
+
+/// A process whose interpreter the kernel walks.
+struct Live {
+    key: (u64, String),
+    interpreter: Interpreter,
+    names: CodeNames<ProcessMemory>,
 }
 
 #[derive(Default)]
@@ -114,7 +117,8 @@ impl Interpreters {
             return;
         };
         let seen = match self.state().processes.get(&pid) {
-            Some(Known::Python { key: k, .. } | Known::Unsupported { key: k }) => *k == key,
+            Some(Known::Python(live)) => live.key == key,
+            Some(Known::Unsupported { key: k }) => *k == key,
             None => false,
         };
         if seen {
@@ -127,11 +131,11 @@ impl Interpreters {
                     tracing::debug!(pid, "Python processes map full");
                 }
                 tracing::debug!(pid, version = ?interpreter.version, "CPython found");
-                Known::Python {
+                Known::Python(Box::new(Live {
                     key,
-                    interpreter,
                     names: CodeNames::new(memory, interpreter.layout),
-                }
+                    interpreter,
+                }))
             }
             Ok(None) => return,
             Err(error) => {
@@ -148,18 +152,26 @@ impl Interpreters {
     fn name_new_stacks(&self, stacks: &mut PythonStackReader) {
         for (pid, frames) in stacks.new_stacks() {
             let mut state = self.state();
-            if let Some(Known::Python { names, .. }) = state.processes.get_mut(&pid) {
+            if let Some(Known::Python(live)) = state.processes.get_mut(&pid) {
                 for raw in frames {
-                    let _ = names.name(raw_frame(raw));
+                    let _ = live.names.name(raw_frame(raw));
                 }
             }
+        }
+    }
+
+    /// Whether `address` of `pid` is in its interpreter loop (`_PyEval_EvalFrameDefault`).
+    pub fn in_eval(&self, pid: u32, address: u64) -> bool {
+        match self.state().processes.get(&pid) {
+            Some(Known::Python(live)) => live.interpreter.in_eval(address),
+            _ => false,
         }
     }
 
     /// The interpreter of `pid`, when it runs one the kernel walks.
     pub fn interpreter(&self, pid: u32) -> Option<Interpreter> {
         match self.state().processes.get(&pid) {
-            Some(Known::Python { interpreter, .. }) => Some(*interpreter),
+            Some(Known::Python(live)) => Some(live.interpreter),
             _ => None,
         }
     }
@@ -169,7 +181,7 @@ impl Interpreters {
     pub fn frame(&self, pid: u32, raw: u64) -> Option<PyFrame> {
         let mut state = self.state();
         let named = match state.processes.get_mut(&pid) {
-            Some(Known::Python { names, .. }) => names.name_or_last(raw_frame(raw)),
+            Some(Known::Python(live)) => live.names.name_or_last(raw_frame(raw)),
             _ => None,
         };
         if named.is_some() {
@@ -193,7 +205,7 @@ impl Interpreters {
             processes: state
                 .processes
                 .values()
-                .filter(|k| matches!(k, Known::Python { .. }))
+                .filter(|k| matches!(k, Known::Python(_)))
                 .count() as u64,
             ..state.stats
         }

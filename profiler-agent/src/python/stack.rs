@@ -48,7 +48,7 @@ pub fn read_stacks(
     memory: &dyn RemoteMemory,
     interpreter: &Interpreter,
 ) -> Result<Vec<ThreadStack>, RemoteError> {
-    let l = interpreter.layout;
+    let l = &interpreter.layout;
     let interp = memory.read_u64(interpreter.runtime + l.runtime_interpreters_head)?;
     if interp == 0 {
         return Ok(Vec::new());
@@ -69,10 +69,11 @@ fn read_thread(
 ) -> Result<ThreadStack, RemoteError> {
     let native_thread_id = memory.read_u64(thread + l.thread_native_id)?;
     let cframe = memory.read_u64(thread + l.thread_cframe)?;
-    let mut frame = if cframe == 0 {
-        0
-    } else {
-        memory.read_u64(cframe + l.cframe_current_frame)?
+    let mut frame = match l.cframe_current_frame {
+        Some(offset) if cframe != 0 => memory.read_u64(cframe + offset)?,
+        Some(_) => 0,
+        // 3.13: the thread points at its frame.
+        None => cframe,
     };
     let mut frames = Vec::new();
     let mut steps = 0;
@@ -126,12 +127,12 @@ struct Code {
 /// Names code objects of one process, caching each by address while its identity holds.
 pub struct CodeNames<M> {
     memory: M,
-    layout: &'static Layout,
+    layout: Layout,
     codes: HashMap<u64, Code>,
 }
 
 impl<M: RemoteMemory> CodeNames<M> {
-    pub fn new(memory: M, layout: &'static Layout) -> Self {
+    pub fn new(memory: M, layout: Layout) -> Self {
         Self {
             memory,
             layout,
@@ -159,7 +160,7 @@ impl<M: RemoteMemory> CodeNames<M> {
 
     /// The name, file and line of `frame`.
     pub fn name(&mut self, frame: RawFrame) -> Result<PyFrame, RemoteError> {
-        let l = self.layout;
+        let l = &self.layout;
         let identity = [
             self.memory.read_u64(frame.code + l.code_qualname)?,
             self.memory.read_u64(frame.code + l.code_filename)?,
@@ -181,10 +182,10 @@ impl<M: RemoteMemory> CodeNames<M> {
         let memory = &self.memory;
         Ok(Code {
             identity,
-            name: read_str(memory, self.layout, qualname)?.into(),
-            file: read_str(memory, self.layout, filename)?.into(),
+            name: read_str(memory, &self.layout, qualname)?.into(),
+            file: read_str(memory, &self.layout, filename)?.into(),
             first_line: memory.read_u32(code + self.layout.code_firstlineno)?,
-            linetable: read_bytes(memory, self.layout, linetable)?,
+            linetable: read_bytes(memory, &self.layout, linetable)?,
         })
     }
 }

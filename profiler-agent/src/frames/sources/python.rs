@@ -37,9 +37,7 @@ impl InterpretedSource for PythonSource {
     }
 
     fn runs_interpreter(&mut self, process: &ProcessInfo, address: u64) -> bool {
-        self.interpreters
-            .interpreter(process.pid)
-            .is_some_and(|i| i.in_eval(address))
+        self.interpreters.in_eval(process.pid, address)
     }
 
     fn is_entry(&self, raw: u64) -> bool {

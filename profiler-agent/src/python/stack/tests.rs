@@ -79,7 +79,7 @@ fn a_reused_code_object_is_never_given_its_old_name() {
         first_line: first,
     };
     {
-        let mut names = CodeNames::new(&memory, &PY311);
+        let mut names = CodeNames::new(&memory, PY311);
         assert_eq!(
             names.name(frame).unwrap(),
             expected("handler", "/srv/app.py", 40)
@@ -89,14 +89,14 @@ fn a_reused_code_object_is_never_given_its_old_name() {
             expected("handler", "/srv/app.py", 40)
         );
     }
-    let mut names_before = CodeNames::new(&memory, &PY311);
+    let mut names_before = CodeNames::new(&memory, PY311);
     names_before.name(frame).unwrap();
     let cache = names_before.codes.clone();
     // The object is freed; another is made at the same address with other strings.
     put_str(&mut memory, 0x12_000, "Größe.berechnen");
     put_str(&mut memory, 0x13_000, "/srv/größe.py");
     put_code(&mut memory, 0x20_000, 0x12_000, 0x13_000, 7);
-    let mut names = CodeNames::new(&memory, &PY311);
+    let mut names = CodeNames::new(&memory, PY311);
     names.codes = cache;
     assert_eq!(
         names.name(frame).unwrap(),
@@ -119,10 +119,12 @@ fn a_reused_code_object_is_never_given_its_old_name() {
     );
 }
 
-/// The interpreters the tests run when installed: Debian's 3.11 and pyenv's 3.12.
-const PYTHONS: [(&str, (u8, u8)); 2] = [
+/// The interpreters the tests run when installed: Debian's 3.11 and pyenv's 3.12 and 3.13
+/// (whose layout comes from its `_Py_DebugOffsets`).
+const PYTHONS: [(&str, (u8, u8)); 3] = [
     ("/usr/bin/python3.11", (3, 11)),
     ("/root/.pyenv/versions/3.12.1/bin/python3.12", (3, 12)),
+    ("/root/.pyenv/versions/3.13.0/bin/python3.13", (3, 13)),
 ];
 
 /// The interpreters of [`PYTHONS`] present here (Debian's 3.11 at least, in CI).
