@@ -13,6 +13,14 @@
 pub const PYTHON_PROCESSES_MAP: &str = "PYTHON_PROCESSES";
 /// Hash maps `u64 -> PythonStack`; one per generation, keyed like the user stacks.
 pub const PYTHON_STACKS_MAPS: [&str; 2] = ["PYTHON_STACKS_0", "PYTHON_STACKS_1"];
+/// Ring buffer of the [`PythonStack`]s stored for the first time in a generation, so user
+/// space names their code objects while the process runs without scanning the stack maps.
+/// When it is full a stack is not announced; it is still named at the drain if its process
+/// lives.
+pub const PYTHON_NEW_STACKS_MAP: &str = "PYTHON_NEW_STACKS";
+/// Size of [`PYTHON_NEW_STACKS_MAP`] in bytes (a power of two, a multiple of the page size):
+/// about 250 stacks between two reads.
+pub const PYTHON_NEW_STACKS_BYTES: u32 = 256 * 1024;
 /// Index of the Python walker in the program array the user-stack walker tail-calls.
 pub const PYTHON_PROGRAM_INDEX: u32 = 1;
 /// Name of the Python walker program.

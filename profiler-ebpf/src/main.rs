@@ -22,8 +22,9 @@ use aya_ebpf::{
     programs::{PerfEventContext, RawTracePointContext, tracing::StackIdContext as _},
 };
 use profiler_common::{
-    Counter, MAX_STACK_DEPTH, NEW_PROCESSES_BYTES, PF_KTHREAD, PythonStack, SEEN_PROCESSES_ENTRIES,
-    STACK_LOST, STACK_NOT_COLLECTED, STACK_WALKED, SampleKey, SamplerConfig, UserStack,
+    Counter, MAX_STACK_DEPTH, NEW_PROCESSES_BYTES, PF_KTHREAD, PYTHON_NEW_STACKS_BYTES,
+    PythonStack, SEEN_PROCESSES_ENTRIES, STACK_LOST, STACK_NOT_COLLECTED, STACK_WALKED, SampleKey,
+    SamplerConfig, UserStack,
 };
 
 // Sizes below are placeholders: user space sets every size at load time from the sample rate,
@@ -45,6 +46,8 @@ static USER_STACKS_1: HashMap<u64, UserStack> = HashMap::with_max_entries(1, 0);
 static PYTHON_STACKS_0: HashMap<u64, PythonStack> = HashMap::with_max_entries(1, 0);
 #[map]
 static PYTHON_STACKS_1: HashMap<u64, PythonStack> = HashMap::with_max_entries(1, 0);
+#[map]
+static PYTHON_NEW_STACKS: RingBuf = RingBuf::with_byte_size(PYTHON_NEW_STACKS_BYTES, 0);
 #[map]
 static GENERATION: Array<u32> = Array::with_max_entries(1, 0);
 #[map]
@@ -225,7 +228,12 @@ fn finish_walk(walk: &mut unwind::Walk) -> Result<Counter, Counter> {
         walk.hash = (walk.hash ^ (python_len as u64 | 1 << 32)).wrapping_mul(0x0000_0100_0000_01b3);
         let stored = python_stacks.get_ptr(&walk.hash).is_some()
             || match python_stacks.insert(&walk.hash, &walk.python.stack, BPF_NOEXIST as u64) {
-                Ok(()) => true,
+                Ok(()) => {
+                    // New in this generation: announced, so its code objects are named
+                    // while the process runs. A full ring drops the announcement only.
+                    let _ = PYTHON_NEW_STACKS.output::<PythonStack>(&walk.python.stack, 0);
+                    true
+                }
                 Err(errno) => -errno == EEXIST as _,
             };
         if stored {

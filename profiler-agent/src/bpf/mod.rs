@@ -32,10 +32,11 @@ pub use new_processes::NewProcesses;
 pub use open::{OpenSampler, ProcessHook, open_sampler};
 use profiler_common::{
     CONFIG_GLOBAL, COUNTERS_MAP, COUNTS_MAPS, Counter, EXEC_PROGRAM_NAME, GENERATION_MAP,
-    MAPPINGS_MAP, NEW_PROCESSES_MAP, PID_FILTER_MAP, PROGRAM_NAME, PYTHON_PROCESSES_ENTRIES,
-    PYTHON_PROCESSES_MAP, PYTHON_PROGRAM_INDEX, PYTHON_PROGRAM_NAME, PYTHON_STACKS_MAPS,
-    PythonStack, SEEN_PROCESSES_MAP, STACK_MAPS, SampleKey, SamplerConfig, UNWIND_PROGRAM_INDEX,
-    UNWIND_PROGRAM_NAME, UNWIND_PROGRAMS_MAP, UNWIND_ROWS_MAP, USER_STACKS_MAPS, UserStack,
+    MAPPINGS_MAP, NEW_PROCESSES_MAP, PID_FILTER_MAP, PROGRAM_NAME, PYTHON_NEW_STACKS_BYTES,
+    PYTHON_NEW_STACKS_MAP, PYTHON_PROCESSES_ENTRIES, PYTHON_PROCESSES_MAP, PYTHON_PROGRAM_INDEX,
+    PYTHON_PROGRAM_NAME, PYTHON_STACKS_MAPS, PythonStack, SEEN_PROCESSES_MAP, STACK_MAPS,
+    SampleKey, SamplerConfig, UNWIND_PROGRAM_INDEX, UNWIND_PROGRAM_NAME, UNWIND_PROGRAMS_MAP,
+    UNWIND_ROWS_MAP, USER_STACKS_MAPS, UserStack,
 };
 pub use python::{PythonProcesses, PythonStackReader};
 pub use sizing::MapSizes;
@@ -164,6 +165,7 @@ pub struct KernelSampler {
     user_stacks: [HashMap<MapData, u64, UserStack>; 2],
     python_stacks: [HashMap<MapData, u64, PythonStack>; 2],
     python_processes: Option<PythonProcesses>,
+    python_new_stacks: Option<PythonStackReader>,
     loader: SharedLoader,
     generation_map: Array<MapData, u32>,
     counters: PerCpuArray<MapData, u64>,
@@ -254,6 +256,15 @@ impl KernelSampler {
             PYTHON_PROCESSES_MAP,
             if python { PYTHON_PROCESSES_ENTRIES } else { 1 },
         );
+        // A ring buffer's size is its page-multiple byte count.
+        loader.map_max_entries(
+            PYTHON_NEW_STACKS_MAP,
+            if python {
+                PYTHON_NEW_STACKS_BYTES
+            } else {
+                4096
+            },
+        );
         loader.map_max_entries(UNWIND_ROWS_MAP, unwind_rows);
         loader.map_max_entries(MAPPINGS_MAP, MAPPING_ENTRIES);
         loader.map_max_entries(PID_FILTER_MAP, pid_filter_len);
@@ -323,6 +334,10 @@ impl KernelSampler {
         ];
         let python_processes = typed(&mut ebpf, PYTHON_PROCESSES_MAP)?;
         let python_processes = python.then(|| PythonProcesses::new(python_processes));
+        let python_new_stacks = Some(PythonStackReader::new(typed::<RingBuf<MapData>>(
+            &mut ebpf,
+            PYTHON_NEW_STACKS_MAP,
+        )?));
         let tables = KernelTables::new(
             typed(&mut ebpf, UNWIND_ROWS_MAP)?,
             unwind_rows,
@@ -387,6 +402,7 @@ impl KernelSampler {
             user_stacks,
             python_stacks,
             python_processes,
+            python_new_stacks,
             loader,
             generation_map,
             counters,
@@ -414,14 +430,11 @@ impl KernelSampler {
         self.python_processes.clone()
     }
 
-    /// A reader of the Python stacks stored so far, for the thread that names them while
-    /// their processes run.
-    pub fn python_stack_reader(&self) -> Option<PythonStackReader> {
+    /// The announcements of newly stored Python stacks, for the thread that names them
+    /// while their processes run (once).
+    pub fn take_python_stacks(&mut self) -> Option<PythonStackReader> {
         self.python_processes.as_ref()?;
-        Some(PythonStackReader::new([
-            python::duplicate(&self.python_stacks[0])?,
-            python::duplicate(&self.python_stacks[1])?,
-        ]))
+        self.python_new_stacks.take()
     }
 
     pub fn unwind_stats(&self) -> LoaderStats {

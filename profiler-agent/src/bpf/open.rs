@@ -7,7 +7,7 @@
 
 use super::{BpfError, KernelSampler, SamplerOptions};
 use crate::{
-    process::{ProcessInfo, ProcfsProcesses, early::EarlySnapshots},
+    process::{ProcessInfo, ProcessSource as _, ProcfsProcesses, early::EarlySnapshots},
     sampler::Sampler,
 };
 
@@ -33,11 +33,22 @@ pub fn open_sampler(
     options: &SamplerOptions,
     container_id_cache_size: usize,
     early_snapshots: bool,
-    hooks: impl FnOnce(&KernelSampler) -> Vec<ProcessHook>,
+    hooks: impl FnOnce(&mut KernelSampler) -> Vec<ProcessHook>,
 ) -> Result<OpenSampler, BpfError> {
     let mut kernel = KernelSampler::start(options)?;
     let kernel_memory_bytes = kernel.kernel_memory_bytes();
-    let hooks = hooks(&kernel);
+    let mut hooks = hooks(&mut kernel);
+    // Processes named up front are shown to the hooks before their first sample, as their
+    // unwind tables are loaded before it.
+    if let Some(pids) = &options.pids {
+        let mut processes = ProcfsProcesses::new("/proc");
+        for &pid in pids {
+            let info = processes.snapshot(pid, "");
+            for hook in &mut hooks {
+                hook(Some(&info));
+            }
+        }
+    }
     let early = start_early_snapshots(&mut kernel, container_id_cache_size, hooks);
     let processes = ProcfsProcesses::with_container_id_cache("/proc", container_id_cache_size);
     let mut sampler = Sampler::new(kernel, processes)?;

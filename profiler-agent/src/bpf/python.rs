@@ -4,14 +4,12 @@
 //! sample and the drain that forgets processes that exited.
 
 use std::{
-    collections::HashSet,
-    os::fd::AsFd as _,
     path::Path,
     sync::{Arc, Mutex},
 };
 
-use aya::maps::{HashMap, IterableMap as _, MapData};
-use profiler_common::{PythonProcess, PythonStack};
+use aya::maps::{HashMap, MapData, RingBuf};
+use profiler_common::{MAX_PYTHON_DEPTH, PythonProcess, PythonStack};
 
 use super::btf;
 
@@ -63,44 +61,40 @@ pub(super) fn fsbase_offset(kernel_btf: &[u8]) -> Result<u32, btf::BtfError> {
     Ok(thread + fsbase)
 }
 
-/// Reads the Python stacks the kernel stored since the last read, from both generations,
-/// while the drain still owns the maps (its own descriptors of them).
+/// The Python stacks the kernel stored for the first time in a generation, announced in the
+/// `PYTHON_NEW_STACKS` ring buffer: read from its shared pages, with no system call per
+/// stack.
 pub struct PythonStackReader {
-    maps: [HashMap<MapData, u64, PythonStack>; 2],
-    seen: [HashSet<u64>; 2],
+    ring: RingBuf<MapData>,
 }
 
 impl PythonStackReader {
-    pub(super) fn new(maps: [HashMap<MapData, u64, PythonStack>; 2]) -> Self {
-        Self {
-            maps,
-            seen: Default::default(),
-        }
+    pub(super) fn new(ring: RingBuf<MapData>) -> Self {
+        Self { ring }
     }
 
-    /// (pid, frames) of each stack stored since the last call.
+    /// (pid, frames) of each stack announced since the last call.
     pub fn new_stacks(&mut self) -> Vec<(u32, Vec<u64>)> {
         let mut out = Vec::new();
-        for (map, seen) in self.maps.iter().zip(&mut self.seen) {
-            let keys: HashSet<u64> = map.keys().filter_map(Result::ok).collect();
-            for key in keys.difference(seen) {
-                if let Ok(stack) = map.get(key, 0) {
-                    let len = usize::from(stack.len).min(stack.frames.len());
-                    out.push((stack.pid, stack.frames[..len].to_vec()));
-                }
+        while let Some(item) = self.ring.next() {
+            if let Some(stack) = parse_stack(&item) {
+                out.push(stack);
             }
-            // The drain empties a generation: its keys are forgotten with it.
-            *seen = keys;
         }
         out
     }
 }
 
-/// A second handle on a map, for another thread.
-pub(super) fn duplicate<V: aya::Pod>(
-    map: &HashMap<MapData, u64, V>,
-) -> Option<HashMap<MapData, u64, V>> {
-    let fd = map.map().fd().as_fd().try_clone_to_owned().ok()?;
-    let data = MapData::from_fd(fd).ok()?;
-    HashMap::try_from(aya::maps::Map::HashMap(data)).ok()
+/// A [`PythonStack`] from the ring's bytes: `len: u16`, `flags: u16`, `pid: u32`, frames.
+fn parse_stack(bytes: &[u8]) -> Option<(u32, Vec<u64>)> {
+    if bytes.len() < std::mem::size_of::<PythonStack>() {
+        return None;
+    }
+    let len = usize::from(u16::from_ne_bytes([bytes[0], bytes[1]])).min(MAX_PYTHON_DEPTH);
+    let pid = u32::from_ne_bytes(bytes[4..8].try_into().ok()?);
+    let frames = bytes[8..8 + len * 8]
+        .chunks_exact(8)
+        .map(|f| u64::from_ne_bytes(f.try_into().expect("8 bytes")))
+        .collect();
+    Some((pid, frames))
 }

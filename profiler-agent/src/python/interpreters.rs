@@ -4,8 +4,9 @@
 //!   finds its interpreter ([`super::detect`]) and has the kernel program walk its Python
 //!   frames ([`crate::bpf::PythonProcesses`]);
 //! - the same thread, every [`NAME_EVERY`], names the code objects of the Python stacks the
-//!   kernel stored since ([`crate::bpf::PythonStackReader`]), while their processes still run:
-//!   a short-lived `python3 -c` has exited by the drain;
+//!   kernel stored for the first time since ([`crate::bpf::PythonStackReader`], a ring
+//!   buffer), while their processes still run: a short-lived `python3 -c` has exited by the
+//!   drain;
 //! - the frames stage names each recorded frame ([`Interpreters::frame`]), from the live
 //!   process or, once it exited, from what was read while it ran.
 
@@ -82,12 +83,11 @@ impl Interpreters {
 
     /// The hook the sampler shows announced processes to, when its kernel side walks Python
     /// frames (`python_enabled` and a kernel that gives the thread pointer).
-    pub fn hook(&self, kernel: &KernelSampler) -> Option<ProcessHook> {
+    pub fn hook(&self, kernel: &mut KernelSampler) -> Option<ProcessHook> {
         let processes = kernel.python_processes()?;
-        let stacks = kernel.python_stack_reader();
+        let mut stacks = kernel.take_python_stacks();
         let this = self.clone();
         let mut last = Instant::now();
-        let mut stacks = stacks;
         Some(Box::new(move |event: Option<&ProcessInfo>| {
             if let Some(info) = event {
                 this.observe(info, &processes);
