@@ -1,7 +1,8 @@
 //! Finds the CPython interpreter of a process: the executable mapping of `python3.N` or
 //! `libpython3.N.so`, the address of `_PyRuntime` from that file's symbol table plus the
 //! mapping's load bias, and the version from `Py_Version` (CPython 3.11 and later) in the
-//! process's memory. The file is the one the process snapshot opened through the safe file
+//! process's memory, or before 3.11, which has no `Py_Version`, from the file's name (the
+//! micro version is then unknown: 0). The file is the one the process snapshot opened through the safe file
 //! layer; it is parsed within a [`SymbolBudget`].
 
 use object::{Object as _, ObjectSegment as _, ObjectSymbol as _};
@@ -50,7 +51,7 @@ impl Interpreter {
 pub enum DetectError {
     #[error("{path}: not a readable ELF file: {reason}")]
     Elf { path: String, reason: String },
-    #[error("{path}: no _PyRuntime or Py_Version symbol (CPython before 3.11, or stripped)")]
+    #[error("{path}: no _PyRuntime symbol (CPython before 3.7, or stripped)")]
     NoSymbols { path: String },
     #[error("CPython 3.13: _PyRuntime does not start with a readable _Py_DebugOffsets")]
     BadDebugOffsets,
@@ -103,15 +104,24 @@ fn from_mapping(
             .find(|s| s.name() == Ok(name))
             .map(|s| (s.address(), s.size()))
     };
-    let (Some((runtime, _)), Some((version, _))) = (symbol("_PyRuntime"), symbol("Py_Version"))
-    else {
-        return Err(DetectError::NoSymbols {
-            path: mapping.path.clone(),
-        });
+    let no_symbols = || DetectError::NoSymbols {
+        path: mapping.path.clone(),
+    };
+    let Some((runtime, _)) = symbol("_PyRuntime") else {
+        return Err(no_symbols());
     };
     let bias = load_bias(&object, mapping).ok_or_else(|| elf("no segment maps it".into()))?;
-    let hex = memory.read_u32(version.wrapping_add(bias))?;
-    let (major, minor, micro) = ((hex >> 24) as u8, (hex >> 16) as u8, (hex >> 8) as u8);
+    let (major, minor, micro) = match symbol("Py_Version") {
+        Some((version, _)) => {
+            let hex = memory.read_u32(version.wrapping_add(bias))?;
+            ((hex >> 24) as u8, (hex >> 16) as u8, (hex >> 8) as u8)
+        }
+        // Before 3.11 (3.7 brought `_PyRuntime`): the file's name says.
+        None => {
+            let (major, minor) = version_from_name(&mapping.path).ok_or_else(no_symbols)?;
+            (major, minor, 0)
+        }
+    };
     let runtime = runtime.wrapping_add(bias);
     let layout = match Layout::for_version(major, minor) {
         Some(layout) => *layout,
@@ -149,17 +159,21 @@ fn read_debug_offsets(memory: &dyn RemoteMemory, runtime: u64) -> Result<Layout,
     Layout::from_debug_offsets_313(&words).ok_or(DetectError::BadDebugOffsets)
 }
 
-/// `python3.N`, `python3.N[d|m]` or `libpython3.N[d].so[.1.0]`, by file name.
+/// `python3.N`, `python3.N[d|m]` or `libpython3.N[d|m].so[.1.0]`, by file name.
 pub(crate) fn is_cpython(path: &str) -> bool {
+    version_from_name(path).is_some()
+}
+
+/// The (major, minor) version a CPython file name (see [`is_cpython`]) says.
+fn version_from_name(path: &str) -> Option<(u8, u8)> {
     let name = path.rsplit('/').next().unwrap_or(path);
     let rest = name
         .strip_prefix("libpython3.")
-        .or_else(|| name.strip_prefix("python3."));
-    rest.is_some_and(|rest| {
-        let minor: String = rest.chars().take_while(char::is_ascii_digit).collect();
-        let tail = &rest[minor.len()..];
-        !minor.is_empty() && (tail.is_empty() || tail == "d" || tail == "m" || tail.contains(".so"))
-    })
+        .or_else(|| name.strip_prefix("python3."))?;
+    let digits = rest.chars().take_while(char::is_ascii_digit).count();
+    let (minor, tail) = rest.split_at(digits);
+    let minor: u8 = minor.parse().ok()?;
+    (tail.is_empty() || tail == "d" || tail == "m" || tail.contains(".so")).then_some((3, minor))
 }
 
 /// Address in the process minus address in the file, from the segment that maps
@@ -200,5 +214,17 @@ mod tests {
         ] {
             assert!(!is_cpython(no), "{no}");
         }
+        for (path, version) in [
+            (
+                "/root/.pyenv/versions/3.10.13/lib/libpython3.10.so.1.0",
+                (3, 10),
+            ),
+            ("/usr/lib/x86_64-linux-gnu/libpython3.8d.so.1.0", (3, 8)),
+            ("/usr/bin/python3.9", (3, 9)),
+            ("/usr/bin/python3.7m", (3, 7)),
+        ] {
+            assert_eq!(version_from_name(path), Some(version), "{path}");
+        }
+        assert_eq!(version_from_name("/usr/bin/python3.999"), None);
     }
 }
