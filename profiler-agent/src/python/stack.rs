@@ -1,15 +1,16 @@
 //! The Python stack of each thread of an interpreter, read from its memory: the runtime's
 //! first interpreter, its thread states, each one's current frame and the chain of
 //! `previous` frames, each frame a code object and the instruction it is at. [`CodeNames`]
-//! names a code object (qualified name, file, line of the instruction from its location
-//! table) and keeps the answer only while the object still holds the same name and file
-//! pointers, so a freed and reused code object is never given a stale name.
+//! names a code object (qualified name, or before 3.11 the bare name, file, line of the
+//! instruction from its line table) and keeps the answer only while the object still holds
+//! the same name and file pointers, so a freed and reused code object is never given a stale
+//! name.
 
 use std::{collections::HashMap, sync::Arc};
 
 use super::{
     detect::Interpreter,
-    layout::Layout,
+    layout::{Instruction, Layout, LineTable},
     remote::{RemoteError, RemoteMemory},
 };
 
@@ -37,7 +38,8 @@ pub struct RawFrame {
 /// The frames of one thread, innermost first.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ThreadStack {
-    pub native_thread_id: u64,
+    /// `native_thread_id` (3.11+).
+    pub native_thread_id: Option<u64>,
     pub frames: Vec<RawFrame>,
     /// True when the chain went on past [`MAX_DEPTH`].
     pub cut: bool,
@@ -67,29 +69,41 @@ fn read_thread(
     l: &Layout,
     thread: u64,
 ) -> Result<ThreadStack, RemoteError> {
-    let native_thread_id = memory.read_u64(thread + l.thread_native_id)?;
-    let cframe = memory.read_u64(thread + l.thread_cframe)?;
+    let native_thread_id = match l.thread_native_id {
+        Some(offset) => Some(memory.read_u64(thread + offset)?),
+        None => None,
+    };
+    let field = memory.read_u64(thread + l.thread_frame)?;
     let mut frame = match l.cframe_current_frame {
-        Some(offset) if cframe != 0 => memory.read_u64(cframe + offset)?,
+        Some(offset) if field != 0 => memory.read_u64(field + offset)?,
         Some(_) => 0,
-        // 3.13: the thread points at its frame.
-        None => cframe,
+        // 3.13 and before 3.11: the thread points at its frame.
+        None => field,
     };
     let mut frames = Vec::new();
     let mut steps = 0;
     while frame != 0 && frames.len() < MAX_DEPTH && steps < 2 * MAX_DEPTH {
         steps += 1;
-        let mut owner = [0u8];
-        memory.read(frame + l.frame_owner, &mut owner)?;
-        if owner[0] == FRAME_OWNED_BY_CSTACK {
-            frame = memory.read_u64(frame + l.frame_previous)?;
-            continue;
+        if let Some(owner_at) = l.frame_owner {
+            let mut owner = [0u8];
+            memory.read(frame + owner_at, &mut owner)?;
+            if owner[0] == FRAME_OWNED_BY_CSTACK {
+                frame = memory.read_u64(frame + l.frame_previous)?;
+                continue;
+            }
         }
         let code = memory.read_u64(frame + l.frame_code)?;
-        let prev_instr = memory.read_u64(frame + l.frame_prev_instr)?;
-        let start = code + l.code_instructions;
-        // A new frame's prev_instr is one unit before its first instruction.
-        let instruction = u32::try_from(prev_instr.saturating_sub(start) / 2).unwrap_or(0);
+        let at = frame + l.frame_instruction;
+        let instruction = match l.instruction {
+            Instruction::Pointer { code_instructions } => {
+                let prev_instr = memory.read_u64(at)?;
+                // A new frame's prev_instr is one unit before its first instruction.
+                u32::try_from(prev_instr.saturating_sub(code + code_instructions) / 2).unwrap_or(0)
+            }
+            // `f_lasti` is -1 before the first instruction: read as the first.
+            Instruction::LastiUnits => lasti(memory, at)?,
+            Instruction::LastiBytes => lasti(memory, at)? / 2,
+        };
         frames.push(RawFrame { code, instruction });
         frame = memory.read_u64(frame + l.frame_previous)?;
     }
@@ -100,10 +114,17 @@ fn read_thread(
     })
 }
 
+/// An `int f_lasti`, a negative one as 0.
+fn lasti(memory: &dyn RemoteMemory, at: u64) -> Result<u32, RemoteError> {
+    let value = memory.read_u32(at)? as i32;
+    Ok(u32::try_from(value).unwrap_or(0))
+}
+
 /// A named Python frame.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PyFrame {
-    /// `co_qualname`: `Class.method`, `outer.<locals>.inner`.
+    /// `co_qualname`: `Class.method`, `outer.<locals>.inner`; before 3.11, `co_name`:
+    /// `method`, `inner`.
     pub name: Arc<str>,
     /// `co_filename`.
     pub file: Arc<str>,
@@ -116,11 +137,12 @@ pub struct PyFrame {
 /// What a code object says about itself, with the pointers that identify it.
 #[derive(Clone, Debug)]
 struct Code {
-    /// `co_qualname`, `co_filename` and `co_linetable` pointers when read.
+    /// `co_qualname` (`co_name`), `co_filename` and line table pointers when read.
     identity: [u64; 3],
     name: Arc<str>,
     file: Arc<str>,
     first_line: u32,
+    format: LineTable,
     linetable: Vec<u8>,
 }
 
@@ -162,7 +184,7 @@ impl<M: RemoteMemory> CodeNames<M> {
     pub fn name(&mut self, frame: RawFrame) -> Result<PyFrame, RemoteError> {
         let l = &self.layout;
         let identity = [
-            self.memory.read_u64(frame.code + l.code_qualname)?,
+            self.memory.read_u64(frame.code + l.code_name)?,
             self.memory.read_u64(frame.code + l.code_filename)?,
             self.memory.read_u64(frame.code + l.code_linetable)?,
         ];
@@ -178,13 +200,14 @@ impl<M: RemoteMemory> CodeNames<M> {
     }
 
     fn read_code(&self, code: u64, identity: [u64; 3]) -> Result<Code, RemoteError> {
-        let [qualname, filename, linetable] = identity;
+        let [name, filename, linetable] = identity;
         let memory = &self.memory;
         Ok(Code {
             identity,
-            name: read_str(memory, &self.layout, qualname)?.into(),
+            name: read_str(memory, &self.layout, name)?.into(),
             file: read_str(memory, &self.layout, filename)?.into(),
             first_line: memory.read_u32(code + self.layout.code_firstlineno)?,
+            format: self.layout.line_table,
             linetable: read_bytes(memory, &self.layout, linetable)?,
         })
     }
@@ -195,7 +218,17 @@ impl Code {
         PyFrame {
             name: self.name.clone(),
             file: self.file.clone(),
-            line: line_of(&self.linetable, self.first_line, frame.instruction),
+            line: match self.format {
+                LineTable::Locations => {
+                    line_of(&self.linetable, self.first_line, frame.instruction)
+                }
+                LineTable::Ranges310 => {
+                    line_of_310(&self.linetable, self.first_line, frame.instruction)
+                }
+                LineTable::Lnotab => {
+                    line_of_lnotab(&self.linetable, self.first_line, frame.instruction)
+                }
+            },
             first_line: self.first_line,
         }
     }
@@ -306,6 +339,48 @@ pub fn line_of(table: &[u8], first_line: u32, instruction: u32) -> Option<u32> {
         unit += length;
     }
     None
+}
+
+/// The line of code unit `instruction` from a CPython 3.10 `co_linetable` (its
+/// `Objects/lnotab_notes.txt`): pairs of an unsigned byte-offset delta and a signed line
+/// delta, each pair the range of bytes from the offset reached to the offset plus its delta,
+/// on the line reached; a line delta of -128 means the range has no line (and leaves the line
+/// as it was). The line starts at `first_line`.
+pub fn line_of_310(table: &[u8], first_line: u32, instruction: u32) -> Option<u32> {
+    let offset = u64::from(instruction) * 2;
+    let mut line = i64::from(first_line);
+    let mut start = 0u64;
+    for pair in table.chunks_exact(2) {
+        let end = start + u64::from(pair[0]);
+        let delta = pair[1] as i8;
+        let here = (delta != -128).then(|| {
+            line += i64::from(delta);
+            line
+        });
+        if (start..end).contains(&offset) {
+            return here.and_then(|l| u32::try_from(l).ok()).filter(|&l| l > 0);
+        }
+        start = end;
+    }
+    None
+}
+
+/// The line of code unit `instruction` from a CPython 3.8 or 3.9 `co_lnotab` (its
+/// `Objects/lnotab_notes.txt`): pairs of an unsigned byte-offset delta and a signed line
+/// delta; the line starts at `first_line`, and each pair's line delta applies from the offset
+/// reached after its byte delta (`PyCode_Addr2Line`). Every offset has a line.
+pub fn line_of_lnotab(table: &[u8], first_line: u32, instruction: u32) -> Option<u32> {
+    let offset = u64::from(instruction) * 2;
+    let mut line = i64::from(first_line);
+    let mut at = 0u64;
+    for pair in table.chunks_exact(2) {
+        at += u64::from(pair[0]);
+        if at > offset {
+            break;
+        }
+        line += i64::from(pair[1] as i8);
+    }
+    u32::try_from(line).ok().filter(|&l| l > 0)
 }
 
 #[cfg(test)]
