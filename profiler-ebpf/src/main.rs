@@ -158,18 +158,10 @@ pub fn unwind_user(ctx: PerfEventContext) -> u32 {
     bump(end);
     // SAFETY: as in `try_profile_cpu`.
     let config = unsafe { core::ptr::read_volatile(&CONFIG) };
-    walk.python.stack.len = 0;
-    if config.has(SamplerConfig::COLLECT_PYTHON) {
-        match python::begin(walk, config.task_fsbase_offset) {
-            Ok(true) => {
-                python::start(&ctx);
-                // Only reached when the tail call failed: the sample keeps its native stack.
-                bump(Counter::PythonCut);
-                walk.python.stack.len = 0;
-            }
-            Ok(false) => {}
-            Err(end) => bump(end),
-        }
+    if config.has(SamplerConfig::COLLECT_PYTHON) && python::wanted(walk) {
+        python::start(&ctx);
+        // Only reached when the tail call failed: the sample keeps its native stack.
+        bump(Counter::PythonCut);
     }
     end_walk(walk);
     0
@@ -182,6 +174,16 @@ pub fn walk_python(ctx: PerfEventContext) -> u32 {
     let Some(walk) = unwind::current() else {
         return 0;
     };
+    if walk.python.begun == 0 {
+        // SAFETY: as in `try_profile_cpu`.
+        let config = unsafe { core::ptr::read_volatile(&CONFIG) };
+        if let Err(end) = python::begin(walk, config.task_fsbase_offset) {
+            bump(end);
+            walk.python.stack.len = 0;
+            end_walk(walk);
+            return 0;
+        }
+    }
     match python::steps(&mut walk.python) {
         Some(end) => bump(end),
         None => {
@@ -218,13 +220,7 @@ fn finish_walk(walk: &mut unwind::Walk) -> Result<Counter, Counter> {
     walk.stack.flags = 0;
     let python_len = walk.python.stack.len as usize;
     if python_len > 0 {
-        for i in 0..profiler_common::MAX_PYTHON_DEPTH {
-            if i >= python_len {
-                break;
-            }
-            walk.hash =
-                (walk.hash ^ walk.python.stack.frames[i]).wrapping_mul(0x0000_0100_0000_01b3);
-        }
+        walk.hash = (walk.hash ^ walk.python.hash).wrapping_mul(0x0000_0100_0000_01b3);
         walk.hash = (walk.hash ^ (python_len as u64 | 1 << 32)).wrapping_mul(0x0000_0100_0000_01b3);
         let stored = python_stacks.get_ptr(&walk.hash).is_some()
             || match python_stacks.insert(&walk.hash, &walk.python.stack, BPF_NOEXIST as u64) {

@@ -15,8 +15,8 @@ use aya_ebpf::{
     programs::PerfEventContext,
 };
 use profiler_common::{
-    Counter, MAX_PYTHON_DEPTH, PY_FRAME_INSTRUCTION_UNKNOWN, PY_NO_OFFSET, PYTHON_PROGRAM_INDEX,
-    PythonProcess, PythonStack, py_frame,
+    Counter, MAX_PYTHON_DEPTH, PY_FRAME_ENTRY, PY_FRAME_INSTRUCTION_UNKNOWN, PY_NO_OFFSET,
+    PYTHON_PROGRAM_INDEX, PythonProcess, PythonStack, py_frame,
 };
 
 use crate::unwind::{UNWIND_PROGRAMS, Walk};
@@ -26,6 +26,8 @@ pub static PYTHON_PROCESSES: HashMap<u32, PythonProcess> = HashMap::with_max_ent
 
 /// Frames recorded per run of the program: 4 runs reach [`MAX_PYTHON_DEPTH`].
 const FRAMES_PER_CALL: usize = 32;
+const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
 /// Covers every index below [`MAX_PYTHON_DEPTH`] (127).
 const INDEX_MASK: usize = 127;
 /// Thread states looked at to find the sampled thread's.
@@ -37,14 +39,30 @@ pub struct PythonWalk {
     pub stack: PythonStack,
     /// The next frame to record; 0 when the chain has ended.
     pub frame: u64,
+    /// FNV-1a over the frames recorded so far, without their entry marks (which follow from
+    /// the native stack, hashed apart): computed as they are recorded, so the program that
+    /// stores the stack needs no loop over it.
+    pub hash: u64,
     pub info: PythonProcess,
+    /// Set once the walker program found the thread's first frame.
+    pub begun: u32,
+    pub _pad: u32,
 }
 
-/// Starts the Python walk of `walk`'s sample when its process runs CPython: finds the
-/// thread's first frame. `Ok(false)` when the process is not a Python one.
-pub fn begin(walk: &mut Walk, fsbase_offset: u32) -> Result<bool, Counter> {
+/// Whether `walk`'s sample is of a process running CPython: then its Python walk is to
+/// begin in the walker program.
+pub fn wanted(walk: &mut Walk) -> bool {
+    walk.python.stack.len = 0;
+    walk.python.begun = 0;
+    PYTHON_PROCESSES.get_ptr(&walk.key.pid).is_some()
+}
+
+/// Begins the Python walk of `walk`'s sample: finds the thread's first frame.
+pub fn begin(walk: &mut Walk, fsbase_offset: u32) -> Result<(), Counter> {
+    walk.python.begun = 1;
     let Some(info) = PYTHON_PROCESSES.get_ptr(&walk.key.pid) else {
-        return Ok(false);
+        // Removed meanwhile (the process exited).
+        return Err(Counter::PythonReadError);
     };
     // SAFETY: a map value pointer, valid during this program run.
     let info = unsafe { *info };
@@ -53,6 +71,7 @@ pub fn begin(walk: &mut Walk, fsbase_offset: u32) -> Result<bool, Counter> {
     python.stack.flags = 0;
     python.stack.pid = walk.key.pid;
     python.frame = 0;
+    python.hash = FNV_OFFSET;
     python.info = info;
     let thread = find_thread(&info, fsbase_offset)?;
     let mut frame =
@@ -62,7 +81,7 @@ pub fn begin(walk: &mut Walk, fsbase_offset: u32) -> Result<bool, Counter> {
             read(frame + info.cframe_current_frame as u64).map_err(|_| Counter::PythonReadError)?;
     }
     python.frame = frame;
-    Ok(true)
+    Ok(())
 }
 
 /// The sampled thread's `PyThreadState`: the one of the main interpreter whose `thread_id`
@@ -137,7 +156,7 @@ fn step(python: &mut PythonWalk) -> Result<(), Counter> {
         // mask keeps the index provably inside the array for the verifier.
         if len > 0 {
             if let Some(frame) = python.stack.frames.get_mut((len - 1) & INDEX_MASK) {
-                *frame |= profiler_common::PY_FRAME_ENTRY;
+                *frame |= PY_FRAME_ENTRY;
             }
         }
         return Ok(());
@@ -152,9 +171,11 @@ fn step(python: &mut PythonWalk) -> Result<(), Counter> {
         PythonProcess::ENTRY_EVERY_FRAME => true,
         _ => false,
     };
+    let frame = py_frame(code, instruction, entry);
     if let Some(slot) = python.stack.frames.get_mut(len & INDEX_MASK) {
-        *slot = py_frame(code, instruction, entry);
+        *slot = frame;
     }
+    python.hash = (python.hash ^ (frame & !PY_FRAME_ENTRY)).wrapping_mul(FNV_PRIME);
     python.stack.len = len as u16 + 1;
     Ok(())
 }
