@@ -235,6 +235,30 @@ max_concurrent = 1
         "only the chain process: {folded}"
     );
 
+    // A CPython process: its capture names its Python functions (python_enabled's default).
+    let python = Workload::spawn(
+        "/usr/bin/python3.11",
+        &[workspace_root()
+            .join("tests/fixtures/python/chain.py")
+            .to_str()
+            .unwrap()],
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let (status, folded) = get(
+        port,
+        &format!("/v1/profile?pid={}&duration=2s&format=folded", python.pid()),
+        Some(TOKEN),
+    );
+    let folded = String::from_utf8(folded).unwrap();
+    assert_eq!(status, 200, "{folded}");
+    assert!(
+        folded
+            .lines()
+            .any(|l| l.contains(";main;handle_request;parse;tokenize")),
+        "folded stacks of chain.py: {folded}"
+    );
+    drop(python);
+
     let (status, svg) = get(
         port,
         &format!("/v1/profile?pid={}&duration=1s&format=svg", spin.pid()),
@@ -275,7 +299,7 @@ max_concurrent = 1
     assert_eq!(get(port, &path, Some("capture-test-tokeN")).0, 401);
 
     let done = "profiler_captures_total{trigger=\"manual\",outcome=\"done\"}";
-    assert_eq!(scraped(port, done), 3.0, "captures done");
+    assert_eq!(scraped(port, done), 4.0, "captures done");
 }
 
 /// The profiles the directory sink wrote into `dir`, oldest window first (none if `dir` does

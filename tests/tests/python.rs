@@ -1,6 +1,6 @@
 //! End-to-end tests of Python frames (issue 18): real CPython interpreters on the machine
-//! (Debian's python3.11, which `cargo xtask setup` installs, and pyenv's 3.11, 3.12 and 3.13
-//! where present) run the scripts in `tests/fixtures/python/`, sampled by `profiler-agent record`.
+//! (Debian's python3.11, which `cargo xtask setup` installs, and pyenv's 3.8 to 3.13 where
+//! present) run the scripts in `tests/fixtures/python/`, sampled by `profiler-agent record`.
 //!
 //! - A known chain (`main -> handle_request -> parse -> tokenize`, plus `json.dumps` into the
 //!   C extension `_json`): at least 90% of samples show it in order, each `chain.py` frame
@@ -29,13 +29,21 @@ const CHAIN_SHARE: f64 = 0.90;
 const PY_SPY: &str = "/opt/py-spy/bin/py-spy";
 const DEBIAN_PYTHON: &str = "/usr/bin/python3.11";
 const PYTHON_MAPPING: &str = "[python]";
+/// json's Python encoder methods, which call its C extension: qualified names from 3.11,
+/// bare `co_name`s before (code objects had no qualified name).
+const ENCODER: [&str; 4] = [
+    "JSONEncoder.encode",
+    "JSONEncoder.iterencode",
+    "encode",
+    "iterencode",
+];
 
 fn script(name: &str) -> PathBuf {
     workspace_root().join("tests/fixtures/python").join(name)
 }
 
 /// The CPython executables to test: Debian's python3.11 (required in CI), then pyenv's
-/// 3.11, 3.12 and 3.13 builds, the versions the agent reads.
+/// 3.8, 3.9, 3.10, 3.11, 3.12 and 3.13 builds, the versions the agent reads.
 fn interpreters(test: &str) -> Vec<PathBuf> {
     let debian = PathBuf::from(DEBIAN_PYTHON);
     if !debian.exists() {
@@ -52,7 +60,7 @@ fn interpreters(test: &str) -> Vec<PathBuf> {
         .flatten()
         .filter_map(|version| {
             let name = version.file_name().into_string().ok()?;
-            let minor = ["3.11.", "3.12.", "3.13."]
+            let minor = ["3.8.", "3.9.", "3.10.", "3.11.", "3.12.", "3.13."]
                 .iter()
                 .find(|prefix| name.starts_with(*prefix))?;
             let exe = version
@@ -220,9 +228,7 @@ fn check_chain(python: &Path, dir: &Path) -> String {
         let names: Vec<&str> = s.python.iter().map(|f| f.name.as_str()).collect();
         let tail_ok = match names.get(3..) {
             Some(["parse", "tokenize"] | ["parse"] | []) => true,
-            Some(["dumps", rest @ ..]) => rest
-                .iter()
-                .all(|n| ["JSONEncoder.encode", "JSONEncoder.iterencode"].contains(n)),
+            Some(["dumps", rest @ ..]) => rest.iter().all(|n| ENCODER.contains(n)),
             _ => false,
         };
         names.starts_with(&["<module>", "main", "handle_request"])
@@ -247,11 +253,7 @@ fn check_chain(python: &Path, dir: &Path) -> String {
         let first_python = s.frames.iter().position(|(_, m)| m.is_empty());
         let last_extension = s.frames.iter().rposition(is_c_extension);
         match (first_python, last_extension) {
-            (Some(p), Some(e)) => {
-                e < p
-                    && ["JSONEncoder.iterencode", "JSONEncoder.encode"]
-                        .contains(&s.frames[p].0.as_str())
-            }
+            (Some(p), Some(e)) => e < p && ENCODER.contains(&s.frames[p].0.as_str()),
             _ => false,
         }
     };

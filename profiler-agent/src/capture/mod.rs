@@ -34,6 +34,7 @@ use crate::{
     metrics::AgentMetrics,
     process::{DEFAULT_CONTAINER_ID_CACHE_SIZE, procfs},
     profile::BuiltProfile,
+    python::Interpreters,
     sampler::Recording,
     write::config::{Secret, read_secret},
 };
@@ -142,6 +143,9 @@ pub enum CaptureError {
 pub struct SymbolizeJob {
     pub recording: Recording,
     pub sample_rate: u64,
+    /// The CPython processes the capture's own kernel side walked, whose frames name its
+    /// Python frames.
+    pub python: Option<Interpreters>,
     pub reply: mpsc::SyncSender<BuiltProfile>,
 }
 
@@ -161,6 +165,8 @@ pub struct Capturer {
     stopping: AtomicBool,
     collect_user: bool,
     collect_kernel: bool,
+    /// Python frames in captures (`python_enabled`).
+    python: bool,
     jobs: mpsc::Sender<SymbolizeJob>,
     metrics: Arc<AgentMetrics>,
     proc_root: PathBuf,
@@ -192,12 +198,19 @@ impl Capturer {
             stopping: AtomicBool::new(false),
             collect_user,
             collect_kernel,
+            python: false,
             jobs,
             metrics,
             proc_root: PathBuf::from("/proc"),
             events: events::EventBudget::new(events::MAX_EVENTS_ALL_CAPTURES),
             max_thread_events: events::MAX_THREAD_EVENTS_PER_CAPTURE,
         }
+    }
+
+    /// Walks the Python frames of captured CPython processes (`python_enabled`).
+    pub fn with_python(mut self, python: bool) -> Self {
+        self.python = python;
+        self
     }
 
     /// Captures allowed at once from now on (`capture.max_concurrent` after a reload);
@@ -262,7 +275,8 @@ impl Capturer {
         duration: Duration,
         sample_rate: u64,
     ) -> Result<BuiltProfile, CaptureError> {
-        let (opened, events) = self.start_sampler(pid, duration, sample_rate)?;
+        let interpreters = Interpreters::new();
+        let (opened, events) = self.start_sampler(pid, duration, sample_rate, &interpreters)?;
         let mut sampler = opened.sampler;
         let alive = self.proc_root.join(pid.to_string());
         // A process that exits ends its capture early: what was sampled is the answer.
@@ -285,6 +299,7 @@ impl Capturer {
             .send(SymbolizeJob {
                 recording,
                 sample_rate,
+                python: self.python.then_some(interpreters),
                 reply,
             })
             .map_err(|_| CaptureError::Stopping)?;
@@ -303,6 +318,7 @@ impl Capturer {
         pid: u32,
         duration: Duration,
         sample_rate: u64,
+        interpreters: &Interpreters,
     ) -> Result<(OpenSampler, events::Reservation<'_>), CaptureError> {
         let no_descriptors = |needed| CaptureError::NoDescriptors {
             pid,
@@ -322,9 +338,7 @@ impl Capturer {
             scope,
             unwind_table_memory: CAPTURE_UNWIND_TABLE_MEMORY,
             exclude_self: false,
-            // Captures are named by the pipeline's sources, which know the daemon's
-            // interpreters, not this sampler's: Python frames are the daemon's for now.
-            python: false,
+            python: self.python,
         };
         let per_thread = Scope::Threads {
             pids: vec![pid],
@@ -336,7 +350,7 @@ impl Capturer {
                 &options(scope),
                 DEFAULT_CONTAINER_ID_CACHE_SIZE,
                 false,
-                |_| Vec::new(),
+                |kernel| interpreters.hook(kernel).into_iter().collect(),
             )
         };
         let started = match open(per_thread) {

@@ -64,7 +64,7 @@ pub struct AgentConfig {
     pub collect_kernel_profile: bool,
     /// Kernel frames in the stacks (default true), as current Alloy's `kernel_frames`.
     pub kernel_frames: bool,
-    /// Python functions in the stacks of CPython 3.11 and 3.12 processes (default true), as
+    /// Python functions in the stacks of CPython 3.8 to 3.13 processes (default true), as
     /// Alloy's `python_enabled`.
     pub python_enabled: bool,
     /// none | simplified | templates | full (default simplified).

@@ -130,13 +130,16 @@ async fn run_async(source: ConfigSource, mut config: AgentConfig) -> Result<(), 
             })?;
     let (capture_jobs, capture_rx) = std::sync::mpsc::channel();
     // Always there (it holds nothing until a capture runs): a reload may add triggers.
-    let capturer = Arc::new(Capturer::new(
-        config.capture.max_concurrent,
-        config.collect_user_profile,
-        config.collect_kernel(),
-        capture_jobs,
-        metrics.clone(),
-    ));
+    let capturer = Arc::new(
+        Capturer::new(
+            config.capture.max_concurrent,
+            config.collect_user_profile,
+            config.collect_kernel(),
+            capture_jobs,
+            metrics.clone(),
+        )
+        .with_python(config.python_enabled),
+    );
 
     let address = config.server.listen_address;
     let listener = tokio::net::TcpListener::bind(address)

@@ -255,11 +255,19 @@ impl Worker {
     /// A capture's profile, named with the continuous profile's caches; its files stay
     /// cached for the next interval as if this were part of it.
     fn build_capture(&mut self, job: SymbolizeJob) {
+        // The capture's Python processes name its Python frames, for this build only.
+        let daemon_python = job.python.map(|python| {
+            self.sources
+                .replace_interpreted(Some(sources::python(python)))
+        });
         let built = interval::build_one(
             job.recording,
             &mut self.sources,
             &BuildOptions::record(job.sample_rate),
         );
+        if let Some(daemon_python) = daemon_python {
+            self.sources.replace_interpreted(daemon_python);
+        }
         // The requester may have gone (timeout, disconnect): nothing to do then.
         let _ = job.reply.send(built);
     }

@@ -140,6 +140,15 @@ impl Sources {
         self
     }
 
+    /// Puts `source` in place of the registered source of recorded interpreter frames, and
+    /// gives that one back.
+    pub fn replace_interpreted(
+        &mut self,
+        source: Option<Box<dyn InterpretedSource>>,
+    ) -> Option<Box<dyn InterpretedSource>> {
+        std::mem::replace(&mut self.interpreted, source)
+    }
+
     /// The source of recorded interpreter frames, when one is registered.
     pub fn interpreted(&mut self) -> Option<&mut (dyn InterpretedSource + 'static)> {
         self.interpreted.as_deref_mut()

@@ -47,6 +47,11 @@ pub fn native(
     }
 }
 
+/// The source of Python frames, for the CPython processes of one sampler.
+pub fn python(interpreters: Interpreters) -> Box<dyn super::InterpretedSource> {
+    Box::new(PythonSource::new(interpreters))
+}
+
 /// [`native`] with the default caches, no kernel symbols and no Python frames.
 pub fn user_only(demangle: Demangle) -> Sources {
     native(demangle, None, CacheConfig::default(), None)

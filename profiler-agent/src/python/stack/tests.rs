@@ -374,6 +374,7 @@ fn read_live_stack(python: &str, version: (u8, u8)) {
     }
     eprintln!("{python}: {whole} of {complete} stacks were the whole chain ({reads} reads)");
     assert_eq!(complete, 50, "{complete} stacks in {reads} reads");
-    // tokenize's loop is where the script spends most of its time.
-    assert!(whole >= 20, "the whole chain in only {whole} of 50 stacks");
+    // tokenize's loop is where the script spends most of its time: 45-50 of 50 on a quiet
+    // machine, 17 once beside the rest of the unit tests on two busy CPUs.
+    assert!(whole >= 10, "the whole chain in only {whole} of 50 stacks");
 }
