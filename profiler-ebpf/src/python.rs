@@ -24,8 +24,10 @@ use crate::unwind::{UNWIND_PROGRAMS, Walk};
 #[map]
 pub static PYTHON_PROCESSES: HashMap<u32, PythonProcess> = HashMap::with_max_entries(1, 0);
 
-/// Frames recorded per run of the program: 4 runs reach [`MAX_PYTHON_DEPTH`].
-const FRAMES_PER_CALL: usize = 32;
+/// Frames recorded per run of the program: 8 runs reach [`MAX_PYTHON_DEPTH`]. Each run is
+/// one more tail call (with the native walk's 8, well under the kernel's 33), and a short
+/// loop keeps the verifier's work at load small.
+const FRAMES_PER_CALL: usize = 16;
 const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
 const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
 /// Covers every index below [`MAX_PYTHON_DEPTH`] (127).

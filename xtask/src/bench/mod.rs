@@ -81,11 +81,12 @@ pub enum Bench {
         keep: bool,
     },
     /// Python processes: `profiler-agent record --pid` against py-spy (one `py-spy record`
-    /// per process) on the same two busy CPython 3.11 processes, each for the same window at
-    /// 97 Hz: CPU, peak RSS, samples (goal: our CPU under a quarter of py-spy's).
+    /// per process) on the same two busy CPython 3.11 processes, each for 5 s and then for
+    /// the window at 97 Hz: CPU (per second of profiling and whole), peak RSS, samples
+    /// (goal: our CPU per second under a quarter of py-spy's).
     Python {
-        /// Seconds each profiler records.
-        #[arg(long, default_value_t = 20)]
+        /// Seconds of the long run of each profiler.
+        #[arg(long, default_value_t = 30)]
         seconds: u64,
     },
     /// Every benchmark above with its defaults, one after another (about an hour).
@@ -105,7 +106,7 @@ pub fn bench(which: Bench) -> Result<()> {
                     seconds: 20,
                     keep: false,
                 },
-                Bench::Python { seconds: 20 },
+                Bench::Python { seconds: 30 },
                 Bench::Scale { seconds: 45 },
                 Bench::Churn {
                     seconds: 60,
