@@ -20,8 +20,13 @@ pub const MAX_DEPTH: usize = 128;
 const MAX_THREADS: usize = 1024;
 /// Longest name or file name read, in characters.
 const MAX_STRING: u64 = 1024;
-/// Largest location table read, in bytes.
-const MAX_LINETABLE: u64 = 1 << 20;
+/// Largest location table read, in bytes (a function of thousands of lines takes a few
+/// KiB): a longer one is read up to this, and lines past it are unknown.
+const MAX_LINETABLE: u64 = 256 << 10;
+/// What one process's cache of code objects may hold: past either bound it starts afresh, so
+/// a process that makes code objects without end (or huge tables) costs bounded memory.
+const MAX_CODES: usize = 16_384;
+const MAX_CODE_BYTES: usize = 8 << 20;
 /// `_PyInterpreterFrame.owner` of 3.12's shim frames (C calling into Python).
 const FRAME_OWNED_BY_CSTACK: u8 = 3;
 
@@ -151,14 +156,24 @@ pub struct CodeNames<M> {
     memory: M,
     layout: Layout,
     codes: HashMap<u64, Code>,
+    /// Bytes of names, files and tables in `codes`.
+    bytes: usize,
+    limits: (usize, usize),
 }
 
 impl<M: RemoteMemory> CodeNames<M> {
     pub fn new(memory: M, layout: Layout) -> Self {
+        Self::with_limits(memory, layout, MAX_CODES, MAX_CODE_BYTES)
+    }
+
+    /// A cache of at most `codes` code objects and `bytes` bytes.
+    pub fn with_limits(memory: M, layout: Layout, codes: usize, bytes: usize) -> Self {
         Self {
             memory,
             layout,
             codes: HashMap::new(),
+            bytes: 0,
+            limits: (codes, bytes),
         }
     }
 
@@ -194,7 +209,15 @@ impl<M: RemoteMemory> CodeNames<M> {
             .is_some_and(|c| c.identity == identity);
         if !cached {
             let code = self.read_code(frame.code, identity)?;
-            self.codes.insert(frame.code, code);
+            let size = code.size();
+            if self.codes.len() >= self.limits.0 || self.bytes + size > self.limits.1 {
+                self.codes.clear();
+                self.bytes = 0;
+            }
+            self.bytes += size;
+            if let Some(old) = self.codes.insert(frame.code, code) {
+                self.bytes = self.bytes.saturating_sub(old.size());
+            }
         }
         Ok(self.codes[&frame.code].frame(frame))
     }
@@ -214,6 +237,10 @@ impl<M: RemoteMemory> CodeNames<M> {
 }
 
 impl Code {
+    fn size(&self) -> usize {
+        self.name.len() + self.file.len() + self.linetable.len() + std::mem::size_of::<Self>()
+    }
+
     fn frame(&self, frame: RawFrame) -> PyFrame {
         PyFrame {
             name: self.name.clone(),

@@ -118,6 +118,18 @@ fn a_reused_code_object_is_never_given_its_old_name() {
             })
             .is_err()
     );
+    // A bounded cache starts afresh past its bound: two code objects in a cache of one.
+    put_code(&mut memory, 0x30_000, 0x10_000, 0x11_000, 50);
+    let mut small = CodeNames::with_limits(&memory, PY311, 1, 1 << 20);
+    small.name(frame).unwrap();
+    let other = RawFrame {
+        code: 0x30_000,
+        instruction: 0,
+    };
+    assert_eq!(small.name(other).unwrap().first_line, 50);
+    assert_eq!(small.len(), 1);
+    assert_eq!(small.name(frame).unwrap().first_line, 7);
+    assert_eq!(small.len(), 1);
 }
 
 /// The interpreters the tests run when installed: Debian's 3.11 and pyenv's 3.8, 3.9, 3.10
