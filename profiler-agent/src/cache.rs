@@ -71,6 +71,11 @@ impl<K: Hash + Eq, V: Clone> RoundLru<K, V> {
         self.entries.put(key, (value, self.round));
     }
 
+    /// Drops `key`'s entry (its value went stale).
+    pub fn remove(&mut self, key: &K) {
+        self.entries.pop(key);
+    }
+
     /// Starts a new round and shrinks back toward the configured capacity, evicting entries
     /// no longer protected.
     pub fn next_round(&mut self) {

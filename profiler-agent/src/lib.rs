@@ -9,7 +9,8 @@
 //!    `.debug_frame`, which the kernel program will walk user stacks with: before `bpf`, which
 //!    loads them), `bpf` (the kernel program, its maps, opening a sampler).
 //! 3. Frames: `symbolize` (ELF, DWARF, Go, kallsyms and perf-map readers), `python`
-//!    (CPython's layout: finding an interpreter, reading and naming its frames), `frames`
+//!    (CPython's layout: finding an interpreter, reading and naming its frames), `jvm`
+//!    (HotSpot's dynamic attach: asking a JVM for its perf map), `frames`
 //!    (the stage that resolves raw stacks, and its frame sources).
 //! 4. Counters: `metrics` (the Prometheus registry every later stage reports to).
 //! 5. Targets: `targets` (which series a process's samples go to), `discovery` (Docker,
@@ -31,6 +32,7 @@ pub mod discovery;
 pub mod duration;
 pub mod frames;
 pub mod interval;
+pub mod jvm;
 pub mod labels;
 pub mod memory;
 pub mod metrics;

@@ -128,6 +128,8 @@ pub struct AgentMetrics {
     pub triggers_fired: Family<TriggerLabel, Counter>,
     /// Captures of processes over the per-capture thread-event limit, by action.
     pub capture_thread_limit: Family<ActionLabel, Counter>,
+    /// HotSpot attaches to ask a JVM for its perf map, by outcome.
+    pub jvm_attach: Family<OutcomeLabel, Counter>,
     pub frames_known: Counter,
     pub frames_unknown: Counter,
     pub elf_errors: Counter,
@@ -174,6 +176,7 @@ impl AgentMetrics {
             captures: Family::default(),
             triggers_fired: Family::default(),
             capture_thread_limit: Family::default(),
+            jvm_attach: Family::default(),
             frames_known: Counter::default(),
             frames_unknown: Counter::default(),
             elf_errors: Counter::default(),
@@ -366,6 +369,14 @@ impl AgentMetrics {
             "profiler_triggers_fired",
             "Threshold triggers fired, by cause (cpu, memory)",
             m.triggers_fired.clone(),
+        );
+        r.register(
+            "profiler_jvm_attach",
+            "HotSpot dynamic attaches asking a JVM to write its perf map (Compiler.perfmap), by \
+             outcome: done, disabled (-XX:+DisableAttachMechanism: left alone), timeout (no \
+             attach socket in time), command_failed (the JVM refused the command, before JDK \
+             17), error, gone",
+            m.jvm_attach.clone(),
         );
         r.register(
             "profiler_capture_thread_limit",

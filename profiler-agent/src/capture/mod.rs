@@ -31,6 +31,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     bpf::{BpfError, OpenSampler, SamplerOptions, Scope, open_sampler},
+    jvm,
     metrics::AgentMetrics,
     process::{DEFAULT_CONTAINER_ID_CACHE_SIZE, procfs},
     profile::BuiltProfile,
@@ -146,6 +147,9 @@ pub struct SymbolizeJob {
     /// The CPython processes the capture's own kernel side walked, whose frames name its
     /// Python frames.
     pub python: Option<Interpreters>,
+    /// Processes that just wrote a new perf map (a JVM asked for it): the sources forget
+    /// what they cached of them.
+    pub refreshed: Vec<u32>,
     pub reply: mpsc::SyncSender<BuiltProfile>,
 }
 
@@ -154,6 +158,10 @@ const DRAIN_INTERVAL: Duration = Duration::from_secs(1);
 /// Kernel memory for one capture's unwind tables: one process's files (python3.11 and its
 /// libraries take about 200 000 rows, 3 MiB).
 const CAPTURE_UNWIND_TABLE_MEMORY: u64 = 8 << 20;
+
+/// How long asking a JVM for its perf map may take (HotSpot starts its attach listener
+/// within a few hundred milliseconds of the signal).
+const ATTACH_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How long symbolization may take once the capture ended.
 const SYMBOLIZE_TIMEOUT: Duration = Duration::from_secs(120);
@@ -167,6 +175,8 @@ pub struct Capturer {
     collect_kernel: bool,
     /// Python frames in captures (`python_enabled`).
     python: bool,
+    /// Ask a captured HotSpot JVM for its perf map (`hotspot_enabled`).
+    hotspot: bool,
     jobs: mpsc::Sender<SymbolizeJob>,
     metrics: Arc<AgentMetrics>,
     proc_root: PathBuf,
@@ -199,12 +209,20 @@ impl Capturer {
             collect_user,
             collect_kernel,
             python: false,
+            hotspot: false,
             jobs,
             metrics,
             proc_root: PathBuf::from("/proc"),
             events: events::EventBudget::new(events::MAX_EVENTS_ALL_CAPTURES),
             max_thread_events: events::MAX_THREAD_EVENTS_PER_CAPTURE,
         }
+    }
+
+    /// Asks a captured HotSpot JVM, before its capture ends, to write the perf map that
+    /// names its JIT-compiled methods (`hotspot_enabled`).
+    pub fn with_hotspot(mut self, hotspot: bool) -> Self {
+        self.hotspot = hotspot;
+        self
     }
 
     /// Walks the Python frames of captured CPython processes (`python_enabled`).
@@ -285,6 +303,8 @@ impl Capturer {
                 self.stopping.load(Ordering::SeqCst) || !alive.exists()
             })
             .map_err(CaptureError::Bpf)?;
+        // Before the samples are named: the JIT code they hit is in the JVM's map now.
+        let refreshed = self.ask_for_perf_map(pid);
         let recording = sampler.finish().map_err(CaptureError::Bpf)?;
         drop(events);
         tracing::info!(
@@ -300,6 +320,7 @@ impl Capturer {
                 recording,
                 sample_rate,
                 python: self.python.then_some(interpreters),
+                refreshed,
                 reply,
             })
             .map_err(|_| CaptureError::Stopping)?;
@@ -310,6 +331,34 @@ impl Capturer {
 }
 
 impl Capturer {
+    /// Has a HotSpot JVM write its perf map (`Compiler.perfmap`, through its attach socket);
+    /// the pids whose map was written. Other processes are not touched; failures are
+    /// counted and logged, and the capture goes on with what it has.
+    fn ask_for_perf_map(&self, pid: u32) -> Vec<u32> {
+        if !self.hotspot {
+            return Vec::new();
+        }
+        let outcome = match jvm::jcmd(&self.proc_root, pid, jvm::PERF_MAP_COMMAND, ATTACH_TIMEOUT) {
+            Ok(_) => "done",
+            Err(jvm::AttachError::NotHotSpot { .. }) => return Vec::new(),
+            Err(error) => {
+                tracing::info!(pid, %error, "JVM perf map not written");
+                error.outcome()
+            }
+        };
+        self.metrics
+            .jvm_attach
+            .get_or_create(&crate::metrics::OutcomeLabel {
+                outcome: outcome.to_owned(),
+            })
+            .inc();
+        if outcome == "done" {
+            vec![pid]
+        } else {
+            Vec::new()
+        }
+    }
+
     /// Starts the kernel side within the descriptor budget: one event per thread when the
     /// process has at most `max_thread_events` threads (and the budget allows), else one
     /// event per CPU with the process in the BPF program's pid filter.

@@ -134,7 +134,7 @@ pub const ARGUMENTS: &[AlloyArgument] = &[
         },
     ),
     arg("python_enabled", Some("true"), Some("true"), Support::Same),
-    arg("hotspot_enabled", None, Some("true"), LANGUAGE),
+    arg("hotspot_enabled", None, Some("true"), Support::Same),
     arg("perl_enabled", None, Some("true"), LANGUAGE),
     arg("php_enabled", None, Some("true"), LANGUAGE),
     arg("ruby_enabled", None, Some("true"), LANGUAGE),

@@ -67,6 +67,9 @@ pub struct AgentConfig {
     /// Python functions in the stacks of CPython 3.8 to 3.13 processes (default true), as
     /// Alloy's `python_enabled`.
     pub python_enabled: bool,
+    /// Ask a HotSpot JVM, before its capture ends, to write the perf map that names its
+    /// JIT-compiled methods (default true), as Alloy's `hotspot_enabled`.
+    pub hotspot_enabled: bool,
     /// none | simplified | templates | full (default simplified).
     #[serde(with = "demangle_name")]
     pub demangle: Demangle,
@@ -112,6 +115,7 @@ impl Default for AgentConfig {
             collect_kernel_profile: true,
             kernel_frames: true,
             python_enabled: true,
+            hotspot_enabled: true,
             demangle: Demangle::Simplified,
             targets_only: true,
             default_target: Labels::new(),

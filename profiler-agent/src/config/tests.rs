@@ -424,7 +424,6 @@ fn alloy_arguments_are_honoured_warned_dropped_or_refused() {
     let c = parse("python_enabled = false\noff_cpu_threshold = 0\ngo_enabled = true").unwrap();
     assert!(c.warnings.is_empty(), "{:?}", c.warnings);
     for text in [
-        "hotspot_enabled = true",
         "off_cpu_threshold = 0.5",
         "probe_links = [\"kprobe:foo\"]",
         "forward_to = []",

@@ -138,7 +138,8 @@ async fn run_async(source: ConfigSource, mut config: AgentConfig) -> Result<(), 
             capture_jobs,
             metrics.clone(),
         )
-        .with_python(config.python_enabled),
+        .with_python(config.python_enabled)
+        .with_hotspot(config.hotspot_enabled),
     );
 
     let address = config.server.listen_address;

@@ -255,6 +255,9 @@ impl Worker {
     /// A capture's profile, named with the continuous profile's caches; its files stay
     /// cached for the next interval as if this were part of it.
     fn build_capture(&mut self, job: SymbolizeJob) {
+        for &pid in &job.refreshed {
+            self.sources.forget(pid);
+        }
         // The capture's Python processes name its Python frames, for this build only.
         let daemon_python = job.python.map(|python| {
             self.sources

@@ -84,6 +84,9 @@ pub trait FrameSource {
     fn add_stats(&self, _stats: &mut SymbolizeStats) {}
     /// Marks the end of a collect interval for the caches' `cache_rounds` rule.
     fn next_round(&mut self) {}
+    /// Process `pid` just wrote what this source reads (a JVM asked for its perf map):
+    /// forget what is cached for it.
+    fn forget(&mut self, _pid: u32) {}
 }
 
 /// Names the frames of an interpreted language that the kernel program recorded beside a
@@ -286,6 +289,13 @@ impl Sources {
             source.add_stats(&mut stats);
         }
         stats
+    }
+
+    /// Process `pid` just wrote what a source reads: every source forgets it.
+    pub fn forget(&mut self, pid: u32) {
+        for source in &mut self.sources {
+            source.forget(pid);
+        }
     }
 
     /// Marks the end of a collect interval for every source's caches.

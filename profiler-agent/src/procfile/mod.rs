@@ -240,6 +240,18 @@ impl ProcRoot {
         self.open_inner(path, &shown, max_size).map_err(counted)
     }
 
+    /// Opens the directory `path` inside the root (`O_PATH`), to find or create entries in
+    /// it by name with `*at` calls, which then never leave it.
+    pub fn open_dir(&self, path: &Path) -> Result<OwnedFd, ProcFileError> {
+        let shown = self.path.join(path.strip_prefix("/").unwrap_or(path));
+        self.resolve(
+            path,
+            libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
+            &shown,
+        )
+        .map_err(counted)
+    }
+
     fn open_inner(
         &self,
         path: &Path,

@@ -14,6 +14,21 @@ use crate::{
     },
 };
 
+/// What a HotSpot perf map entry (`Compiler.perfmap`) is shown as: `long Hot.mix(long)` as
+/// `Hot.mix` (the signature stays in the system name), the template interpreter as
+/// `[java interpreter]`; `None` for names of other runtimes.
+fn java_name(name: &str) -> Option<String> {
+    if name == "Interpreter" {
+        return Some(JAVA_INTERPRETER.to_owned());
+    }
+    let (before, _) = name.strip_suffix(')')?.split_once('(')?;
+    let (_return_type, method) = before.rsplit_once(' ')?;
+    (method.contains('.') && !method.is_empty()).then(|| method.to_owned())
+}
+
+/// Frames of HotSpot's template interpreter: one per interpreted activation.
+pub const JAVA_INTERPRETER: &str = "[java interpreter]";
+
 pub struct PerfMapSource {
     demangle: Demangle,
     proc_root: PathBuf,
@@ -54,6 +69,11 @@ impl FrameSource for PerfMapSource {
         "perf map"
     }
 
+    /// A JVM that was just asked for its perf map has a new one.
+    fn forget(&mut self, pid: u32) {
+        self.maps.remove(&pid);
+    }
+
     fn serves(&self, class: MappingClass) -> bool {
         class == MappingClass::Anonymous
     }
@@ -66,7 +86,10 @@ impl FrameSource for PerfMapSource {
         let map = self.map_of(site.process?.pid)?;
         Some(match map.lookup(site.address) {
             Some(name) => Found::Frames(Arc::new([Frame {
-                name: self.demangle.apply(name).into(),
+                name: match java_name(name) {
+                    Some(java) => java.into(),
+                    None => self.demangle.apply(name).into(),
+                },
                 system_name: name.into(),
                 file: None,
                 line: 0,
@@ -81,5 +104,24 @@ impl FrameSource for PerfMapSource {
 
     fn next_round(&mut self) {
         self.maps.next_round();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hotspot_names_lose_their_return_type_and_parameters() {
+        assert_eq!(java_name("long Hot.mix(long)").as_deref(), Some("Hot.mix"));
+        assert_eq!(
+            java_name("java.lang.String com.x.Y$Z.run(int, java.lang.Object[])").as_deref(),
+            Some("com.x.Y$Z.run")
+        );
+        assert_eq!(java_name("Interpreter").as_deref(), Some(JAVA_INTERPRETER));
+        // Other runtimes' names are left to the demangler.
+        assert_eq!(java_name("LazyCompile:*fib /srv/x.js:1"), None);
+        assert_eq!(java_name("_ZN3foo3barEv"), None);
+        assert_eq!(java_name("stub (x)"), None);
     }
 }
