@@ -6,7 +6,8 @@
 //! with `-XX:+PreserveFramePointer`, at least 80% show the whole chain `main -> compute ->
 //! mix` down to the JVM's native `JavaMain`; a JVM started with `-XX:+DisableAttachMechanism`
 //! is left alone, counted, and its capture still answers; `profiler_jvm_attach_total` counts
-//! them.
+//! them. A JVM in its own pid and mount namespaces, profiled continuously as a daemon
+//! target, is asked for its map through them and named in a later interval.
 //!
 //! Root is needed (BPF, attaching as the JVM's user); under `CI=true` a missing
 //! prerequisite fails the test.
@@ -232,4 +233,116 @@ bearer_token = "{TOKEN}"
     drop(refusing);
     drop(framed);
     drop(hot);
+}
+
+/// Profiles the directory sink wrote, oldest first.
+fn written_profiles(dir: &Path) -> Vec<Profile> {
+    let mut profiles: Vec<Profile> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|path| {
+            path.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.ends_with(".pb.gz") && !n.starts_with('.'))
+        })
+        .map(|path| read_profile(&path))
+        .collect();
+    profiles.sort_by_key(|p| p.time_nanos);
+    profiles
+}
+
+/// The child `unshare --fork` started (the JVM, once its shell exec'd it).
+fn forked_child(unshare: u32) -> Option<u32> {
+    let children =
+        std::fs::read_to_string(format!("/proc/{unshare}/task/{unshare}/children")).ok()?;
+    let pid: u32 = children.split_whitespace().next()?.parse().ok()?;
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+    (comm.trim() == "java").then_some(pid)
+}
+
+/// A JVM in its own pid and mount namespaces (pid 1 there, a private /tmp), profiled by the
+/// daemon as a target: its compiled code goes unnamed in the first interval, the agent asks
+/// the JVM for its perf map through the namespaces, and a later profile names `Hot.mix`.
+/// `unshare --kill-child` takes the JVM down with it when the test ends.
+#[test]
+fn a_jvm_in_its_own_namespaces_is_named_in_continuous_profiles() {
+    const TEST: &str = "a_jvm_in_its_own_namespaces_is_named_in_continuous_profiles";
+    if !require_root(TEST) {
+        return;
+    }
+    // Outside /tmp, which the JVM's mount namespace covers with its own.
+    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    if !javac(dir.path()) {
+        return;
+    }
+    let classes = dir.path().display().to_string();
+    let unshare = Workload::spawn(
+        "unshare",
+        &[
+            "--pid",
+            "--mount",
+            "--fork",
+            "--kill-child",
+            "sh",
+            "-c",
+            &format!("mount -t tmpfs tmpfs /tmp && exec java -cp {classes} Hot"),
+        ],
+    );
+    let java = wait_until(SHOW_UP, "the JVM in its namespaces", || {
+        forked_child(unshare.pid())
+    });
+    let status = std::fs::read_to_string(format!("/proc/{java}/status")).unwrap();
+    assert!(
+        status
+            .lines()
+            .any(|l| l.starts_with("NSpid:") && l.ends_with("\t1")),
+        "pid 1 in its namespace: {status}"
+    );
+    let port = free_port();
+    let profiles = dir.path().join("profiles");
+    let config = dir.path().join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+collect_interval = "3s"
+[[targets]]
+__process_pid__ = "{java}"
+service_name = "jvm"
+[write]
+directory = "{profiles}"
+[server]
+listen_address = "127.0.0.1:{port}"
+"#,
+            profiles = profiles.display(),
+        ),
+    )
+    .unwrap();
+    let log_path = dir.path().join("agent.log");
+    let _agent = Workload::run_agent(&config, &log_path);
+    let _show_log = ShowLogOnPanic(log_path.clone());
+    let named = wait_until(Duration::from_secs(120), "a profile naming Hot.mix", || {
+        written_profiles(&profiles.join("jvm"))
+            .into_iter()
+            .find_map(|p| {
+                let leaves = leaves(&p);
+                let total: i64 = leaves.iter().map(|l| l.2).sum();
+                let mix: i64 = leaves
+                    .iter()
+                    .filter(|l| l.0 == "Hot.mix")
+                    .map(|l| l.2)
+                    .sum();
+                (total >= 100 && mix as f64 >= 0.8 * total as f64).then_some((mix, total))
+            })
+    });
+    eprintln!(
+        "a continuous profile names Hot.mix as the leaf of {} of {} samples",
+        named.0, named.1
+    );
+    let (_, text) = http_get_text(port, "/metrics").expect("/metrics answers");
+    let asked = metric(&text, "profiler_jvm_attach_total{outcome=\"done\"}").unwrap_or(0.0);
+    assert!(asked >= 1.0, "the JVM was asked: {text}");
+    drop(unshare);
 }

@@ -70,6 +70,11 @@ pub struct AgentConfig {
     /// Ask a HotSpot JVM, before its capture ends, to write the perf map that names its
     /// JIT-compiled methods (default true), as Alloy's `hotspot_enabled`.
     pub hotspot_enabled: bool,
+    /// With `hotspot_enabled`: a continuously profiled JVM whose compiled code went unnamed
+    /// in an interval is asked for its perf map at most this often (default 5m). Not in
+    /// pyroscope.ebpf.
+    #[serde(with = "crate::duration::positive")]
+    pub hotspot_perf_map_interval: Duration,
     /// none | simplified | templates | full (default simplified).
     #[serde(with = "demangle_name")]
     pub demangle: Demangle,
@@ -116,6 +121,7 @@ impl Default for AgentConfig {
             kernel_frames: true,
             python_enabled: true,
             hotspot_enabled: true,
+            hotspot_perf_map_interval: Duration::from_secs(300),
             demangle: Demangle::Simplified,
             targets_only: true,
             default_target: Labels::new(),

@@ -200,6 +200,9 @@ async fn run_async(source: ConfigSource, mut config: AgentConfig) -> Result<(), 
         collect_user: config.collect_user_profile,
         collect_kernel: config.collect_kernel(),
         python: config.python_enabled,
+        hotspot: config
+            .hotspot_enabled
+            .then_some(config.hotspot_perf_map_interval),
         demangle: config.demangle,
         caches: config.cache_config(),
         container_id_cache_size: config.container_id_cache_size,

@@ -26,6 +26,7 @@ use crate::{
         self,
         latest::{LatestProfiles, ServiceProfile},
     },
+    jvm::PerfMapRefresher,
     metrics::{AgentMetrics, Cumulative, ServiceLabel},
     process::ProcessSource,
     profile::{self, BuildOptions},
@@ -49,6 +50,9 @@ pub struct PipelineSettings {
     pub collect_kernel: bool,
     /// Python frames (`python_enabled`).
     pub python: bool,
+    /// Ask a JVM whose compiled code went unnamed for its perf map, at most this often
+    /// (`hotspot_enabled`, `hotspot_perf_map_interval`); `None` never.
+    pub hotspot: Option<Duration>,
     pub demangle: Demangle,
     pub caches: CacheConfig,
     pub container_id_cache_size: usize,
@@ -188,15 +192,43 @@ pub struct Worker {
     sources: Sources,
     out: Outputs,
     cumulative: Cumulative,
+    refresher: Option<PerfMapRefresher>,
 }
 
 impl Worker {
     pub fn new(settings: PipelineSettings, sources: Sources, outputs: Outputs) -> Self {
         Self {
+            refresher: settings.hotspot.map(PerfMapRefresher::new),
             settings,
             sources,
             out: outputs,
             cumulative: Cumulative::default(),
+        }
+    }
+
+    /// JVMs that wrote a new perf map since the last interval are read afresh; this
+    /// interval's processes with unnamed JIT code are asked for one (rate-limited).
+    fn refresh_perf_maps(&mut self, after_build: bool) {
+        let unnamed = self.sources.take_unnamed_jit();
+        let Some(refresher) = &mut self.refresher else {
+            return;
+        };
+        if after_build {
+            refresher.request(unnamed);
+            return;
+        }
+        let done = refresher.take_done();
+        for pid in done.written {
+            self.sources.forget(pid);
+        }
+        for outcome in done.outcomes {
+            self.out
+                .metrics
+                .jvm_attach
+                .get_or_create(&crate::metrics::OutcomeLabel {
+                    outcome: outcome.to_owned(),
+                })
+                .inc();
         }
     }
 
@@ -299,8 +331,10 @@ impl Worker {
         self.cumulative
             .unwind_tables(&metrics, &recording.unwind_tables);
         let targets = self.out.targets.borrow().clone();
+        self.refresh_perf_maps(false);
         let interval =
             interval::build(recording, &targets, &mut self.sources, &self.settings.build);
+        self.refresh_perf_maps(true);
         metrics.samples_untargeted.inc_by(interval.untargeted);
         metrics.samples_named_at_drain.inc_by(interval.named_late);
         metrics.samples_default_target.inc_by(interval.defaulted);

@@ -120,6 +120,7 @@ fn run_worker(
         collect_user: true,
         collect_kernel: false,
         python: false,
+        hotspot: None,
         demangle: Demangle::None,
         caches: CacheConfig::default(),
         container_id_cache_size: 16,

@@ -87,6 +87,11 @@ pub trait FrameSource {
     /// Process `pid` just wrote what this source reads (a JVM asked for its perf map):
     /// forget what is cached for it.
     fn forget(&mut self, _pid: u32) {}
+    /// Processes with code in anonymous executable memory this source could not name since
+    /// the last call (a JVM with no perf map, or a stale one).
+    fn take_unnamed(&mut self) -> Vec<u32> {
+        Vec::new()
+    }
 }
 
 /// Names the frames of an interpreted language that the kernel program recorded beside a
@@ -289,6 +294,18 @@ impl Sources {
             source.add_stats(&mut stats);
         }
         stats
+    }
+
+    /// Processes with JIT code no source could name since the last call.
+    pub fn take_unnamed_jit(&mut self) -> Vec<u32> {
+        let mut pids: Vec<u32> = self
+            .sources
+            .iter_mut()
+            .flat_map(|s| s.take_unnamed())
+            .collect();
+        pids.sort_unstable();
+        pids.dedup();
+        pids
     }
 
     /// Process `pid` just wrote what a source reads: every source forgets it.

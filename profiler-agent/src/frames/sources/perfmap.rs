@@ -2,7 +2,7 @@
 //! process sees it, inside its own root), read through the safe file layer and cached per
 //! process. An address of anonymous memory the map does not list is `[jit]`.
 
-use std::{path::PathBuf, rc::Rc, sync::Arc};
+use std::{collections::HashSet, path::PathBuf, rc::Rc, sync::Arc};
 
 use crate::frames::{Found, Frame, FrameKind, FrameSource, MappingClass, Site};
 use crate::{
@@ -33,6 +33,8 @@ pub struct PerfMapSource {
     demangle: Demangle,
     proc_root: PathBuf,
     maps: RoundLru<u32, Option<Rc<PerfMap>>>,
+    /// Processes with anonymous code no map named, since the last `take_unnamed`.
+    unnamed: HashSet<u32>,
 }
 
 impl PerfMapSource {
@@ -41,6 +43,7 @@ impl PerfMapSource {
             demangle,
             proc_root: PathBuf::from("/proc"),
             maps: RoundLru::new(caches.pid_cache_size, caches.cache_rounds),
+            unnamed: HashSet::new(),
         }
     }
 
@@ -74,6 +77,10 @@ impl FrameSource for PerfMapSource {
         self.maps.remove(&pid);
     }
 
+    fn take_unnamed(&mut self) -> Vec<u32> {
+        self.unnamed.drain().collect()
+    }
+
     fn serves(&self, class: MappingClass) -> bool {
         class == MappingClass::Anonymous
     }
@@ -83,8 +90,16 @@ impl FrameSource for PerfMapSource {
     }
 
     fn frames(&mut self, site: &Site<'_>) -> Option<Found> {
-        let map = self.map_of(site.process?.pid)?;
-        Some(match map.lookup(site.address) {
+        let pid = site.process?.pid;
+        let Some(map) = self.map_of(pid) else {
+            self.unnamed.insert(pid);
+            return None;
+        };
+        let found = map.lookup(site.address);
+        if found.is_none() {
+            self.unnamed.insert(pid);
+        }
+        Some(match found {
             Some(name) => Found::Frames(Arc::new([Frame {
                 name: match java_name(name) {
                     Some(java) => java.into(),
