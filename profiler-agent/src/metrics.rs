@@ -421,6 +421,15 @@ impl AgentMetrics {
             .inc();
     }
 
+    /// One attach asking a JVM for its perf map ended with `outcome`.
+    pub fn jvm_attach(&self, outcome: &str) {
+        self.jvm_attach
+            .get_or_create(&OutcomeLabel {
+                outcome: outcome.to_owned(),
+            })
+            .inc();
+    }
+
     pub fn trigger_fired(&self, trigger: &str) {
         self.triggers_fired
             .get_or_create(&TriggerLabel {

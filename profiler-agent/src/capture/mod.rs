@@ -159,10 +159,6 @@ const DRAIN_INTERVAL: Duration = Duration::from_secs(1);
 /// libraries take about 200 000 rows, 3 MiB).
 const CAPTURE_UNWIND_TABLE_MEMORY: u64 = 8 << 20;
 
-/// How long asking a JVM for its perf map may take (HotSpot starts its attach listener
-/// within a few hundred milliseconds of the signal).
-const ATTACH_TIMEOUT: Duration = Duration::from_secs(5);
-
 /// How long symbolization may take once the capture ended.
 const SYMBOLIZE_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -338,20 +334,10 @@ impl Capturer {
         if !self.hotspot {
             return Vec::new();
         }
-        let outcome = match jvm::jcmd(&self.proc_root, pid, jvm::PERF_MAP_COMMAND, ATTACH_TIMEOUT) {
-            Ok(_) => "done",
-            Err(jvm::AttachError::NotHotSpot { .. }) => return Vec::new(),
-            Err(error) => {
-                tracing::info!(pid, %error, "JVM perf map not written");
-                error.outcome()
-            }
+        let Some(outcome) = jvm::ask_for_perf_map(&self.proc_root, pid) else {
+            return Vec::new();
         };
-        self.metrics
-            .jvm_attach
-            .get_or_create(&crate::metrics::OutcomeLabel {
-                outcome: outcome.to_owned(),
-            })
-            .inc();
+        self.metrics.jvm_attach(outcome);
         if outcome == "done" {
             vec![pid]
         } else {

@@ -222,13 +222,7 @@ impl Worker {
             self.sources.forget(pid);
         }
         for outcome in done.outcomes {
-            self.out
-                .metrics
-                .jvm_attach
-                .get_or_create(&crate::metrics::OutcomeLabel {
-                    outcome: outcome.to_owned(),
-                })
-                .inc();
+            self.out.metrics.jvm_attach(outcome);
         }
     }
 

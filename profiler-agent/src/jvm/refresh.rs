@@ -12,10 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use super::{AttachError, PERF_MAP_COMMAND, jcmd};
-
-/// How long one attach may take.
-const ATTACH_TIMEOUT: Duration = Duration::from_secs(5);
+use super::ask_for_perf_map;
 /// The wait before a process is asked a second time.
 pub const FIRST_WAIT: Duration = Duration::from_secs(10);
 /// Processes remembered (their last attempt); past this the oldest are forgotten.
@@ -72,14 +69,8 @@ impl PerfMapRefresher {
             let spawned = std::thread::Builder::new()
                 .name("jvm-attach".into())
                 .spawn(move || {
-                    let outcome = match jcmd(&proc, pid, PERF_MAP_COMMAND, ATTACH_TIMEOUT) {
-                        Ok(_) => Some("done"),
-                        Err(AttachError::NotHotSpot { .. } | AttachError::NoProcess { .. }) => None,
-                        Err(error) => {
-                            tracing::info!(pid, %error, "JVM perf map not written");
-                            Some(error.outcome())
-                        }
-                    };
+                    // A process that exited meanwhile is not counted here.
+                    let outcome = ask_for_perf_map(&proc, pid).filter(|&o| o != "gone");
                     if let (Some(outcome), Ok(mut attempts)) = (outcome, attempts.lock()) {
                         if outcome == "done" {
                             attempts.written.push(pid);

@@ -37,9 +37,6 @@ pub const NAME_EVERY: Duration = Duration::from_millis(200);
 pub struct PythonStats {
     /// Processes whose interpreter the kernel program walks now.
     pub processes: u64,
-    /// Processes mapping CPython that could not be read as one (version without a layout,
-    /// stripped symbols, unreadable file), so far.
-    pub unsupported: u64,
     /// Frames named, and frames whose code object could not be read, so far.
     pub frames_named: u64,
     pub frames_unnamed: u64,
@@ -141,7 +138,6 @@ impl Interpreters {
             Err(error) => {
                 tracing::debug!(pid, %error, "CPython mapped but not readable");
                 kernel.remove(pid);
-                self.state().stats.unsupported += 1;
                 Known::Unsupported { key }
             }
         };
@@ -165,14 +161,6 @@ impl Interpreters {
         match self.state().processes.get(&pid) {
             Some(Known::Python(live)) => live.interpreter.in_eval(address),
             _ => false,
-        }
-    }
-
-    /// The interpreter of `pid`, when it runs one the kernel walks.
-    pub fn interpreter(&self, pid: u32) -> Option<Interpreter> {
-        match self.state().processes.get(&pid) {
-            Some(Known::Python(live)) => Some(live.interpreter),
-            _ => None,
         }
     }
 
