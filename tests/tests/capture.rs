@@ -302,24 +302,6 @@ max_concurrent = 1
     assert_eq!(scraped(port, done), 4.0, "captures done");
 }
 
-/// The profiles the directory sink wrote into `dir`, oldest window first (none if `dir` does
-/// not exist yet).
-fn written_profiles(dir: &std::path::Path) -> Vec<Profile> {
-    let mut profiles: Vec<Profile> = std::fs::read_dir(dir)
-        .into_iter()
-        .flatten()
-        .map(|e| e.expect("read the profiles directory").path())
-        .filter(|path| {
-            path.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.ends_with(".pb.gz") && !n.starts_with('.'))
-        })
-        .map(|path| read_profile(&path))
-        .collect();
-    profiles.sort_by_key(|p| p.time_nanos);
-    profiles
-}
-
 #[test]
 fn refuses_a_public_capture_api_without_a_token() {
     let dir = tempfile::tempdir().unwrap();

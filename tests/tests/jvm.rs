@@ -39,6 +39,19 @@ fn javac(dir: &Path) -> bool {
     ok
 }
 
+/// Captures `pid` for `seconds` through the agent's API into `path`; it must answer 200.
+fn capture(port: u16, pid: u32, seconds: u32, path: &Path) {
+    let (status, pprof) = http_get_within(
+        port,
+        &format!("/v1/profile?pid={pid}&duration={seconds}s"),
+        Some(TOKEN),
+        Duration::from_secs(120),
+    )
+    .expect("the capture answers");
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&pprof));
+    std::fs::write(path, &pprof).unwrap();
+}
+
 /// The user frames' function names of each sample (leaf first), with its count.
 fn user_stacks(p: &Profile) -> Vec<(Vec<String>, i64)> {
     let s = |i: i64| p.string_table[i as usize].clone();
@@ -146,16 +159,8 @@ bearer_token = "{TOKEN}"
         (http_get(port, "/ready", None)?.0 == 200).then_some(())
     });
 
-    let (status, pprof) = http_get_within(
-        port,
-        &format!("/v1/profile?pid={}&duration=10s", hot.pid()),
-        Some(TOKEN),
-        Duration::from_secs(120),
-    )
-    .expect("the capture answers");
-    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&pprof));
     let path = dir.path().join("hot.pb.gz");
-    std::fs::write(&path, &pprof).unwrap();
+    capture(port, hot.pid(), 10, &path);
     go_pprof_raw(&path);
     let p = read_profile(&path);
     let leaves = leaves(&p);
@@ -184,16 +189,8 @@ bearer_token = "{TOKEN}"
     );
 
     // With frame pointers kept, the walk goes through the compiled frames to main.
-    let (status, pprof) = http_get_within(
-        port,
-        &format!("/v1/profile?pid={}&duration=5s", framed.pid()),
-        Some(TOKEN),
-        Duration::from_secs(120),
-    )
-    .expect("the capture answers");
-    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&pprof));
     let path = dir.path().join("framed.pb.gz");
-    std::fs::write(&path, &pprof).unwrap();
+    capture(port, framed.pid(), 5, &path);
     let stacks = user_stacks(&read_profile(&path));
     let total: i64 = stacks.iter().map(|s| s.1).sum();
     let whole: i64 = stacks
@@ -214,14 +211,7 @@ bearer_token = "{TOKEN}"
     );
 
     // A JVM that refuses attach: left alone, counted, and its capture still answers.
-    let (status, body) = http_get_within(
-        port,
-        &format!("/v1/profile?pid={}&duration=2s", refusing.pid()),
-        Some(TOKEN),
-        Duration::from_secs(120),
-    )
-    .expect("the capture answers");
-    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    capture(port, refusing.pid(), 2, &dir.path().join("refusing.pb.gz"));
     let (_, text) = http_get_text(port, "/metrics").expect("/metrics answers");
     let done = metric(&text, "profiler_jvm_attach_total{outcome=\"done\"}");
     let disabled = metric(&text, "profiler_jvm_attach_total{outcome=\"disabled\"}");
@@ -233,24 +223,6 @@ bearer_token = "{TOKEN}"
     drop(refusing);
     drop(framed);
     drop(hot);
-}
-
-/// Profiles the directory sink wrote, oldest first.
-fn written_profiles(dir: &Path) -> Vec<Profile> {
-    let mut profiles: Vec<Profile> = std::fs::read_dir(dir)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .map(|e| e.path())
-        .filter(|path| {
-            path.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.ends_with(".pb.gz") && !n.starts_with('.'))
-        })
-        .map(|path| read_profile(&path))
-        .collect();
-    profiles.sort_by_key(|p| p.time_nanos);
-    profiles
 }
 
 /// The child `unshare --fork` started (the JVM, once its shell exec'd it).

@@ -75,6 +75,11 @@ fn interpreters(test: &str) -> Vec<PathBuf> {
     found
 }
 
+/// The first of [`interpreters`]: Debian's python3.11.
+fn first_interpreter(test: &str) -> Option<PathBuf> {
+    interpreters(test).into_iter().next()
+}
+
 /// A Python frame of our profile.
 #[derive(Clone, Debug)]
 struct PyFrame {
@@ -310,10 +315,7 @@ fn each_thread_has_its_own_python_stack() {
     if !require_root("each_thread_has_its_own_python_stack") {
         return;
     }
-    let Some(python) = interpreters("each_thread_has_its_own_python_stack")
-        .into_iter()
-        .next()
-    else {
+    let Some(python) = first_interpreter("each_thread_has_its_own_python_stack") else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
@@ -353,10 +355,7 @@ fn late_and_short_lived_processes_are_named() {
     if !require_root("late_and_short_lived_processes_are_named") {
         return;
     }
-    let Some(python) = interpreters("late_and_short_lived_processes_are_named")
-        .into_iter()
-        .next()
-    else {
+    let Some(python) = first_interpreter("late_and_short_lived_processes_are_named") else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
@@ -464,10 +463,7 @@ fn top_functions_agree_with_py_spy() {
         eprintln!("SKIPPED top_functions_agree_with_py_spy: no {PY_SPY}");
         return;
     }
-    let Some(python) = interpreters("top_functions_agree_with_py_spy")
-        .into_iter()
-        .next()
-    else {
+    let Some(python) = first_interpreter("top_functions_agree_with_py_spy") else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();

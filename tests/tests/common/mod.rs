@@ -318,6 +318,24 @@ pub fn finish_record(out: Output, output: &Path) -> Recorded {
     }
 }
 
+/// The profiles the directory sink wrote into `dir`, oldest window first (none if `dir` does
+/// not exist yet).
+pub fn written_profiles(dir: &Path) -> Vec<Profile> {
+    let mut profiles: Vec<Profile> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .map(|e| e.expect("read the profiles directory").path())
+        .filter(|path| {
+            path.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.ends_with(".pb.gz") && !n.starts_with('.'))
+        })
+        .map(|path| read_profile(&path))
+        .collect();
+    profiles.sort_by_key(|p| p.time_nanos);
+    profiles
+}
+
 pub fn read_profile(path: &Path) -> Profile {
     let gz = std::fs::read(path).expect("read profile");
     profiler_tests::decode::gzip_pprof(&gz).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
