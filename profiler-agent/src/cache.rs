@@ -71,9 +71,9 @@ impl<K: Hash + Eq, V: Clone> RoundLru<K, V> {
         self.entries.put(key, (value, self.round));
     }
 
-    /// Drops `key`'s entry (its value went stale).
-    pub fn remove(&mut self, key: &K) {
-        self.entries.pop(key);
+    /// Drops `key`'s entry (its value went stale), and gives its value back.
+    pub fn remove(&mut self, key: &K) -> Option<V> {
+        self.entries.pop(key).map(|(value, _)| value)
     }
 
     /// Starts a new round and shrinks back toward the configured capacity, evicting entries

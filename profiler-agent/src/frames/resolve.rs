@@ -269,15 +269,19 @@ impl Resolver<'_, '_> {
 
     fn mapping(&mut self, process: &ProcessInfo, m: &Mapping) -> u32 {
         let key = (m.start, m.end, m.offset);
+        let path = self.sources.mapping_name(process, m);
         if let Some(&index) = self.mappings.get(&key).and_then(|same| {
             same.iter()
-                .find(|&&i| self.stacks.mappings[i as usize].path == m.path)
+                .find(|&&i| self.stacks.mappings[i as usize].path == path)
         }) {
             return index;
         }
         let index = self.stacks.mappings.len() as u32;
-        let build_id = self.sources.build_id(process, m);
-        self.stacks.mappings.push(MappingInfo::of(m, build_id));
+        let info = MappingInfo {
+            path: path.to_owned(),
+            ..MappingInfo::of(m, self.sources.build_id(process, m))
+        };
+        self.stacks.mappings.push(info);
         self.mappings.entry(key).or_default().push(index);
         index
     }

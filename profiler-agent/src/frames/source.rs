@@ -69,6 +69,11 @@ pub trait FrameSource {
     fn build_id(&mut self, _process: &ProcessInfo, _mapping: &Mapping) -> Option<String> {
         None
     }
+    /// What `mapping` of `process` is shown as, when not its path (JIT code as the runtime's
+    /// `[jvm jit]`); asked of the sources serving the mapping's class.
+    fn mapping_name(&mut self, _process: &ProcessInfo, _mapping: &Mapping) -> Option<&'static str> {
+        None
+    }
     /// Fills `buf` from the mapped file at `file_offset` (for instruction checks); false
     /// when this source cannot read it.
     fn read_file(
@@ -229,6 +234,16 @@ impl Sources {
                 (FrameKind::Native, self.unknown(name))
             }
         }
+    }
+
+    /// The name `mapping` is shown under: the first source's that gives one, else its path.
+    pub fn mapping_name<'m>(&mut self, process: &ProcessInfo, mapping: &'m Mapping) -> &'m str {
+        let class = MappingClass::of(mapping);
+        self.sources
+            .iter_mut()
+            .filter(|s| s.serves(class))
+            .find_map(|s| s.mapping_name(process, mapping))
+            .unwrap_or(&mapping.path)
     }
 
     fn ask(&mut self, class: MappingClass, site: &Site<'_>) -> Option<(FrameKind, Frames)> {

@@ -312,6 +312,55 @@ fn unknown_and_anonymous_addresses_keep_a_name() {
     assert_eq!(s.stats().unknown_frames, 2);
 }
 
+/// JIT code is shown in a mapping named after its runtime, and so is JIT code no perf map
+/// names; the same anonymous range in a process of no known runtime stays `[anon]`.
+#[test]
+fn jit_code_is_in_a_mapping_named_after_its_runtime() {
+    let mut jvm = process(u32::MAX - 5);
+    jvm.mappings.insert(
+        1,
+        Mapping {
+            start: 0x9000,
+            end: 0xa000,
+            offset: 0,
+            path: "/usr/lib/jvm/java-17-openjdk-amd64/lib/server/libjvm.so".into(),
+            kind: MappingKind::File {
+                id: crate::process::FileId {
+                    dev_major: 1,
+                    dev_minor: 1,
+                    inode: 8,
+                },
+                file: None,
+            },
+        },
+    );
+    let other = process(u32::MAX - 6);
+    let processes = HashMap::from([(jvm.pid, jvm), (other.pid, other)]);
+    let samples = [
+        raw(u32::MAX - 5, vec![0x10010], Stack::NotCollected),
+        raw(u32::MAX - 6, vec![0x10010], Stack::NotCollected),
+        raw(u32::MAX - 5, vec![0x10020], Stack::NotCollected),
+    ];
+    let refs: Vec<&RawSample> = samples.iter().collect();
+    let mut s = sources::user_only(Demangle::None);
+    let stacks = resolve(&mut s, &refs, &processes);
+    assert_eq!(names(&stacks, 0), ["[jvm jit]"]);
+    assert_eq!(names(&stacks, 1), ["[anon]"]);
+    let mapping_of = |sample: usize| {
+        let location = stacks.location(stacks.stack(&stacks.samples[sample])[0]);
+        assert_eq!(location.kind, FrameKind::Jit);
+        stacks.mappings[location.mapping.unwrap() as usize]
+            .path
+            .as_str()
+    };
+    assert_eq!(
+        [mapping_of(0), mapping_of(1), mapping_of(2)],
+        ["[jvm jit]", "[anon]", "[jvm jit]"]
+    );
+    // One mapping per name, however many of its addresses are sampled.
+    assert_eq!(stacks.mappings.len(), 2);
+}
+
 /// Interpreter frames recorded as `code | entry bit`: names them `py<code hex>`, except code
 /// 0xdead (unreadable); the interpreter loop is at 0x2000..0x3000.
 struct Interpreter;

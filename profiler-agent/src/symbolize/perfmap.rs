@@ -7,7 +7,10 @@
 //! refused unread) and named by the pid the process sees: the last `NSpid` of
 //! `/proc/PID/status`, which differs from the host pid inside a pid namespace.
 
-use std::path::{Path, PathBuf};
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+};
 
 use crate::procfile::{ProcFileError, ProcRoot};
 
@@ -18,8 +21,11 @@ pub const MAX_PERF_MAP_BYTES: u64 = 64 << 20;
 
 #[derive(Debug, Default)]
 pub struct PerfMap {
-    /// (start, end, name) sorted by start.
-    entries: Vec<(u64, u64, Box<str>)>,
+    /// Non-overlapping (start, end, index into `names`), sorted by start.
+    entries: Vec<(u64, u64, u32)>,
+    names: Vec<Box<str>>,
+    /// The file's size when it was read: a runtime appends to its map as it compiles.
+    pub size: u64,
 }
 
 impl PerfMap {
@@ -30,32 +36,84 @@ impl PerfMap {
 
     /// Reads `/tmp/perf-<ns_pid>.map` inside `root`, at most [`MAX_PERF_MAP_BYTES`].
     pub fn open(root: &ProcRoot, ns_pid: u32) -> Result<Self, ProcFileError> {
-        let opened = root.open(&Self::path_for(ns_pid), MAX_PERF_MAP_BYTES)?;
-        let bytes = opened.read_capped(MAX_PERF_MAP_BYTES)?;
-        Ok(Self::parse(&String::from_utf8_lossy(&bytes)))
+        Self::open_unless(root, ns_pid, None).map(|map| map.unwrap_or_default())
     }
 
+    /// Like [`PerfMap::open`], but `None` without reading when the file still has
+    /// `known_size` bytes (the map read before is still whole).
+    pub fn open_unless(
+        root: &ProcRoot,
+        ns_pid: u32,
+        known_size: Option<u64>,
+    ) -> Result<Option<Self>, ProcFileError> {
+        let opened = root.open(&Self::path_for(ns_pid), MAX_PERF_MAP_BYTES)?;
+        if known_size == Some(opened.size) {
+            return Ok(None);
+        }
+        let bytes = opened.read_capped(MAX_PERF_MAP_BYTES)?;
+        let mut map = Self::parse(&String::from_utf8_lossy(&bytes));
+        map.size = bytes.len() as u64;
+        Ok(Some(map))
+    }
+
+    /// Parses a map's lines in order: a line's range replaces whatever earlier lines said of
+    /// those addresses (code freed and reused, a method recompiled), so a name is used only
+    /// while its code is still there.
     pub fn parse(text: &str) -> Self {
-        let mut entries: Vec<(u64, u64, Box<str>)> = text
-            .lines()
-            .take(MAX_ENTRIES)
-            .filter_map(|line| {
-                let mut parts = line.splitn(3, ' ');
-                let start = u64::from_str_radix(parts.next()?.trim_start_matches("0x"), 16).ok()?;
-                let size = u64::from_str_radix(parts.next()?.trim_start_matches("0x"), 16).ok()?;
-                let name = parts.next()?.trim();
-                (!name.is_empty()).then(|| (start, start.saturating_add(size), name.into()))
-            })
-            .collect();
-        entries.sort_by_key(|e| e.0);
-        Self { entries }
+        let mut ranges: BTreeMap<u64, (u64, u32)> = BTreeMap::new();
+        let mut names = Vec::new();
+        for (start, end, name) in text.lines().take(MAX_ENTRIES).filter_map(parse_line) {
+            let index = names.len() as u32;
+            names.push(name.into());
+            let overlapping: Vec<(u64, (u64, u32))> = ranges
+                .range(..end)
+                .rev()
+                .take_while(|(_, (e, _))| *e > start)
+                .map(|(&s, &v)| (s, v))
+                .collect();
+            for (s, (e, i)) in overlapping {
+                ranges.remove(&s);
+                if s < start {
+                    ranges.insert(s, (start, i));
+                }
+                if e > end {
+                    ranges.insert(end, (e, i));
+                }
+            }
+            ranges.insert(start, (end, index));
+        }
+        Self {
+            entries: ranges.into_iter().map(|(s, (e, i))| (s, e, i)).collect(),
+            names,
+            size: text.len() as u64,
+        }
     }
 
     pub fn lookup(&self, address: u64) -> Option<&str> {
         let i = self.entries.partition_point(|e| e.0 <= address);
-        let (_, end, name) = self.entries[..i].last()?;
-        (address < *end).then_some(&**name)
+        let &(_, end, name) = self.entries[..i].last()?;
+        (address < end).then(|| &*self.names[name as usize])
     }
+
+    /// How many distinct ranges are named.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
+
+/// `START SIZE name`, both numbers in hex with or without `0x`; empty ranges and names are
+/// skipped.
+fn parse_line(line: &str) -> Option<(u64, u64, &str)> {
+    let mut parts = line.splitn(3, ' ');
+    let start = u64::from_str_radix(parts.next()?.trim_start_matches("0x"), 16).ok()?;
+    let size = u64::from_str_radix(parts.next()?.trim_start_matches("0x"), 16).ok()?;
+    let name = parts.next()?.trim();
+    let end = start.saturating_add(size);
+    (!name.is_empty() && end > start).then_some((start, end, name))
 }
 
 /// The pid `pid` has in its own pid namespace: the last field of the `NSpid:` line of
@@ -92,6 +150,56 @@ mod tests {
         assert_eq!(m.lookup(0x7f00_0000_103f), Some("LInterpreter;"));
         assert_eq!(m.lookup(0x7f00_0000_1040), None);
         assert_eq!(m.lookup(0x7f00_0000_2008), Some("Lcom/x/Y;.run()V"));
+    }
+
+    /// Code freed and reused: a later line's range wins over what earlier lines said of its
+    /// addresses, and what they said of the others still holds.
+    #[test]
+    fn later_lines_replace_the_ranges_they_cover() {
+        let m = PerfMap::parse(
+            "1000 100 old_big\n\
+             1040 10 new_inside\n\
+             2000 10 old_small\n\
+             1ff0 100 new_over\n\
+             3000 10 same_start\n\
+             3000 20 same_start_later\n\
+             4000 0 empty\n",
+        );
+        assert_eq!(m.lookup(0x1000), Some("old_big"));
+        assert_eq!(m.lookup(0x1045), Some("new_inside"));
+        assert_eq!(m.lookup(0x1050), Some("old_big"));
+        assert_eq!(m.lookup(0x10ff), Some("old_big"));
+        assert_eq!(m.lookup(0x1ff0), Some("new_over"));
+        assert_eq!(m.lookup(0x2005), Some("new_over"));
+        assert_eq!(m.lookup(0x3005), Some("same_start_later"));
+        assert_eq!(m.lookup(0x3015), Some("same_start_later"));
+        assert_eq!(m.lookup(0x4000), None);
+        assert_eq!(m.len(), 5);
+        // An older line whose range now lies inside a newer one is gone entirely.
+        let m = PerfMap::parse("1040 10 old_inside\n1000 100 new_big\n");
+        assert_eq!(m.lookup(0x1045), Some("new_big"));
+        assert_eq!(m.len(), 1);
+    }
+
+    #[test]
+    fn a_map_of_the_same_size_is_not_read_again() {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::create_dir(tmp.path().join("tmp")).unwrap();
+        let path = tmp.path().join("tmp/perf-5.map");
+        std::fs::write(&path, "1000 10 first\n").unwrap();
+        let root = ProcRoot::new(tmp.path()).unwrap();
+        let map = PerfMap::open(&root, 5).unwrap();
+        assert_eq!(map.size, 14);
+        assert!(
+            PerfMap::open_unless(&root, 5, Some(map.size))
+                .unwrap()
+                .is_none()
+        );
+        std::fs::write(&path, "1000 10 first\n2000 10 second\n").unwrap();
+        let grown = PerfMap::open_unless(&root, 5, Some(map.size))
+            .unwrap()
+            .unwrap();
+        assert_eq!(grown.lookup(0x2001), Some("second"));
     }
 
     use std::os::unix::fs::symlink;

@@ -6,13 +6,14 @@ mod kernel;
 mod native;
 mod perfmap;
 mod python;
+mod runtime;
 mod vdso;
 
-pub use self::python::UNNAMED_PYTHON;
 use self::{
     kernel::KallsymsSource, native::NativeSource, perfmap::PerfMapSource, python::PythonSource,
     vdso::VdsoSource,
 };
+pub use self::{python::UNNAMED_PYTHON, runtime::JAVA_INTERPRETER};
 use super::{FrameSource, Sources};
 use crate::python::Interpreters;
 use crate::symbolize::{

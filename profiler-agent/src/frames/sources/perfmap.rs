@@ -1,12 +1,22 @@
 //! JIT code named from the perf map a runtime writes (`/tmp/perf-<pid>.map`, pid as the
 //! process sees it, inside its own root), read through the safe file layer and cached per
-//! process. An address of anonymous memory the map does not list is `[jit]`.
+//! process. A runtime appends to its map as it compiles: a process whose code a cached map
+//! did not name has its map looked at again at the next interval, and read again when it
+//! grew. Names are shown per runtime ([`super::runtime`]); JIT code no map names is shown
+//! as the runtime's JIT mapping (`[jvm jit]`, or `[jit]` for a runtime not recognised).
 
-use std::{collections::HashSet, path::PathBuf, rc::Rc, sync::Arc};
+use std::{
+    collections::{HashMap, HashSet},
+    path::PathBuf,
+    rc::Rc,
+    sync::Arc,
+};
 
-use crate::frames::{Found, Frame, FrameKind, FrameSource, MappingClass, Site};
+use super::runtime::Runtime;
+use crate::frames::{Found, FrameKind, FrameSource, MappingClass, Site};
 use crate::{
     cache::RoundLru,
+    process::{Mapping, ProcessInfo},
     procfile::ProcRoot,
     symbolize::{
         CacheConfig, Demangle, SymbolizeStats,
@@ -14,27 +24,18 @@ use crate::{
     },
 };
 
-/// What a HotSpot perf map entry (`Compiler.perfmap`) is shown as: `long Hot.mix(long)` as
-/// `Hot.mix` (the signature stays in the system name), the template interpreter as
-/// `[java interpreter]`; `None` for names of other runtimes.
-fn java_name(name: &str) -> Option<String> {
-    if name == "Interpreter" {
-        return Some(JAVA_INTERPRETER.to_owned());
-    }
-    let (before, _) = name.strip_suffix(')')?.split_once('(')?;
-    let (_return_type, method) = before.rsplit_once(' ')?;
-    (method.contains('.') && !method.is_empty()).then(|| method.to_owned())
-}
-
-/// Frames of HotSpot's template interpreter: one per interpreted activation.
-pub const JAVA_INTERPRETER: &str = "[java interpreter]";
-
 pub struct PerfMapSource {
     demangle: Demangle,
     proc_root: PathBuf,
     maps: RoundLru<u32, Option<Rc<PerfMap>>>,
     /// Processes with anonymous code no map named, since the last `take_unnamed`.
     unnamed: HashSet<u32>,
+    /// The same, since the last round: their maps are looked at again.
+    stale: HashSet<u32>,
+    /// Maps of stale processes, kept to be reused if their file has not grown.
+    rechecked: HashMap<u32, Rc<PerfMap>>,
+    /// Each process's runtime, worked out once per round.
+    runtimes: HashMap<u32, Runtime>,
 }
 
 impl PerfMapSource {
@@ -44,6 +45,9 @@ impl PerfMapSource {
             proc_root: PathBuf::from("/proc"),
             maps: RoundLru::new(caches.pid_cache_size, caches.cache_rounds),
             unnamed: HashSet::new(),
+            stale: HashSet::new(),
+            rechecked: HashMap::new(),
+            runtimes: HashMap::new(),
         }
     }
 
@@ -51,19 +55,35 @@ impl PerfMapSource {
         if let Some(cached) = self.maps.get(&pid) {
             return cached;
         }
+        let before = self.rechecked.remove(&pid);
         // The runtime names the file by its pid in its own namespace, inside its own root.
         let ns_pid = perfmap::namespace_pid_of(&self.proc_root, pid);
         let map = ProcRoot::of_pid(&self.proc_root, pid)
-            .and_then(|root| PerfMap::open(&root, ns_pid))
+            .and_then(|root| PerfMap::open_unless(&root, ns_pid, before.as_ref().map(|m| m.size)))
             .inspect_err(|error| {
                 if error.is_refusal() {
                     tracing::debug!(pid, %error, reason = error.reason(), "perf map refused");
                 }
             })
             .ok()
-            .map(Rc::new);
+            .and_then(|read| match read {
+                Some(map) => Some(Rc::new(map)),
+                None => before,
+            });
         self.maps.insert(pid, map.clone());
         map
+    }
+
+    fn runtime_of(&mut self, process: &ProcessInfo) -> Runtime {
+        *self
+            .runtimes
+            .entry(process.pid)
+            .or_insert_with(|| Runtime::of(process))
+    }
+
+    fn missed(&mut self, pid: u32) {
+        self.unnamed.insert(pid);
+        self.stale.insert(pid);
     }
 }
 
@@ -75,6 +95,7 @@ impl FrameSource for PerfMapSource {
     /// A JVM that was just asked for its perf map has a new one.
     fn forget(&mut self, pid: u32) {
         self.maps.remove(&pid);
+        self.rechecked.remove(&pid);
     }
 
     fn take_unnamed(&mut self) -> Vec<u32> {
@@ -89,28 +110,27 @@ impl FrameSource for PerfMapSource {
         FrameKind::Jit
     }
 
+    /// The JIT mapping of a recognised runtime, or of a process that writes a perf map.
+    fn mapping_name(&mut self, process: &ProcessInfo, _mapping: &Mapping) -> Option<&'static str> {
+        let runtime = self.runtime_of(process);
+        (runtime != Runtime::Unknown || self.map_of(process.pid).is_some())
+            .then(|| runtime.jit_mapping())
+    }
+
     fn frames(&mut self, site: &Site<'_>) -> Option<Found> {
-        let pid = site.process?.pid;
-        let Some(map) = self.map_of(pid) else {
-            self.unnamed.insert(pid);
-            return None;
+        let process = site.process?;
+        let runtime = self.runtime_of(process);
+        let map = self.map_of(process.pid);
+        let name = map.as_deref().and_then(|map| map.lookup(site.address));
+        let Some(name) = name else {
+            self.missed(process.pid);
+            // Anonymous code of a process that is no JIT runtime we know stays `[anon]`.
+            return (runtime != Runtime::Unknown || map.is_some())
+                .then(|| Found::Unnamed(runtime.jit_mapping()));
         };
-        let found = map.lookup(site.address);
-        if found.is_none() {
-            self.unnamed.insert(pid);
-        }
-        Some(match found {
-            Some(name) => Found::Frames(Arc::new([Frame {
-                name: match java_name(name) {
-                    Some(java) => java.into(),
-                    None => self.demangle.apply(name).into(),
-                },
-                system_name: name.into(),
-                file: None,
-                line: 0,
-            }])),
-            None => Found::Unnamed("[jit]"),
-        })
+        Some(Found::Frames(Arc::new(
+            [runtime.frame(name, self.demangle)],
+        )))
     }
 
     fn add_stats(&self, stats: &mut SymbolizeStats) {
@@ -119,24 +139,11 @@ impl FrameSource for PerfMapSource {
 
     fn next_round(&mut self) {
         self.maps.next_round();
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn hotspot_names_lose_their_return_type_and_parameters() {
-        assert_eq!(java_name("long Hot.mix(long)").as_deref(), Some("Hot.mix"));
-        assert_eq!(
-            java_name("java.lang.String com.x.Y$Z.run(int, java.lang.Object[])").as_deref(),
-            Some("com.x.Y$Z.run")
-        );
-        assert_eq!(java_name("Interpreter").as_deref(), Some(JAVA_INTERPRETER));
-        // Other runtimes' names are left to the demangler.
-        assert_eq!(java_name("LazyCompile:*fib /srv/x.js:1"), None);
-        assert_eq!(java_name("_ZN3foo3barEv"), None);
-        assert_eq!(java_name("stub (x)"), None);
+        self.runtimes.clear();
+        for pid in std::mem::take(&mut self.stale) {
+            if let Some(Some(map)) = self.maps.remove(&pid) {
+                self.rechecked.insert(pid, map);
+            }
+        }
     }
 }
