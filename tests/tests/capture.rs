@@ -20,7 +20,6 @@
 mod common;
 
 use std::{
-    net::TcpStream,
     process::Command,
     time::{Duration, Instant},
 };
@@ -59,11 +58,9 @@ fn captures_by_pid_and_command_and_answers_errors() {
     let chain_binary = compile_c("chain", dir.path());
     // Normal priority: two busy processes at nice -20 on two CPUs would starve the agent.
     let chain = Workload::spawn(&chain_binary, &["3600", "1"]);
-    let port = free_port();
-    let config = dir.path().join("agent.toml");
-    std::fs::write(
-        &config,
-        format!(
+    let agent = Agent::start_ready(
+        dir.path(),
+        &format!(
             r#"
 collect_interval = "2s"
 [[targets]]
@@ -71,8 +68,6 @@ __process_pid__ = "{spin}"
 service_name = "spin"
 [write]
 directory = "{profiles}"
-[server]
-listen_address = "127.0.0.1:{port}"
 [capture]
 enabled = true
 bearer_token = "{TOKEN}"
@@ -81,15 +76,8 @@ max_concurrent = 1
             spin = spin.pid(),
             profiles = dir.path().join("profiles").display(),
         ),
-    )
-    .unwrap();
-    let log_path = dir.path().join("agent.log");
-    let _agent = Workload::run_agent(&config, &log_path);
-    let _show_log = ShowLogOnPanic(log_path.clone());
-    wait_until(SHOW_UP, "agent ready", || {
-        TcpStream::connect(("127.0.0.1", port)).ok()?;
-        (get(port, "/ready", None).0 == 200).then_some(())
-    });
+    );
+    let port = agent.port;
     let continuous_series = "pyroscope_ebpf_pprof_samples_total{service_name=\"spin\"}";
     // Let the first (slowest) interval pass, so the capture overlaps steady intervals.
     let ready_at = Instant::now();

@@ -506,26 +506,21 @@ fn ready_waits_for_bpf_and_the_first_discovery_round() {
             held.push(connection);
         }
     });
-    let port = free_port();
-    let config = dir.path().join("agent.toml");
-    std::fs::write(
-        &config,
-        format!(
+    let agent = Agent::start(
+        dir.path(),
+        &format!(
             r#"
 collect_interval = "3s"
 [discovery.docker]
 host = "unix://{socket}"
 [write]
 directory = "{profiles}"
-[server]
-listen_address = "127.0.0.1:{port}"
 "#,
             socket = socket.display(),
             profiles = dir.path().join("profiles").display(),
         ),
-    )
-    .unwrap();
-    let _agent = Workload::run_agent(&config, &dir.path().join("agent.log"));
+    );
+    let port = agent.port;
     let first = wait_until(SHOW_UP, "server up", || http_get_text(port, "/ready"));
     eprintln!("first /ready: {first:?}");
     assert_eq!(first.0, 503, "{first:?}");

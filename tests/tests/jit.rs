@@ -1,20 +1,24 @@
-//! Java from the host (issue 19, its capture half): `profiler-agent run` with `[capture]`
-//! enabled captures a JVM of the machine's JDK started with no flag, and the agent asks the
-//! JVM itself, through HotSpot's attach socket, for the perf map that names its compiled
-//! methods. Checked: `Hot.mix` (shown without its return type and parameters, which stay in
-//! the system name) is the innermost user frame of at least 80% of the capture's samples;
-//! with `-XX:+PreserveFramePointer`, at least 80% show the whole chain `main -> compute ->
-//! mix` down to the JVM's native `JavaMain`; a JVM started with `-XX:+DisableAttachMechanism`
-//! is left alone, counted, and its capture still answers; `profiler_jvm_attach_total` counts
-//! them. A JVM in its own pid and mount namespaces, profiled continuously as a daemon
-//! target, is asked for its map through them and named in a later interval.
+//! Java and other JIT runtimes from the host (issue 19): `profiler-agent run` with
+//! `[capture]` enabled captures a JVM of the machine's JDK started with no flag, and the
+//! agent asks the JVM itself, through HotSpot's attach socket, for the perf map that names its
+//! compiled methods. Checked: `Hot.mix` (shown without its return type and parameters, which
+//! stay in the system name, in the `[jvm jit]` mapping) is the innermost user frame of at
+//! least 80% of the capture's samples; with `-XX:+PreserveFramePointer`, at least 80% show
+//! the whole chain `main -> compute -> mix` down to the JVM's native `JavaMain`; a JVM started
+//! with `-XX:+DisableAttachMechanism` is left alone, counted, and its capture still answers;
+//! `profiler_jvm_attach_total` counts them. A JVM in its own pid and mount namespaces,
+//! profiled continuously as a daemon target, is asked for its map through them and named in
+//! a later interval. So is Node.js started with `--perf-basic-prof` in its own namespaces,
+//! from the map V8 writes in its private `/tmp`: its hot function (`mix`, or `compute` with
+//! `mix` inlined) with its script and line, in the `[node jit]` mapping, walked down to V8's
+//! native `Builtins_JSEntry`.
 //!
-//! Root is needed (BPF, attaching as the JVM's user); under `CI=true` a missing
+//! Root is needed (BPF, attaching as the JVM's user, namespaces); under `CI=true` a missing
 //! prerequisite fails the test.
 
 mod common;
 
-use std::{net::TcpStream, path::Path, process::Command, time::Duration};
+use std::{path::Path, process::Command, time::Duration};
 
 use common::{http::*, *};
 use profiler_agent::profile::KERNEL_MAPPING;
@@ -91,25 +95,53 @@ fn whole_chain(stack: &[String]) -> bool {
     })
 }
 
-/// The innermost user frame's function and system names of each sample, with its count.
-fn leaves(p: &Profile) -> Vec<(String, String, i64)> {
+/// A sample's innermost user frame, and the sample's count.
+#[derive(Debug)]
+struct Leaf {
+    name: String,
+    system_name: String,
+    file: String,
+    line: i64,
+    mapping: String,
+    count: i64,
+}
+
+/// The innermost user frame of each sample.
+fn leaves(p: &Profile) -> Vec<Leaf> {
     let s = |i: i64| p.string_table[i as usize].clone();
     p.sample
         .iter()
         .filter_map(|sample| {
-            let leaf = sample.location_id.iter().find_map(|id| {
+            sample.location_id.iter().find_map(|id| {
                 let l = p.location.iter().find(|l| l.id == *id)?;
                 let m = p.mapping.iter().find(|m| m.id == l.mapping_id)?;
                 if s(m.filename) == KERNEL_MAPPING {
                     return None;
                 }
-                let id = l.line.first()?.function_id;
-                let f = p.function.iter().find(|f| f.id == id)?;
-                Some((s(f.name), s(f.system_name)))
-            })?;
-            Some((leaf.0, leaf.1, sample.value[0]))
+                let line = l.line.first()?;
+                let f = p.function.iter().find(|f| f.id == line.function_id)?;
+                Some(Leaf {
+                    name: s(f.name),
+                    system_name: s(f.system_name),
+                    file: s(f.filename),
+                    line: line.line,
+                    mapping: s(m.filename),
+                    count: sample.value[0],
+                })
+            })
         })
         .collect()
+}
+
+/// Samples in all, and those whose leaf is `name`.
+fn leaf_share(leaves: &[Leaf], name: &str) -> (i64, i64) {
+    let total = leaves.iter().map(|l| l.count).sum();
+    let named = leaves
+        .iter()
+        .filter(|l| l.name == name)
+        .map(|l| l.count)
+        .sum();
+    (named, total)
 }
 
 #[test]
@@ -132,47 +164,31 @@ fn a_jvm_with_no_flags_is_named_from_the_host() {
         "java",
         &["-XX:+PreserveFramePointer", "-cp", &classes, "Hot"],
     );
-    let port = free_port();
-    let config = dir.path().join("agent.toml");
-    std::fs::write(
-        &config,
-        format!(
+    let agent = Agent::start_ready(
+        dir.path(),
+        &format!(
             r#"
 collect_interval = "5s"
 [write]
 directory = "{profiles}"
-[server]
-listen_address = "127.0.0.1:{port}"
 [capture]
 enabled = true
 bearer_token = "{TOKEN}"
 "#,
             profiles = dir.path().join("profiles").display(),
         ),
-    )
-    .unwrap();
-    let log_path = dir.path().join("agent.log");
-    let _agent = Workload::run_agent(&config, &log_path);
-    let _show_log = ShowLogOnPanic(log_path.clone());
-    wait_until(SHOW_UP, "agent ready", || {
-        TcpStream::connect(("127.0.0.1", port)).ok()?;
-        (http_get(port, "/ready", None)?.0 == 200).then_some(())
-    });
+    );
+    let port = agent.port;
 
     let path = dir.path().join("hot.pb.gz");
     capture(port, hot.pid(), 10, &path);
     go_pprof_raw(&path);
     let p = read_profile(&path);
     let leaves = leaves(&p);
-    let total: i64 = leaves.iter().map(|l| l.2).sum();
-    let mix: i64 = leaves
-        .iter()
-        .filter(|l| l.0 == "Hot.mix")
-        .map(|l| l.2)
-        .sum();
+    let (mix, total) = leaf_share(&leaves, "Hot.mix");
     let mut by_name: std::collections::BTreeMap<&str, i64> = Default::default();
-    for (name, _, n) in &leaves {
-        *by_name.entry(name).or_default() += n;
+    for leaf in &leaves {
+        *by_name.entry(&leaf.name).or_default() += leaf.count;
     }
     eprintln!("Hot.mix is the leaf of {mix} of {total} samples; leaves: {by_name:?}");
     assert!(total >= 300, "{total} samples in 10 s");
@@ -180,13 +196,16 @@ bearer_token = "{TOKEN}"
         mix as f64 >= 0.8 * total as f64,
         "Hot.mix leaf of {mix} of {total}: {by_name:?}"
     );
-    assert!(
-        leaves
-            .iter()
-            .filter(|l| l.0 == "Hot.mix")
-            .all(|l| l.1 == "long Hot.mix(long)"),
-        "the signature stays in the system name"
-    );
+    for leaf in leaves.iter().filter(|l| l.name == "Hot.mix") {
+        assert_eq!(
+            leaf.system_name, "long Hot.mix(long)",
+            "the signature stays"
+        );
+        assert_eq!(
+            leaf.mapping, "[jvm jit]",
+            "JIT code is in the JVM's JIT mapping"
+        );
+    }
 
     // With frame pointers kept, the walk goes through the compiled frames to main.
     let path = dir.path().join("framed.pb.gz");
@@ -225,19 +244,112 @@ bearer_token = "{TOKEN}"
     drop(hot);
 }
 
-/// The child `unshare --fork` started (the JVM, once its shell exec'd it).
-fn forked_child(unshare: u32) -> Option<u32> {
+/// A program started as pid 1 of its own pid and mount namespaces, with its own `/tmp` (a
+/// private tmpfs, where its perf map goes). `unshare --kill-child` takes it down with it when
+/// this is dropped.
+struct Contained {
+    _unshare: Workload,
+    /// Its pid on the host.
+    pid: u32,
+}
+
+impl Contained {
+    /// Runs `command` (a shell command line that execs a process named `comm`) in `cwd`,
+    /// where it may leave files (V8 writes its log there).
+    fn start(command: &str, comm: &str, cwd: &Path) -> Self {
+        let unshare = Workload::spawn(
+            "unshare",
+            &[
+                "--pid",
+                "--mount",
+                "--fork",
+                "--kill-child",
+                "sh",
+                "-c",
+                &format!(
+                    "mount -t tmpfs tmpfs /tmp && cd {} && exec {command}",
+                    cwd.display()
+                ),
+            ],
+        );
+        let pid = wait_until(SHOW_UP, "the process in its namespaces", || {
+            forked_child(unshare.pid(), comm)
+        });
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        assert!(
+            status
+                .lines()
+                .any(|l| l.starts_with("NSpid:") && l.ends_with("\t1")),
+            "pid 1 in its namespace: {status}"
+        );
+        Self {
+            _unshare: unshare,
+            pid,
+        }
+    }
+}
+
+/// The child `unshare --fork` started, once its shell exec'd `comm`.
+fn forked_child(unshare: u32, comm: &str) -> Option<u32> {
     let children =
         std::fs::read_to_string(format!("/proc/{unshare}/task/{unshare}/children")).ok()?;
     let pid: u32 = children.split_whitespace().next()?.parse().ok()?;
-    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
-    (comm.trim() == "java").then_some(pid)
+    let seen = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+    (seen.trim() == comm).then_some(pid)
+}
+
+/// The agent as a daemon profiling `pid` as target `service` every 3 s, writing profiles
+/// under `dir/profiles/<service>`.
+struct Daemon {
+    agent: Agent,
+    profiles: std::path::PathBuf,
+}
+
+impl Daemon {
+    fn start(dir: &Path, pid: u32, service: &str) -> Self {
+        let profiles = dir.join("profiles");
+        let agent = Agent::start(
+            dir,
+            &format!(
+                r#"
+collect_interval = "3s"
+[[targets]]
+__process_pid__ = "{pid}"
+service_name = "{service}"
+[write]
+directory = "{profiles}"
+"#,
+                profiles = profiles.display(),
+            ),
+        );
+        Self {
+            agent,
+            profiles: profiles.join(service),
+        }
+    }
+
+    /// The first written profile in which at least 80% of 100 or more samples have a
+    /// `wanted` leaf, with its leaves and its profile.
+    fn wait_for_leaves(&self, what: &str, wanted: impl Fn(&Leaf) -> bool) -> (Vec<Leaf>, Profile) {
+        let mut seen = 0;
+        wait_until(Duration::from_secs(120), what, || {
+            let profiles = written_profiles(&self.profiles);
+            let new = profiles.len().saturating_sub(seen);
+            seen = profiles.len();
+            profiles.into_iter().rev().take(new).find_map(|p| {
+                let leaves = leaves(&p);
+                let total: i64 = leaves.iter().map(|l| l.count).sum();
+                let named: i64 = leaves.iter().filter(|l| wanted(l)).map(|l| l.count).sum();
+                eprintln!("{what}: {named} of {total} samples");
+                (total >= 100 && named as f64 >= 0.8 * total as f64).then_some((leaves, p))
+            })
+        })
+    }
 }
 
 /// A JVM in its own pid and mount namespaces (pid 1 there, a private /tmp), profiled by the
 /// daemon as a target: its compiled code goes unnamed in the first interval, the agent asks
 /// the JVM for its perf map through the namespaces, and a later profile names `Hot.mix`.
-/// `unshare --kill-child` takes the JVM down with it when the test ends.
 #[test]
 fn a_jvm_in_its_own_namespaces_is_named_in_continuous_profiles() {
     const TEST: &str = "a_jvm_in_its_own_namespaces_is_named_in_continuous_profiles";
@@ -249,72 +361,73 @@ fn a_jvm_in_its_own_namespaces_is_named_in_continuous_profiles() {
     if !javac(dir.path()) {
         return;
     }
-    let classes = dir.path().display().to_string();
-    let unshare = Workload::spawn(
-        "unshare",
-        &[
-            "--pid",
-            "--mount",
-            "--fork",
-            "--kill-child",
-            "sh",
-            "-c",
-            &format!("mount -t tmpfs tmpfs /tmp && exec java -cp {classes} Hot"),
-        ],
+    let java = Contained::start(
+        &format!("java -cp {} Hot", dir.path().display()),
+        "java",
+        dir.path(),
     );
-    let java = wait_until(SHOW_UP, "the JVM in its namespaces", || {
-        forked_child(unshare.pid())
-    });
-    let status = std::fs::read_to_string(format!("/proc/{java}/status")).unwrap();
-    assert!(
-        status
-            .lines()
-            .any(|l| l.starts_with("NSpid:") && l.ends_with("\t1")),
-        "pid 1 in its namespace: {status}"
-    );
-    let port = free_port();
-    let profiles = dir.path().join("profiles");
-    let config = dir.path().join("agent.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"
-collect_interval = "3s"
-[[targets]]
-__process_pid__ = "{java}"
-service_name = "jvm"
-[write]
-directory = "{profiles}"
-[server]
-listen_address = "127.0.0.1:{port}"
-"#,
-            profiles = profiles.display(),
-        ),
-    )
-    .unwrap();
-    let log_path = dir.path().join("agent.log");
-    let _agent = Workload::run_agent(&config, &log_path);
-    let _show_log = ShowLogOnPanic(log_path.clone());
-    let named = wait_until(Duration::from_secs(120), "a profile naming Hot.mix", || {
-        written_profiles(&profiles.join("jvm"))
-            .into_iter()
-            .find_map(|p| {
-                let leaves = leaves(&p);
-                let total: i64 = leaves.iter().map(|l| l.2).sum();
-                let mix: i64 = leaves
-                    .iter()
-                    .filter(|l| l.0 == "Hot.mix")
-                    .map(|l| l.2)
-                    .sum();
-                (total >= 100 && mix as f64 >= 0.8 * total as f64).then_some((mix, total))
-            })
-    });
-    eprintln!(
-        "a continuous profile names Hot.mix as the leaf of {} of {} samples",
-        named.0, named.1
-    );
-    let (_, text) = http_get_text(port, "/metrics").expect("/metrics answers");
+    let daemon = Daemon::start(dir.path(), java.pid, "jvm");
+    daemon.wait_for_leaves("Hot.mix as the leaf", |l| l.name == "Hot.mix");
+    let (_, text) = http_get_text(daemon.agent.port, "/metrics").expect("/metrics answers");
     let asked = metric(&text, "profiler_jvm_attach_total{outcome=\"done\"}").unwrap_or(0.0);
     assert!(asked >= 1.0, "the JVM was asked: {text}");
-    drop(unshare);
+}
+
+/// Node.js started with `--perf-basic-prof` as pid 1 of its own namespaces: V8 writes
+/// `/tmp/perf-1.map` in its private `/tmp`, and the daemon names its hot function from it,
+/// with its script and line, in the `[node jit]` mapping, and walks its frames down to V8's
+/// native entry.
+#[test]
+fn node_in_its_own_namespaces_is_named_from_its_perf_map() {
+    const TEST: &str = "node_in_its_own_namespaces_is_named_from_its_perf_map";
+    if !require_root(TEST) {
+        return;
+    }
+    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    let script = dir.path().join("hot.js");
+    std::fs::copy(workspace_root().join("tests/fixtures/node/hot.js"), &script).unwrap();
+    let has_node = Command::new("node")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !has_node {
+        if std::env::var("CI").is_ok_and(|v| v == "true") {
+            panic!("node is missing");
+        }
+        eprintln!("SKIPPED: no node");
+        return;
+    }
+    let node = Contained::start(
+        &format!("node --perf-basic-prof {}", script.display()),
+        "node",
+        dir.path(),
+    );
+    let daemon = Daemon::start(dir.path(), node.pid, "node");
+    // TurboFan inlines mix into compute (or not): either is named from the script.
+    let script = script.display().to_string();
+    let (leaves, profile) = daemon.wait_for_leaves("mix or compute as the leaf", |l| {
+        l.file == script
+            && l.mapping == "[node jit]"
+            && l.system_name.starts_with("JS:")
+            && matches!((l.name.as_str(), l.line), ("mix", 7) | ("compute", 16))
+    });
+    let mut by_name: std::collections::BTreeMap<&str, i64> = Default::default();
+    for leaf in &leaves {
+        *by_name.entry(&leaf.name).or_default() += leaf.count;
+    }
+    let stacks = user_stacks(&profile);
+    let total: i64 = stacks.iter().map(|s| s.1).sum();
+    // Through the JIT frames and the interpreted ones (each V8's interpreter trampoline: only
+    // `--interpreted-frames-native-stack` names them) down to V8's native entry.
+    let chain: i64 = stacks
+        .iter()
+        .filter(|(names, _)| names.iter().any(|n| n == "Builtins_JSEntry"))
+        .map(|s| s.1)
+        .sum();
+    eprintln!("leaves {by_name:?}; down to Builtins_JSEntry in {chain} of {total} samples");
+    assert!(
+        chain as f64 >= 0.8 * total as f64,
+        "{chain} of {total}: {:?}",
+        &stacks[..stacks.len().min(3)]
+    );
 }

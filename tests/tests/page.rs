@@ -84,11 +84,9 @@ fn flame_graph_page_in_headless_chromium_shows_the_workloads_functions() {
     let spin = Workload::start(&spin, &["3600"]);
     // The other service only has to show up in the list: normal priority, one thread.
     let chain = Workload::spawn(&chain, &["3600"]);
-    let port = free_port();
-    let config = dir.path().join("agent.toml");
-    std::fs::write(
-        &config,
-        format!(
+    let agent = Agent::start(
+        dir.path(),
+        &format!(
             r#"
 collect_interval = "2s"
 [[targets]]
@@ -99,17 +97,13 @@ __process_pid__ = "{chain}"
 service_name = "chain"
 [write]
 directory = "{profiles}"
-[server]
-listen_address = "127.0.0.1:{port}"
 "#,
             spin = spin.pid(),
             chain = chain.pid(),
             profiles = dir.path().join("profiles").display(),
         ),
-    )
-    .unwrap();
-    let _agent = Workload::run_agent(&config, &dir.path().join("agent.log"));
-    eprintln!("agent log: {}", dir.path().join("agent.log").display());
+    );
+    let port = agent.port;
     wait_until(SHOW_UP, "agent's server up", || {
         TcpStream::connect(("127.0.0.1", port)).ok()
     });

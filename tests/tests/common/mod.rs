@@ -485,3 +485,42 @@ impl Drop for ShowLogOnPanic {
         }
     }
 }
+
+/// `profiler-agent run` with a config of the test's, its server on a free port of
+/// 127.0.0.1: killed when dropped, its log shown if the test fails.
+pub struct Agent {
+    _show_log: ShowLogOnPanic,
+    pub process: Workload,
+    pub port: u16,
+    pub log: PathBuf,
+}
+
+impl Agent {
+    /// Writes `dir/agent.toml`, `config` followed by a `[server]` table with the port, and
+    /// starts the agent with its log in `dir/agent.log`; does not wait.
+    pub fn start(dir: &Path, config: &str) -> Self {
+        let port = free_port();
+        let path = dir.join("agent.toml");
+        std::fs::write(
+            &path,
+            format!("{config}\n[server]\nlisten_address = \"127.0.0.1:{port}\"\n"),
+        )
+        .unwrap();
+        let log = dir.join("agent.log");
+        Self {
+            process: Workload::run_agent(&path, &log),
+            _show_log: ShowLogOnPanic(log.clone()),
+            port,
+            log,
+        }
+    }
+
+    /// [`Agent::start`], then waits until `/ready` answers 200.
+    pub fn start_ready(dir: &Path, config: &str) -> Self {
+        let agent = Self::start(dir, config);
+        wait_until(Duration::from_secs(30), "agent ready", || {
+            (http::http_get(agent.port, "/ready", None)?.0 == 200).then_some(())
+        });
+        agent
+    }
+}
