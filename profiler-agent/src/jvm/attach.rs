@@ -5,7 +5,8 @@
 //!    trigger file `.attach_pid<nspid>` in its working directory (else its `/tmp`), owned by
 //!    the JVM's user, and send it `SIGQUIT`: the JVM then starts its attach listener instead
 //!    of printing a thread dump. `<nspid>` is the JVM's pid in its own pid namespace.
-//! 2. Wait for the socket, connect, check with `SO_PEERCRED` that the JVM itself answers,
+//! 2. Wait for the socket, connect as the JVM's user and group (a JVM in its own user
+//!    namespace knows no host root), check with `SO_PEERCRED` that the JVM itself answers,
 //!    send `1\0jcmd\0<command>\0\0\0`, read the status line and the output.
 //!
 //! Everything is reached inside the JVM's root (`/proc/PID/root`, through the safe file
@@ -190,7 +191,8 @@ pub fn jcmd(
     let socket = |reason: String| AttachError::Socket { pid, reason };
     // Connected through the directory opened inside the root, never a host path.
     let path = PathBuf::from(format!("/proc/self/fd/{}", tmp.as_raw_fd())).join(&socket_name);
-    let mut stream = UnixStream::connect(&path).map_err(|e| socket(e.to_string()))?;
+    let mut stream =
+        connect_as(&path, target.uid, target.gid).map_err(|e| socket(e.to_string()))?;
     let peer = peer_pid(&stream).map_err(|e| socket(e.to_string()))?;
     if peer != pid {
         return Err(socket(format!("answered by process {peer}, not the JVM")));
@@ -353,6 +355,36 @@ fn wait_for_socket(dir: &OwnedFd, name: &str, deadline: Instant) -> bool {
     }
 }
 
+/// Connects to the attach socket as the JVM's own user and group, as jcmd run by that user
+/// would. HotSpot (JDK 9 and later) accepts root too, but in a JVM's own user namespace the
+/// host's root is no one. The credentials are changed with raw syscalls on a thread of its
+/// own, which then ends: glibc's `setresuid` would change every thread of the agent. The
+/// connection keeps the credentials it was made with (what `SO_PEERCRED` tells the JVM).
+fn connect_as(path: &Path, uid: u32, gid: u32) -> std::io::Result<UnixStream> {
+    // SAFETY: geteuid and getegid have no preconditions.
+    if unsafe { (libc::geteuid(), libc::getegid()) } == (uid, gid) {
+        return UnixStream::connect(path);
+    }
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                let keep = libc::uid_t::MAX as libc::c_long;
+                // SAFETY: raw setresgid/setresuid change only this thread's credentials, and
+                // the thread ends right after the connect.
+                let changed = unsafe {
+                    libc::syscall(libc::SYS_setresgid, keep, gid as libc::c_long, keep) == 0
+                        && libc::syscall(libc::SYS_setresuid, keep, uid as libc::c_long, keep) == 0
+                };
+                if !changed {
+                    return Err(std::io::Error::last_os_error());
+                }
+                UnixStream::connect(path)
+            })
+            .join()
+            .unwrap_or_else(|_| Err(std::io::Error::other("the connecting thread panicked")))
+    })
+}
+
 /// The pid (in this agent's namespace) of the process at the other end.
 fn peer_pid(stream: &UnixStream) -> std::io::Result<u32> {
     let mut cred = libc::ucred {
@@ -449,6 +481,11 @@ mod tests {
     }
 
     fn java(dir: &Path, flags: &[&str]) -> Option<Jvm> {
+        java_with(dir, &[], flags)
+    }
+
+    /// [`java`] run by `wrapper` (a command line that runs the rest).
+    fn java_with(dir: &Path, wrapper: &[&str], flags: &[&str]) -> Option<Jvm> {
         let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/java/Hot.java");
         let javac = std::process::Command::new("javac")
             .arg("-d")
@@ -462,7 +499,11 @@ mod tests {
             eprintln!("SKIPPED: no javac");
             return None;
         }
-        let child = std::process::Command::new("java")
+        let mut command = std::process::Command::new(wrapper.first().copied().unwrap_or("java"));
+        if !wrapper.is_empty() {
+            command.args(&wrapper[1..]).arg("java");
+        }
+        let child = command
             .args(flags)
             .arg("-cp")
             .arg(dir)
@@ -532,5 +573,55 @@ mod tests {
             ),
             Err(AttachError::Disabled { .. })
         ));
+    }
+
+    /// A JVM that is root in a user namespace of its own, run by `nobody` on the host: there
+    /// the host's root is no one (the overflow uid), so HotSpot accepts only a client that is
+    /// the JVM's own host user, as jcmd run by that user would be.
+    #[test]
+    fn a_jvm_in_a_user_namespace_is_asked_as_its_own_user() {
+        if !is_root() {
+            eprintln!("SKIPPED: attaching as another user needs root");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        // The JVM's user reads its classes.
+        std::fs::set_permissions(
+            dir.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .unwrap();
+        let wrapper = [
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "unshare",
+            "--user",
+            "--map-root-user",
+        ];
+        let Some(jvm) = java_with(dir.path(), &wrapper, &[]) else {
+            return;
+        };
+        let unshare = jvm.0.id();
+        // setpriv and unshare exec: the JVM keeps the child's pid.
+        std::thread::sleep(Duration::from_secs(2));
+        let status = std::fs::read_to_string(format!("/proc/{unshare}/status")).unwrap();
+        assert!(
+            status.lines().any(|l| l.starts_with("Uid:\t65534")),
+            "the JVM runs as nobody on the host: {status}"
+        );
+        let pid = unshare;
+        let output = jcmd(
+            Path::new("/proc"),
+            pid,
+            crate::jvm::PERF_MAP_COMMAND,
+            Duration::from_secs(10),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let map = std::fs::read_to_string(format!("/tmp/perf-{pid}.map"))
+            .unwrap_or_else(|e| panic!("no perf map after {output:?}: {e}"));
+        let _ = std::fs::remove_file(format!("/tmp/perf-{pid}.map"));
+        assert!(map.lines().any(|l| l.contains("Hot.mix")), "{map}");
     }
 }
