@@ -8,10 +8,10 @@
 //! with `-XX:+DisableAttachMechanism` is left alone, counted, and its capture still answers;
 //! `profiler_jvm_attach_total` counts them. A JVM in its own pid and mount namespaces,
 //! profiled continuously as a daemon target, is asked for its map through them and named in
-//! a later interval. So is Node.js started with `--perf-basic-prof` in its own namespaces,
-//! from the map V8 writes in its private `/tmp`: its hot function (`mix`, or `compute` with
-//! `mix` inlined) with its script and line, in the `[node jit]` mapping, walked down to V8's
-//! native `Builtins_JSEntry`.
+//! a later profile pushed to Pyroscope. So is Node.js started with `--perf-basic-prof` in its
+//! own namespaces, from the map V8 writes in its private `/tmp`: its hot function (`mix`, or
+//! `compute` with `mix` inlined) with its script and line, in the `[node jit]` mapping,
+//! walked down to V8's native `Builtins_JSEntry`.
 //!
 //! Root is needed (BPF, attaching as the JVM's user, namespaces); under `CI=true` a missing
 //! prerequisite fails the test.
@@ -20,7 +20,7 @@ mod common;
 
 use std::{path::Path, process::Command, time::Duration};
 
-use common::{http::*, *};
+use common::{http::*, receiver::*, *};
 use profiler_agent::profile::KERNEL_MAPPING;
 
 const SHOW_UP: Duration = Duration::from_secs(30);
@@ -298,16 +298,17 @@ fn forked_child(unshare: u32, comm: &str) -> Option<u32> {
     (seen.trim() == comm).then_some(pid)
 }
 
-/// The agent as a daemon profiling `pid` as target `service` every 3 s, writing profiles
-/// under `dir/profiles/<service>`.
+/// The agent as a daemon profiling `pid` as target `service` every 3 s, pushing its
+/// profiles to a Pyroscope receiver.
 struct Daemon {
     agent: Agent,
-    profiles: std::path::PathBuf,
+    receiver: Receiver,
+    service: String,
 }
 
 impl Daemon {
     fn start(dir: &Path, pid: u32, service: &str) -> Self {
-        let profiles = dir.join("profiles");
+        let receiver = Receiver::start();
         let agent = Agent::start(
             dir,
             &format!(
@@ -316,27 +317,37 @@ collect_interval = "3s"
 [[targets]]
 __process_pid__ = "{pid}"
 service_name = "{service}"
-[write]
-directory = "{profiles}"
+[[write.endpoint]]
+url = "{url}"
 "#,
-                profiles = profiles.display(),
+                url = receiver.url(),
             ),
         );
         Self {
             agent,
-            profiles: profiles.join(service),
+            receiver,
+            service: service.to_owned(),
         }
     }
 
-    /// The first written profile in which at least 80% of 100 or more samples have a
+    /// The service's pushed profiles, in the order they came.
+    fn pushed(&self) -> Vec<Profile> {
+        pushed_series(&self.receiver.requests())
+            .into_iter()
+            .filter(|s| s.labels.get("service_name") == Some(&self.service))
+            .flat_map(|s| s.profiles)
+            .collect()
+    }
+
+    /// The first pushed profile in which at least 80% of 100 or more samples have a
     /// `wanted` leaf, with its leaves and its profile.
     fn wait_for_leaves(&self, what: &str, wanted: impl Fn(&Leaf) -> bool) -> (Vec<Leaf>, Profile) {
         let mut seen = 0;
         wait_until(Duration::from_secs(120), what, || {
-            let profiles = written_profiles(&self.profiles);
-            let new = profiles.len().saturating_sub(seen);
-            seen = profiles.len();
-            profiles.into_iter().rev().take(new).find_map(|p| {
+            let pushed = self.pushed();
+            let new = pushed.len().saturating_sub(seen);
+            seen = pushed.len();
+            pushed.into_iter().skip(seen - new).find_map(|p| {
                 let leaves = leaves(&p);
                 let total: i64 = leaves.iter().map(|l| l.count).sum();
                 let named: i64 = leaves.iter().filter(|l| wanted(l)).map(|l| l.count).sum();
