@@ -216,12 +216,12 @@ fn finish_walk(walk: &mut unwind::Walk) -> Result<Counter, Counter> {
     } else {
         (&USER_STACKS_1, &PYTHON_STACKS_1)
     };
-    walk.hash = (walk.hash ^ walk.stack.len as u64).wrapping_mul(0x0000_0100_0000_01b3);
+    walk.hash = unwind::fnv(walk.hash, walk.stack.len as u64);
     walk.stack.flags = 0;
     let python_len = walk.python.stack.len as usize;
     if python_len > 0 {
-        walk.hash = (walk.hash ^ walk.python.hash).wrapping_mul(0x0000_0100_0000_01b3);
-        walk.hash = (walk.hash ^ (python_len as u64 | 1 << 32)).wrapping_mul(0x0000_0100_0000_01b3);
+        walk.hash = unwind::fnv(walk.hash, walk.python.hash);
+        walk.hash = unwind::fnv(walk.hash, python_len as u64 | 1 << 32);
         let stored = python_stacks.get_ptr(&walk.hash).is_some()
             || match python_stacks.insert(&walk.hash, &walk.python.stack, BPF_NOEXIST as u64) {
                 Ok(()) => {

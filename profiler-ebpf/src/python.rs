@@ -19,7 +19,7 @@ use profiler_common::{
     PYTHON_PROGRAM_INDEX, PythonProcess, PythonStack, py_frame,
 };
 
-use crate::unwind::{UNWIND_PROGRAMS, Walk};
+use crate::unwind::{FNV_OFFSET, UNWIND_PROGRAMS, Walk, fnv};
 
 #[map]
 pub static PYTHON_PROCESSES: HashMap<u32, PythonProcess> = HashMap::with_max_entries(1, 0);
@@ -28,8 +28,6 @@ pub static PYTHON_PROCESSES: HashMap<u32, PythonProcess> = HashMap::with_max_ent
 /// one more tail call (with the native walk's 8, well under the kernel's 33), and a short
 /// loop keeps the verifier's work at load small.
 const FRAMES_PER_CALL: usize = 16;
-const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
-const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
 /// Covers every index below [`MAX_PYTHON_DEPTH`] (127).
 const INDEX_MASK: usize = 127;
 /// Thread states looked at to find the sampled thread's.
@@ -177,7 +175,7 @@ fn step(python: &mut PythonWalk) -> Result<(), Counter> {
     if let Some(slot) = python.stack.frames.get_mut(len & INDEX_MASK) {
         *slot = frame;
     }
-    python.hash = (python.hash ^ (frame & !PY_FRAME_ENTRY)).wrapping_mul(FNV_PRIME);
+    python.hash = fnv(python.hash, frame & !PY_FRAME_ENTRY);
     python.stack.len = len as u16 + 1;
     Ok(())
 }

@@ -65,8 +65,15 @@ pub struct Walk {
     pub python: crate::python::PythonWalk,
 }
 
-const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+/// The stack hashes are FNV-1a over 64-bit words.
+pub const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
 const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
+
+/// One FNV-1a step: `hash` with `word` mixed in.
+#[inline(always)]
+pub fn fnv(hash: u64, word: u64) -> u64 {
+    (hash ^ word).wrapping_mul(FNV_PRIME)
+}
 
 /// Starts a walk from the sampled thread's user registers; `Err` with the counter if there are
 /// none to start from.
@@ -123,7 +130,7 @@ fn step(walk: &mut Walk) -> Result<(), Counter> {
     let pc = walk.pc;
     walk.stack.frames[len] = pc;
     walk.stack.len = len as u32 + 1;
-    walk.hash = (walk.hash ^ pc).wrapping_mul(FNV_PRIME);
+    walk.hash = fnv(walk.hash, pc);
 
     let lookup_pc = if walk.exact != 0 { pc } else { pc - 1 };
     let key = Key::new(MappingKey::BITS, MappingKey::new(walk.key.pid, lookup_pc));
