@@ -173,6 +173,8 @@ pub struct KernelSampler {
     /// Processes announced this interval; cleared at each interval's end.
     seen_processes: HashMap<MapData, u32, u8>,
     new_processes: Option<NewProcesses>,
+    /// Snapshots of the processes named up front, taken at start.
+    named: Vec<ProcessInfo>,
     generation: u32,
     sizes: MapSizes,
     cpus: usize,
@@ -345,10 +347,13 @@ impl KernelSampler {
         );
         let loader = SharedLoader::new(Loader::new(tables, unwind_rows));
         // Processes named up front have their tables before their first sample.
+        let mut named = Vec::new();
         if let Some(pids) = &options.pids {
             let mut processes = ProcfsProcesses::new("/proc");
             for &pid in pids {
-                loader.load(&processes.snapshot(pid, ""));
+                let info = processes.snapshot(pid, "");
+                loader.load(&info);
+                named.push(info);
             }
         }
         let generation_map = typed(&mut ebpf, GENERATION_MAP)?;
@@ -409,6 +414,7 @@ impl KernelSampler {
             memlock_fds,
             seen_processes,
             new_processes: Some(new_processes),
+            named,
             generation: 0,
             sizes,
             cpus: cpus.len(),
@@ -418,6 +424,12 @@ impl KernelSampler {
     /// The kernel's announcements of newly sampled processes, for a reader thread (once).
     pub fn take_new_processes(&mut self) -> Option<NewProcesses> {
         self.new_processes.take()
+    }
+
+    /// The snapshots of the processes named up front (`SamplerOptions::pids`), taken at start
+    /// (once).
+    pub fn take_named_snapshots(&mut self) -> Vec<ProcessInfo> {
+        std::mem::take(&mut self.named)
     }
 
     /// The unwind-table loader, for the thread that loads processes at their first sample.

@@ -7,7 +7,7 @@
 
 use super::{BpfError, KernelSampler, SamplerOptions};
 use crate::{
-    process::{ProcessInfo, ProcessSource as _, ProcfsProcesses, early::EarlySnapshots},
+    process::{ProcessInfo, ProcfsProcesses, early::EarlySnapshots},
     sampler::Sampler,
 };
 
@@ -40,13 +40,9 @@ pub fn open_sampler(
     let mut hooks = hooks(&mut kernel);
     // Processes named up front are shown to the hooks before their first sample, as their
     // unwind tables are loaded before it.
-    if let Some(pids) = &options.pids {
-        let mut processes = ProcfsProcesses::new("/proc");
-        for &pid in pids {
-            let info = processes.snapshot(pid, "");
-            for hook in &mut hooks {
-                hook(Some(&info));
-            }
+    for info in kernel.take_named_snapshots() {
+        for hook in &mut hooks {
+            hook(Some(&info));
         }
     }
     let early = start_early_snapshots(&mut kernel, container_id_cache_size, hooks);
