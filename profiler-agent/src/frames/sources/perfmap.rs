@@ -140,10 +140,78 @@ impl FrameSource for PerfMapSource {
     fn next_round(&mut self) {
         self.maps.next_round();
         self.runtimes.clear();
+        // A process not looked up again in a whole round (gone, or no longer sampled) is
+        // read afresh if it ever is: what is kept for the recheck stays bounded.
+        self.rechecked.clear();
         for pid in std::mem::take(&mut self.stale) {
             if let Some(Some(map)) = self.maps.remove(&pid) {
                 self.rechecked.insert(pid, map);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::process::MappingKind;
+
+    /// Removes the file when the test ends, passed or not.
+    struct Remove(String);
+
+    impl Drop for Remove {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+
+    /// A Node.js-like process (this test process, so its root and pid are real) whose map
+    /// grows: code the cached map misses is named once the next round reads the map again.
+    #[test]
+    fn a_map_that_grew_is_read_again_in_the_next_round() {
+        let pid = std::process::id();
+        let path = Remove(format!("/tmp/perf-{pid}.map"));
+        std::fs::write(&path.0, "10000 10 JS:*first /srv/a.js:1:1\n").unwrap();
+        let process = ProcessInfo {
+            pid,
+            exe: Some("/usr/bin/node".into()),
+            mappings: vec![Mapping {
+                start: 0x10000,
+                end: 0x20000,
+                offset: 0,
+                path: "[anon]".into(),
+                kind: MappingKind::Anonymous,
+            }],
+            ..ProcessInfo::default()
+        };
+        let mut source = PerfMapSource::new(Demangle::Full, &CacheConfig::default());
+        let name_at = |source: &mut PerfMapSource, address: u64| -> String {
+            let site = Site {
+                process: Some(&process),
+                mapping: process.mappings.first(),
+                address,
+            };
+            match source.frames(&site) {
+                Some(Found::Frames(frames)) => frames[0].name.to_string(),
+                Some(Found::Unnamed(name)) => name.to_owned(),
+                None => "none".to_owned(),
+            }
+        };
+        assert_eq!(name_at(&mut source, 0x10005), "first");
+        assert_eq!(name_at(&mut source, 0x11005), "[node jit]");
+        assert_eq!(
+            source.mapping_name(&process, &process.mappings[0]),
+            Some("[node jit]")
+        );
+        let mut grown = std::fs::read_to_string(&path.0).unwrap();
+        grown.push_str("11000 10 JS:*second /srv/a.js:2:1\n");
+        std::fs::write(&path.0, grown).unwrap();
+        // Within the round the cached map answers.
+        assert_eq!(name_at(&mut source, 0x11005), "[node jit]");
+        assert_eq!(source.take_unnamed(), [pid]);
+        source.next_round();
+        assert_eq!(name_at(&mut source, 0x11005), "second");
+        assert_eq!(name_at(&mut source, 0x10005), "first");
+        assert!(source.take_unnamed().is_empty());
     }
 }
