@@ -145,6 +145,8 @@ pub struct Sampler<S, P> {
     processes: P,
     recording: Recording,
     started: Instant,
+    /// Sampling stopped: the window is over.
+    stopped: bool,
     /// Where early snapshots arrive from, if anything takes them.
     early_snapshots: Option<std::sync::mpsc::Receiver<ProcessInfo>>,
     /// pid -> (early snapshot, drain it arrived in).
@@ -166,6 +168,7 @@ impl<S: StackSource, P: ProcessSource> Sampler<S, P> {
                 ..Recording::default()
             },
             started: Instant::now(),
+            stopped: false,
             early_snapshots: None,
             early: HashMap::new(),
             drains_total: 0,
@@ -294,10 +297,19 @@ impl<S: StackSource, P: ProcessSource> Sampler<S, P> {
     /// Ends the window: stops the source, drains what is left, and returns the recording with
     /// the source's counters. Stopping first makes the counters and the drained samples
     /// describe exactly the same samples.
+    /// Stops sampling (once): the window ends now, not after the last drain. Returns its
+    /// length.
+    pub fn stop(&mut self) -> Result<Duration, S::Error> {
+        if !self.stopped {
+            self.recording.duration = self.started.elapsed();
+            self.source.stop()?;
+            self.stopped = true;
+        }
+        Ok(self.recording.duration)
+    }
+
     pub fn finish(mut self) -> Result<Recording, S::Error> {
-        // The sampling window ends when the source stops, not after the last drain.
-        self.recording.duration = self.started.elapsed();
-        self.source.stop()?;
+        self.stop()?;
         self.drain()?;
         self.recording.counters = self.source.counters()?;
         self.recording.unwind_tables = self.source.unwind_tables();

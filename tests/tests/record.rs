@@ -122,6 +122,7 @@ fn many_short_intervals_lose_and_duplicate_nothing() {
     let mut attempts = Vec::new();
     for attempt in 0..3 {
         let (a, b) = compare_short_and_single_interval(dir.path(), &pid, workload.pid(), attempt);
+        eprintln!("samples per CPU second: short intervals {a:.1}, single interval {b:.1}");
         if (a - b).abs() <= b * 0.03 {
             return;
         }

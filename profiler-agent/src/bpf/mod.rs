@@ -160,6 +160,10 @@ pub struct KernelSampler {
     // Owns the program and its links: dropping it detaches everything.
     ebpf: Ebpf,
     links: Vec<PerfEventLinkId>,
+    /// Where, and how often, [`KernelSampler::attach`] samples.
+    scope: Scope,
+    sample_rate: u64,
+    cpu_ids: Vec<u32>,
     counts: [PerCpuHashMap<MapData, SampleKey, u64>; 2],
     stacks: [StackTraceMap<MapData>; 2],
     user_stacks: [HashMap<MapData, u64, UserStack>; 2],
@@ -181,8 +185,9 @@ pub struct KernelSampler {
 }
 
 impl KernelSampler {
-    /// Loads the program with maps sized for `options` and attaches it to every online CPU.
-    pub fn start(options: &SamplerOptions) -> Result<Self, BpfError> {
+    /// Loads the program with maps sized for `options`; nothing is sampled until
+    /// [`KernelSampler::attach`].
+    pub fn load(options: &SamplerOptions) -> Result<Self, BpfError> {
         if !has_bpf_privilege() {
             return Err(BpfError::MissingPrivilege);
         }
@@ -375,33 +380,23 @@ impl KernelSampler {
         memlock_fds.extend(loader.raw_fds());
 
         watch_execs(&mut ebpf);
-        let program: &mut PerfEvent = ebpf
-            .program_mut(PROGRAM_NAME)
-            .ok_or(BpfError::Program(aya::programs::ProgramError::NotLoaded))?
-            .try_into()?;
-        let links = match &options.scope {
-            Scope::EveryCpu => attach::attach_every_cpu(program, &cpus, options.sample_rate)?,
-            Scope::Threads { pids, max_events } => {
-                let tids = attach::list_threads(pids, *max_events)?;
-                attach::attach_threads(program, &tids, options.sample_rate)?
-            }
-        };
         tracing::info!(
             cpus = cpus.len(),
-            events = links.len(),
-            sample_rate = options.sample_rate,
             counts_entries = sizes.counts_entries,
             stack_entries = sizes.stack_entries,
             user_stack_entries = sizes.user_stack_entries,
             python,
             unwind_rows,
-            "eBPF sampler attached"
+            "eBPF sampler loaded"
         );
         // The kernel's BTF and the program's object were parsed: several MiB now free.
         crate::memory::release_free_heap();
         Ok(Self {
             ebpf,
-            links,
+            links: Vec::new(),
+            scope: options.scope.clone(),
+            sample_rate: options.sample_rate,
+            cpu_ids: cpus.clone(),
             counts,
             stacks,
             user_stacks,
@@ -419,6 +414,29 @@ impl KernelSampler {
             sizes,
             cpus: cpus.len(),
         })
+    }
+
+    /// Starts sampling: opens the perf events (one per online CPU, or per thread of the
+    /// processes of [`Scope::Threads`]) and attaches the program to them.
+    pub fn attach(&mut self) -> Result<(), BpfError> {
+        let program: &mut PerfEvent = self
+            .ebpf
+            .program_mut(PROGRAM_NAME)
+            .ok_or(BpfError::Program(aya::programs::ProgramError::NotLoaded))?
+            .try_into()?;
+        self.links = match &self.scope {
+            Scope::EveryCpu => attach::attach_every_cpu(program, &self.cpu_ids, self.sample_rate)?,
+            Scope::Threads { pids, max_events } => {
+                let tids = attach::list_threads(pids, *max_events)?;
+                attach::attach_threads(program, &tids, self.sample_rate)?
+            }
+        };
+        tracing::info!(
+            events = self.links.len(),
+            sample_rate = self.sample_rate,
+            "eBPF sampler attached"
+        );
+        Ok(())
     }
 
     /// The kernel's announcements of newly sampled processes, for a reader thread (once).

@@ -24,7 +24,8 @@ pub struct OpenSampler {
     pub kernel_memory_bytes: u64,
 }
 
-/// Loads and attaches the sampler for `options`. Every process is snapshotted within
+/// Loads the sampler for `options`, starts what serves it, and attaches it last, so the
+/// window the sampler measures from its start holds every sample. Every process is snapshotted within
 /// milliseconds of its first sample, to load its unwind tables; with `early_snapshots` the
 /// sampler keeps those snapshots too, so one that exits before the drain keeps its names.
 /// `container_id_cache_size` bounds the container ids remembered. `hooks` makes, from the
@@ -35,7 +36,7 @@ pub fn open_sampler(
     early_snapshots: bool,
     hooks: impl FnOnce(&mut KernelSampler) -> Vec<ProcessHook>,
 ) -> Result<OpenSampler, BpfError> {
-    let mut kernel = KernelSampler::start(options)?;
+    let mut kernel = KernelSampler::load(options)?;
     let kernel_memory_bytes = kernel.kernel_memory_bytes();
     let mut hooks = hooks(&mut kernel);
     // Processes named up front are shown to the hooks before their first sample, as their
@@ -47,6 +48,8 @@ pub fn open_sampler(
     }
     let early = start_early_snapshots(&mut kernel, container_id_cache_size, hooks);
     let processes = ProcfsProcesses::with_container_id_cache("/proc", container_id_cache_size);
+    // Sampling starts last, so the window (from `Sampler::new`) holds every sample.
+    kernel.attach()?;
     let mut sampler = Sampler::new(kernel, processes)?;
     let early_snapshots = early.map(|(thread, snapshots)| {
         if early_snapshots {

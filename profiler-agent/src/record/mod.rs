@@ -230,18 +230,17 @@ pub fn run(args: &RecordArgs) -> Result<Option<std::process::ExitStatus>, Record
             }
         },
     )?;
+    let window = sampler.stop()?;
+    if progress {
+        eprintln!();
+    }
+    // Marks the end of the sampling window (before the last drain and symbolization), for
+    // whoever watches.
+    eprintln!("sampling stopped after {:.3}s", window.as_secs_f64());
     let recording = sampler.finish()?;
     // Sampling is over: no more unwind tables to load. Stopping the early-snapshot thread now
     // keeps a table it would build (megabytes for a big binary) from adding to naming's peak.
     drop(early_snapshots);
-    if progress {
-        eprintln!();
-    }
-    // Marks the end of the sampling window (before symbolization), for whoever watches.
-    eprintln!(
-        "sampling stopped after {:.3}s",
-        recording.duration.as_secs_f64()
-    );
 
     let kernel_symbols = if args.no_kernel_stacks {
         None
