@@ -103,6 +103,21 @@ fn java_with(dir: &Path, wrapper: &[&str], flags: &[&str]) -> Option<Jvm> {
     Some(Jvm(child))
 }
 
+/// Asks JVM `pid` for its perf map, which must then name `Hot.mix`; removes the map.
+fn assert_map_names_hot_mix(pid: u32) {
+    let output = jcmd(
+        Path::new("/proc"),
+        pid,
+        crate::jvm::PERF_MAP_COMMAND,
+        Duration::from_secs(10),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let map = std::fs::read_to_string(format!("/tmp/perf-{pid}.map"))
+        .unwrap_or_else(|e| panic!("no perf map after {output:?}: {e}"));
+    let _ = std::fs::remove_file(format!("/tmp/perf-{pid}.map"));
+    assert!(map.lines().any(|l| l.contains("Hot.mix")), "{map}");
+}
+
 fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
     unsafe { libc::geteuid() == 0 }
@@ -124,17 +139,7 @@ fn a_jvm_writes_its_perf_map_when_asked() {
     // Let the listener-less JVM start and compile its hot method.
     std::thread::sleep(Duration::from_secs(2));
     let proc = Path::new("/proc");
-    let output = jcmd(
-        proc,
-        pid,
-        crate::jvm::PERF_MAP_COMMAND,
-        Duration::from_secs(10),
-    )
-    .unwrap_or_else(|e| panic!("{e}"));
-    let map = std::fs::read_to_string(format!("/tmp/perf-{pid}.map"))
-        .unwrap_or_else(|e| panic!("no perf map after {output:?}: {e}"));
-    let _ = std::fs::remove_file(format!("/tmp/perf-{pid}.map"));
-    assert!(map.lines().any(|l| l.contains("Hot.mix")), "{map}");
+    assert_map_names_hot_mix(pid);
     // The trigger file was removed; asking again reuses the socket.
     assert!(!Path::new(&format!("/proc/{pid}/cwd/.attach_pid{pid}")).exists());
     jcmd(
@@ -200,16 +205,5 @@ fn a_jvm_in_a_user_namespace_is_asked_as_its_own_user() {
         status.lines().any(|l| l.starts_with("Uid:\t65534")),
         "the JVM runs as nobody on the host: {status}"
     );
-    let pid = unshare;
-    let output = jcmd(
-        Path::new("/proc"),
-        pid,
-        crate::jvm::PERF_MAP_COMMAND,
-        Duration::from_secs(10),
-    )
-    .unwrap_or_else(|e| panic!("{e}"));
-    let map = std::fs::read_to_string(format!("/tmp/perf-{pid}.map"))
-        .unwrap_or_else(|e| panic!("no perf map after {output:?}: {e}"));
-    let _ = std::fs::remove_file(format!("/tmp/perf-{pid}.map"));
-    assert!(map.lines().any(|l| l.contains("Hot.mix")), "{map}");
+    assert_map_names_hot_mix(unshare);
 }
