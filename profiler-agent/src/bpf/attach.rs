@@ -1,14 +1,56 @@
 //! Attaching the sampler: one CPU-clock perf event per online CPU, or one inherited event per
-//! thread of a few processes (see [`super::Scope`]).
+//! thread of a few processes (see [`super::Scope`]); and detaching it.
 
 use aya::programs::{
     PerfEvent,
     perf_event::{PerfEventConfig, PerfEventLinkId, PerfEventScope, SamplePolicy, SoftwareEvent},
 };
 
-use super::BpfError;
+use super::{BpfError, KernelSampler, PROGRAM_NAME, Scope};
 
-pub(super) fn attach_every_cpu(
+impl KernelSampler {
+    /// Starts sampling: opens the perf events (one per online CPU, or per thread of the
+    /// processes of [`Scope::Threads`]) and attaches the program to them.
+    pub fn attach(&mut self) -> Result<(), BpfError> {
+        let sample_rate = self.sample_rate;
+        self.links = match self.scope.clone() {
+            Scope::EveryCpu => {
+                let cpus = self.cpu_ids.clone();
+                attach_every_cpu(self.program()?, &cpus, sample_rate)?
+            }
+            Scope::Threads { pids, max_events } => {
+                let tids = list_threads(&pids, max_events)?;
+                attach_threads(self.program()?, &tids, sample_rate)?
+            }
+        };
+        tracing::info!(
+            events = self.links.len(),
+            sample_rate,
+            "eBPF sampler attached"
+        );
+        Ok(())
+    }
+
+    /// Stops sampling: detaches the program from every perf event.
+    pub(super) fn detach(&mut self) -> Result<(), BpfError> {
+        let links = std::mem::take(&mut self.links);
+        let program = self.program()?;
+        for link in links {
+            program.detach(link)?;
+        }
+        Ok(())
+    }
+
+    fn program(&mut self) -> Result<&mut PerfEvent, BpfError> {
+        Ok(self
+            .ebpf
+            .program_mut(PROGRAM_NAME)
+            .ok_or(BpfError::Program(aya::programs::ProgramError::NotLoaded))?
+            .try_into()?)
+    }
+}
+
+fn attach_every_cpu(
     program: &mut PerfEvent,
     cpus: &[u32],
     sample_rate: u64,
@@ -30,7 +72,7 @@ pub(super) fn attach_every_cpu(
 /// The threads of each process (`/proc/PID/task`), at most `max_events` in all: listing
 /// stops at the first thread over the limit, so a process with 100 000 threads costs one
 /// directory read of `max_events + 1` entries, not 100 000 descriptors.
-pub(super) fn list_threads(
+fn list_threads(
     pids: &[u32],
     max_events: usize,
 ) -> Result<Vec<(u32, Vec<u32>)>, BpfError> {
@@ -62,7 +104,7 @@ pub(super) fn list_threads(
 /// without a descriptor of their own). A thread that exits between the listing and its
 /// attach is skipped; a process none of whose threads could be attached is an error (it has
 /// exited, or the events are refused).
-pub(super) fn attach_threads(
+fn attach_threads(
     program: &mut PerfEvent,
     threads: &[(u32, Vec<u32>)],
     sample_rate: u64,

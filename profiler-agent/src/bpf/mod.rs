@@ -416,29 +416,6 @@ impl KernelSampler {
         })
     }
 
-    /// Starts sampling: opens the perf events (one per online CPU, or per thread of the
-    /// processes of [`Scope::Threads`]) and attaches the program to them.
-    pub fn attach(&mut self) -> Result<(), BpfError> {
-        let program: &mut PerfEvent = self
-            .ebpf
-            .program_mut(PROGRAM_NAME)
-            .ok_or(BpfError::Program(aya::programs::ProgramError::NotLoaded))?
-            .try_into()?;
-        self.links = match &self.scope {
-            Scope::EveryCpu => attach::attach_every_cpu(program, &self.cpu_ids, self.sample_rate)?,
-            Scope::Threads { pids, max_events } => {
-                let tids = attach::list_threads(pids, *max_events)?;
-                attach::attach_threads(program, &tids, self.sample_rate)?
-            }
-        };
-        tracing::info!(
-            events = self.links.len(),
-            sample_rate = self.sample_rate,
-            "eBPF sampler attached"
-        );
-        Ok(())
-    }
-
     /// The kernel's announcements of newly sampled processes, for a reader thread (once).
     pub fn take_new_processes(&mut self) -> Option<NewProcesses> {
         self.new_processes.take()
@@ -562,15 +539,7 @@ impl StackSource for KernelSampler {
     }
 
     fn stop(&mut self) -> Result<(), BpfError> {
-        let program: &mut PerfEvent = self
-            .ebpf
-            .program_mut(PROGRAM_NAME)
-            .ok_or(BpfError::Program(aya::programs::ProgramError::NotLoaded))?
-            .try_into()?;
-        for link in self.links.drain(..) {
-            program.detach(link)?;
-        }
-        Ok(())
+        self.detach()
     }
 }
 
