@@ -294,9 +294,6 @@ impl<S: StackSource, P: ProcessSource> Sampler<S, P> {
         &self.processes
     }
 
-    /// Ends the window: stops the source, drains what is left, and returns the recording with
-    /// the source's counters. Stopping first makes the counters and the drained samples
-    /// describe exactly the same samples.
     /// Stops sampling (once): the window ends now, not after the last drain. Returns its
     /// length.
     pub fn stop(&mut self) -> Result<Duration, S::Error> {
@@ -308,6 +305,9 @@ impl<S: StackSource, P: ProcessSource> Sampler<S, P> {
         Ok(self.recording.duration)
     }
 
+    /// Ends the window: stops the source (unless [`Sampler::stop`] did), drains what is
+    /// left, and returns the recording with the source's counters. Stopping first makes the
+    /// counters and the drained samples describe exactly the same samples.
     pub fn finish(mut self) -> Result<Recording, S::Error> {
         self.stop()?;
         self.drain()?;

@@ -6,26 +6,23 @@ use aya::programs::{
     perf_event::{PerfEventConfig, PerfEventLinkId, PerfEventScope, SamplePolicy, SoftwareEvent},
 };
 
-use super::{BpfError, KernelSampler, PROGRAM_NAME, Scope};
+use super::{BpfError, KernelSampler, PROGRAM_NAME, Scope, perf_event};
 
 impl KernelSampler {
     /// Starts sampling: opens the perf events (one per online CPU, or per thread of the
     /// processes of [`Scope::Threads`]) and attaches the program to them.
     pub fn attach(&mut self) -> Result<(), BpfError> {
-        let sample_rate = self.sample_rate;
-        self.links = match self.scope.clone() {
-            Scope::EveryCpu => {
-                let cpus = self.cpu_ids.clone();
-                attach_every_cpu(self.program()?, &cpus, sample_rate)?
-            }
+        let program = perf_event(&mut self.ebpf, PROGRAM_NAME)?;
+        self.links = match &self.scope {
+            Scope::EveryCpu => attach_every_cpu(program, &self.cpu_ids, self.sample_rate)?,
             Scope::Threads { pids, max_events } => {
-                let tids = list_threads(&pids, max_events)?;
-                attach_threads(self.program()?, &tids, sample_rate)?
+                let tids = list_threads(pids, *max_events)?;
+                attach_threads(program, &tids, self.sample_rate)?
             }
         };
         tracing::info!(
             events = self.links.len(),
-            sample_rate,
+            sample_rate = self.sample_rate,
             "eBPF sampler attached"
         );
         Ok(())
@@ -33,20 +30,11 @@ impl KernelSampler {
 
     /// Stops sampling: detaches the program from every perf event.
     pub(super) fn detach(&mut self) -> Result<(), BpfError> {
-        let links = std::mem::take(&mut self.links);
-        let program = self.program()?;
-        for link in links {
+        let program = perf_event(&mut self.ebpf, PROGRAM_NAME)?;
+        for link in self.links.drain(..) {
             program.detach(link)?;
         }
         Ok(())
-    }
-
-    fn program(&mut self) -> Result<&mut PerfEvent, BpfError> {
-        Ok(self
-            .ebpf
-            .program_mut(PROGRAM_NAME)
-            .ok_or(BpfError::Program(aya::programs::ProgramError::NotLoaded))?
-            .try_into()?)
     }
 }
 
@@ -72,10 +60,7 @@ fn attach_every_cpu(
 /// The threads of each process (`/proc/PID/task`), at most `max_events` in all: listing
 /// stops at the first thread over the limit, so a process with 100 000 threads costs one
 /// directory read of `max_events + 1` entries, not 100 000 descriptors.
-fn list_threads(
-    pids: &[u32],
-    max_events: usize,
-) -> Result<Vec<(u32, Vec<u32>)>, BpfError> {
+fn list_threads(pids: &[u32], max_events: usize) -> Result<Vec<(u32, Vec<u32>)>, BpfError> {
     let mut total = 0usize;
     let mut all = Vec::with_capacity(pids.len());
     for &pid in pids {

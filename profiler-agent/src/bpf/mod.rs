@@ -160,7 +160,7 @@ pub struct KernelSampler {
     // Owns the program and its links: dropping it detaches everything.
     ebpf: Ebpf,
     links: Vec<PerfEventLinkId>,
-    /// Where, and how often, [`KernelSampler::attach`] samples.
+    /// Where, and how often, [`KernelSampler::attach`] samples; the online CPUs.
     scope: Scope,
     sample_rate: u64,
     cpu_ids: Vec<u32>,
@@ -181,7 +181,6 @@ pub struct KernelSampler {
     named: Vec<ProcessInfo>,
     generation: u32,
     sizes: MapSizes,
-    cpus: usize,
 }
 
 impl KernelSampler {
@@ -396,7 +395,7 @@ impl KernelSampler {
             links: Vec::new(),
             scope: options.scope.clone(),
             sample_rate: options.sample_rate,
-            cpu_ids: cpus.clone(),
+            cpu_ids: cpus,
             counts,
             stacks,
             user_stacks,
@@ -412,7 +411,6 @@ impl KernelSampler {
             named,
             generation: 0,
             sizes,
-            cpus: cpus.len(),
         })
     }
 
@@ -453,7 +451,7 @@ impl KernelSampler {
     }
 
     pub fn cpus(&self) -> usize {
-        self.cpus
+        self.cpu_ids.len()
     }
 
     /// Kernel memory pinned by the counts and stack maps, as the kernel reports it
@@ -544,12 +542,16 @@ impl StackSource for KernelSampler {
 }
 
 fn load_perf_event(ebpf: &mut Ebpf, name: &str) -> Result<(), BpfError> {
-    let program: &mut PerfEvent = ebpf
+    perf_event(ebpf, name)?.load()?;
+    Ok(())
+}
+
+/// The perf-event program `name` of `ebpf`.
+fn perf_event<'e>(ebpf: &'e mut Ebpf, name: &str) -> Result<&'e mut PerfEvent, BpfError> {
+    Ok(ebpf
         .program_mut(name)
         .ok_or(BpfError::Program(aya::programs::ProgramError::NotLoaded))?
-        .try_into()?;
-    program.load()?;
-    Ok(())
+        .try_into()?)
 }
 
 fn typed<M>(ebpf: &mut Ebpf, name: &'static str) -> Result<M, BpfError>

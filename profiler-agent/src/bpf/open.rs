@@ -25,11 +25,11 @@ pub struct OpenSampler {
 }
 
 /// Loads the sampler for `options`, starts what serves it, and attaches it last, so the
-/// window the sampler measures from its start holds every sample. Every process is snapshotted within
-/// milliseconds of its first sample, to load its unwind tables; with `early_snapshots` the
-/// sampler keeps those snapshots too, so one that exits before the drain keeps its names.
-/// `container_id_cache_size` bounds the container ids remembered. `hooks` makes, from the
-/// started kernel side, the hooks shown each announced process.
+/// window the sampler measures from its start holds every sample. Every process is
+/// snapshotted within milliseconds of its first sample, to load its unwind tables; with
+/// `early_snapshots` the sampler keeps those snapshots too, so one that exits before the
+/// drain keeps its names. `container_id_cache_size` bounds the container ids remembered.
+/// `hooks` makes, from the loaded kernel side, the hooks shown each announced process.
 pub fn open_sampler(
     options: &SamplerOptions,
     container_id_cache_size: usize,
