@@ -321,7 +321,11 @@ fn read_live_stack(python: &str, version: (u8, u8)) {
     // Past its start-up and into the script's loop: half a second of its own CPU time
     // (beside other busy tests, wall time says little).
     let started = Instant::now();
-    while cpu_ticks(pid) < 50 && started.elapsed() < Duration::from_secs(20) {
+    let cpu_ticks = || {
+        crate::process::procfs::stat(std::path::Path::new(&format!("/proc/{pid}")))
+            .map_or(0, |s| s.cpu_ticks)
+    };
+    while cpu_ticks() < 50 && started.elapsed() < Duration::from_secs(20) {
         std::thread::sleep(Duration::from_millis(20));
     }
 
@@ -395,17 +399,4 @@ fn read_live_stack(python: &str, version: (u8, u8)) {
     assert_eq!(complete, 50, "{complete} stacks in {reads} reads");
     // tokenize's loop is where the script spends most of its time (45-50 of 50 here).
     assert!(whole >= 20, "the whole chain in only {whole} of 50 stacks");
-}
-
-/// User plus system clock ticks `pid` has run (`/proc/PID/stat` fields 14 and 15).
-fn cpu_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let after_name = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
-    let fields: Vec<u64> = after_name
-        .split_whitespace()
-        .skip(11)
-        .take(2)
-        .filter_map(|f| f.parse().ok())
-        .collect();
-    fields.iter().sum()
 }
