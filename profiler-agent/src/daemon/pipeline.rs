@@ -206,23 +206,29 @@ impl Worker {
         }
     }
 
-    /// JVMs that wrote a new perf map since the last interval are read afresh; this
-    /// interval's processes with unnamed JIT code are asked for one (rate-limited).
-    fn refresh_perf_maps(&mut self, after_build: bool) {
-        let unnamed = self.sources.take_unnamed_jit();
-        let Some(refresher) = &mut self.refresher else {
+    /// Before an interval's build: JVMs that wrote a new perf map since the last interval are
+    /// read afresh, and their attempts counted. What captures' builds left unnamed is
+    /// dropped: a capture asks its own JVM.
+    fn take_perf_map_attempts(&mut self) {
+        self.sources.take_unnamed_jit();
+        let Some(refresher) = &self.refresher else {
             return;
         };
-        if after_build {
-            refresher.request(unnamed);
-            return;
-        }
         let done = refresher.take_done();
         for pid in done.written {
             self.sources.forget(pid);
         }
         for outcome in done.outcomes {
             self.out.metrics.jvm_attach(outcome);
+        }
+    }
+
+    /// After an interval's build: its processes with unnamed JIT code are asked for a perf
+    /// map (rate-limited, on threads of their own).
+    fn request_perf_maps(&mut self) {
+        let unnamed = self.sources.take_unnamed_jit();
+        if let Some(refresher) = &mut self.refresher {
+            refresher.request(unnamed);
         }
     }
 
@@ -325,10 +331,10 @@ impl Worker {
         self.cumulative
             .unwind_tables(&metrics, &recording.unwind_tables);
         let targets = self.out.targets.borrow().clone();
-        self.refresh_perf_maps(false);
+        self.take_perf_map_attempts();
         let interval =
             interval::build(recording, &targets, &mut self.sources, &self.settings.build);
-        self.refresh_perf_maps(true);
+        self.request_perf_maps();
         metrics.samples_untargeted.inc_by(interval.untargeted);
         metrics.samples_named_at_drain.inc_by(interval.named_late);
         metrics.samples_default_target.inc_by(interval.defaulted);
