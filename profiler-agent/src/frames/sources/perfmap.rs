@@ -81,6 +81,13 @@ impl PerfMapSource {
             .or_insert_with(|| Runtime::of(process))
     }
 
+    /// What JIT code of a process of `runtime` is shown as when no map names it: the
+    /// runtime's JIT mapping, for a runtime we know or a process that writes a map; `None`
+    /// (`[anon]`) for anonymous code of any other process.
+    fn jit_label(runtime: Runtime, has_map: bool) -> Option<&'static str> {
+        (runtime != Runtime::Unknown || has_map).then(|| runtime.jit_mapping())
+    }
+
     fn missed(&mut self, pid: u32) {
         self.unnamed.insert(pid);
         self.stale.insert(pid);
@@ -113,8 +120,7 @@ impl FrameSource for PerfMapSource {
     /// The JIT mapping of a recognised runtime, or of a process that writes a perf map.
     fn mapping_name(&mut self, process: &ProcessInfo, _mapping: &Mapping) -> Option<&'static str> {
         let runtime = self.runtime_of(process);
-        (runtime != Runtime::Unknown || self.map_of(process.pid).is_some())
-            .then(|| runtime.jit_mapping())
+        Self::jit_label(runtime, self.map_of(process.pid).is_some())
     }
 
     fn frames(&mut self, site: &Site<'_>) -> Option<Found> {
@@ -124,9 +130,7 @@ impl FrameSource for PerfMapSource {
         let name = map.as_deref().and_then(|map| map.lookup(site.address));
         let Some(name) = name else {
             self.missed(process.pid);
-            // Anonymous code of a process that is no JIT runtime we know stays `[anon]`.
-            return (runtime != Runtime::Unknown || map.is_some())
-                .then(|| Found::Unnamed(runtime.jit_mapping()));
+            return Self::jit_label(runtime, map.is_some()).map(Found::Unnamed);
         };
         Some(Found::Frames(Arc::new(
             [runtime.frame(name, self.demangle)],
@@ -154,7 +158,7 @@ impl FrameSource for PerfMapSource {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::process::MappingKind;
+    use crate::process::{FileId, MappingKind};
 
     /// Removes the file when the test ends, passed or not.
     struct Remove(String);
@@ -175,20 +179,36 @@ mod tests {
         let process = ProcessInfo {
             pid,
             exe: Some("/usr/bin/node".into()),
-            mappings: vec![Mapping {
-                start: 0x10000,
-                end: 0x20000,
-                offset: 0,
-                path: "[anon]".into(),
-                kind: MappingKind::Anonymous,
-            }],
+            mappings: vec![
+                Mapping {
+                    start: 0x1000,
+                    end: 0x2000,
+                    offset: 0,
+                    path: "/usr/bin/node".into(),
+                    kind: MappingKind::File {
+                        id: FileId {
+                            dev_major: 0,
+                            dev_minor: 0,
+                            inode: 1,
+                        },
+                        file: None,
+                    },
+                },
+                Mapping {
+                    start: 0x10000,
+                    end: 0x20000,
+                    offset: 0,
+                    path: "[anon]".into(),
+                    kind: MappingKind::Anonymous,
+                },
+            ],
             ..ProcessInfo::default()
         };
         let mut source = PerfMapSource::new(Demangle::Full, &CacheConfig::default());
         let name_at = |source: &mut PerfMapSource, address: u64| -> String {
             let site = Site {
                 process: Some(&process),
-                mapping: process.mappings.first(),
+                mapping: process.mappings.get(1),
                 address,
             };
             match source.frames(&site) {
@@ -200,7 +220,7 @@ mod tests {
         assert_eq!(name_at(&mut source, 0x10005), "first");
         assert_eq!(name_at(&mut source, 0x11005), "[node jit]");
         assert_eq!(
-            source.mapping_name(&process, &process.mappings[0]),
+            source.mapping_name(&process, &process.mappings[1]),
             Some("[node jit]")
         );
         let mut grown = std::fs::read_to_string(&path.0).unwrap();

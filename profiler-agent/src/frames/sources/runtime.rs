@@ -7,8 +7,6 @@
 //! `[java interpreter]`; V8's `JS:*mix /srv/hot.js:7:13` as `mix` in `/srv/hot.js` at line
 //! 7. The name as the map wrote it stays the frame's system name.
 
-use std::path::Path;
-
 use crate::{
     frames::Frame,
     process::{MappingKind, ProcessInfo},
@@ -32,28 +30,20 @@ pub enum Runtime {
 }
 
 impl Runtime {
-    /// The runtime of `process`, from the files it maps executable.
+    /// The runtime of `process`, from the files it maps executable (its executable among
+    /// them).
     pub fn of(process: &ProcessInfo) -> Self {
-        let file_names = process.mappings.iter().filter_map(|m| match m.kind {
-            MappingKind::File { .. } => Some(m.module_name()),
-            _ => None,
-        });
-        let executable = process
-            .exe
-            .as_deref()
-            .and_then(Path::file_name)
-            .and_then(|n| n.to_str());
-        let mut runtime = match executable {
-            Some("node" | "nodejs") => Self::Node,
-            _ => Self::Unknown,
-        };
-        for name in file_names {
-            let name = name.strip_suffix(" (deleted)").unwrap_or(name);
-            match name {
+        let mut runtime = Self::Unknown;
+        for mapping in &process.mappings {
+            if !matches!(mapping.kind, MappingKind::File { .. }) {
+                continue;
+            }
+            let name = mapping.module_name();
+            match name.strip_suffix(" (deleted)").unwrap_or(name) {
                 "libjvm.so" => return Self::Jvm,
                 "libcoreclr.so" => return Self::Dotnet,
                 "node" | "nodejs" => runtime = Self::Node,
-                _ if name.starts_with("libnode.so") => runtime = Self::Node,
+                name if name.starts_with("libnode.so") => runtime = Self::Node,
                 _ => {}
             }
         }
