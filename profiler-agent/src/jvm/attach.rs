@@ -263,7 +263,6 @@ fn start_listener(
     let name = CString::new(format!(".attach_pid{}", target.ns_pid)).expect("no NUL");
     let cwd = open_dir_fd(&proc.join(format!("{pid}/cwd")));
     let mut created = None;
-    let mut last_error = String::from("no directory");
     for dir in cwd.into_iter().chain(tmp.try_clone().ok()) {
         match create_owned(&dir, &name, target.uid, target.gid) {
             Ok(true) => {
@@ -275,11 +274,8 @@ fn start_listener(
             }
             // There already: the JVM will see it all the same.
             Ok(false) => break,
-            Err(e) => last_error = e.to_string(),
+            Err(error) => tracing::debug!(pid, %error, "attach trigger file not created"),
         }
-    }
-    if created.is_none() && !last_error.is_empty() && last_error != "no directory" {
-        tracing::debug!(pid, error = %last_error, "attach trigger file not created");
     }
     // SAFETY: kill has no memory preconditions; the target was checked to be HotSpot.
     if unsafe { libc::kill(pid as libc::pid_t, libc::SIGQUIT) } != 0 {
